@@ -1,0 +1,1 @@
+"""recops benchmarks: each script writes JSON to bench/results/ and prints a short table."""

@@ -1,0 +1,1 @@
+"""recops.ops: registry, telemetry, online metrics, drift, retraining policy, closed loop, CLI."""

@@ -1,0 +1,45 @@
+"""The `recops` command line.
+
+Each module in this package defines ``register(subparsers)``, adding one command whose handler is
+set with ``parser.set_defaults(func=handler)``. Handlers take the parsed namespace and return a
+dict (printed as the last stdout line with ``--json``) or None. Heavy imports stay inside handlers
+so ``recops --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from training.errors import RecopsError
+from ops.cli.common import emit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == "common":
+            continue
+        importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except RecopsError as exc:
+        print(f"recops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recops {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        emit(result, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""recops.serving: ONNX export, Triton model repository, local Triton server, client, deploy."""
