@@ -216,8 +216,8 @@ class LocalRegistry(ModelRegistry):
     ) -> ModelVersion:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise RecopsError(f"checkpoint directory {checkpoint_dir} does not exist: pass the directory "
-                              "the training run saved its checkpoint to")
+            raise RecopsError(f"checkpoint directory {checkpoint_dir} does not exist or is not a directory: "
+                              "pass the directory the training run saved its checkpoint to")
         if not dataset_version:
             raise RecopsError("dataset_version is empty: pass the processed dataset version the model was trained on")
         lineage = lineage or Lineage()
