@@ -1,0 +1,80 @@
+"""`recops predict`: score raw rows (Criteo TSV, CSV, Parquet) with a model served by Triton."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ops.cli.common import add_json_flag
+
+PREPROCESS_FILE = "preprocess.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="score raw rows with a served model")
+    parser.add_argument("--name", required=True, help="served model name")
+    parser.add_argument("--input", required=True, type=Path, metavar="FILE", help="raw rows in the spec's format")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--url", default=None, help="server URL for --protocol (default: --repo's running server)")
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
+                        help="model repository (default: triton_models/ at the repo root)")
+    parser.add_argument("--version", type=int, default=None, help="model version to ask for (default: the server's latest)")
+    parser.add_argument("--preprocess", type=Path, default=None, metavar="FILE",
+                        help=f"preprocessor JSON (Preprocessor.to_dict); default: {PREPROCESS_FILE} in the "
+                             "model's version directory in --repo")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    add_json_flag(parser)
+    parser.set_defaults(func=predict)
+
+
+def _preprocess_file(args: argparse.Namespace, repo: Path) -> Path:
+    from serving.repository import ModelRepository
+    from training.errors import RecopsError
+
+    if args.preprocess is not None:
+        return args.preprocess
+    models = ModelRepository(repo)
+    versions = models.versions(args.name)
+    if not versions:
+        raise RecopsError(f"model {args.name!r} is not in {repo}: pass --repo or --preprocess FILE")
+    version = args.version or versions[-1]
+    path = models.model_dir(args.name) / str(version) / PREPROCESS_FILE
+    if not path.is_file():
+        raise RecopsError(f"{path} does not exist: pass --preprocess FILE (a Preprocessor.to_dict() JSON)")
+    return path
+
+
+def _url(args: argparse.Namespace, repo: Path) -> str:
+    from serving.server import TritonServer
+
+    if args.url:
+        return args.url
+    server = TritonServer.from_state(repo)
+    return server.http_url if args.protocol == "http" else server.grpc_url
+
+
+def predict(args: argparse.Namespace) -> dict[str, Any]:
+    from serving.client import Predictor
+    from serving.server import DEFAULT_REPO
+    from training.errors import RecopsError
+    from training.preprocess import Preprocessor
+    from training.readers import read_frame
+
+    repo = args.repo or DEFAULT_REPO
+    path = _preprocess_file(args, repo)
+    try:
+        preprocessor = Preprocessor.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RecopsError(f"preprocessor {path}: cannot read it ({exc}); pass a Preprocessor.to_dict() JSON") from exc
+    frame = read_frame(args.input, preprocessor.spec)
+    with Predictor(_url(args, repo), args.name, protocol=args.protocol, timeout_s=args.timeout,
+                   batch_size=args.batch_size, preprocess=preprocessor.transform) as predictor:
+        result = predictor.predict(predictor.frame_inputs(frame), model_version=args.version or "")
+    if len(result.outputs) != 1:
+        raise RecopsError(f"model {args.name!r} has outputs {sorted(result.outputs)}; predict expects one score")
+    scores = next(iter(result.outputs.values())).reshape(len(frame), -1)
+    return {"name": args.name, "versions": sorted(set(result.model_versions)), "rows": len(frame),
+            "mean": float(scores.mean()), "predictions": scores.squeeze(1).tolist()
+            if scores.shape[1] == 1 else scores.tolist()}

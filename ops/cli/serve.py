@@ -1,0 +1,88 @@
+"""`recops serve`: start, stop, inspect a local Triton server; load and unload its models."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+from ops.cli.common import add_json_flag
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run a local Triton server over a model repository")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    start = actions.add_parser("start", help="start a detached server (127.0.0.1) and print its URLs and pid")
+    for proto in ("http", "grpc", "metrics"):
+        start.add_argument(f"--{proto}-port", type=int, default=0, help=f"{proto} port (default: a free one)")
+    start.add_argument("--load", action="append", default=[], metavar="NAME",
+                       help="model to load at start (repeatable); others are loaded with `serve load`")
+    start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    _common(start, start_server)
+
+    stop = actions.add_parser("stop", help="stop the server started for --repo, leaving no process behind")
+    _common(stop, stop_server)
+
+    status = actions.add_parser("status", help="URLs, readiness and model states")
+    _common(status, server_status, url=True)
+
+    for action, verb in (("load", "load (or reload to pick up new versions)"), ("unload", "unload")):
+        control = actions.add_parser(action, help=f"{verb} a model")
+        control.add_argument("name", help="model name in the repository")
+        _common(control, control_model, url=True)
+
+
+def _common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], Any],
+            url: bool = False) -> None:
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
+                        help="model repository (default: triton_models/ at the repo root)")
+    if url:
+        parser.add_argument("--url", default=None, help="HTTP URL of a running server (instead of --repo's)")
+    add_json_flag(parser)
+    parser.set_defaults(func=handler)
+
+
+def _repo(args: argparse.Namespace) -> Path:
+    from serving.server import DEFAULT_REPO
+
+    return args.repo or DEFAULT_REPO
+
+
+def _server(args: argparse.Namespace):
+    from serving.server import TritonServer
+
+    return TritonServer.attach(args.url) if args.url else TritonServer.from_state(_repo(args))
+
+
+def start_server(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from serving.server import ServerConfig, TritonServer
+
+    config = ServerConfig(repo=_repo(args), http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, startup_timeout_s=args.timeout,
+                          load_models=tuple(args.load))
+    return asdict(TritonServer(config).start().state())
+
+
+def stop_server(args: argparse.Namespace) -> dict[str, Any]:
+    from serving.server import TritonServer
+
+    server = TritonServer.from_state(_repo(args))
+    pid = server.pid
+    server.stop()
+    return {"stopped": True, "pid": pid, "repo": str(server.repo)}
+
+
+def server_status(args: argparse.Namespace) -> dict[str, Any]:
+    from serving.server import read_state
+
+    if args.url is None and read_state(_repo(args)) is None:
+        return {"running": False, "repo": str(_repo(args).resolve())}
+    return {"running": True, **_server(args).status()}
+
+
+def control_model(args: argparse.Namespace) -> dict[str, Any]:
+    server = _server(args)
+    getattr(server, args.action)(args.name)
+    return {"model": args.name, "action": args.action, "models": server.models()}

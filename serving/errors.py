@@ -1,0 +1,6 @@
+"""The serving layer's exception: every client/server failure, carrying the server's own message."""
+from training.errors import RecopsError
+
+
+class ServingError(RecopsError):
+    """A request or model-control call failed (unknown model, bad shape/dtype, timeout, no server)."""

@@ -1,0 +1,333 @@
+"""Triton model repository writer: one ONNX file served by the CPU (python backend) or GPU target.
+
+Layout written (Triton's own)::
+
+    <root>/<name>/config.pbtxt
+    <root>/<name>/<version>/model.onnx   (+ its external-data files, + model.py for the cpu target)
+
+A version directory is assembled in a hidden temp directory beside it and renamed into place, and
+config.pbtxt is replaced atomically, so a server loading concurrently never sees half a version.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+from training.errors import RecopsError
+
+TARGETS = ("cpu", "gpu")
+CONFIG_FILE = "config.pbtxt"
+ONNX_FILE = "model.onnx"
+PYTHON_MODEL_FILE = "model.py"
+_PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+# ONNX element type -> Triton datatype (config.pbtxt uses "TYPE_" + this; clients use it bare).
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.DOUBLE: "FP64", onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.BFLOAT16: "BF16", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16", onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.STRING: "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as Triton sees it: dims exclude the batch dim when batching; -1 = any."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    """Server-side batching of concurrent requests."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions Triton serves: the latest N, all, or a specific list."""
+
+    kind: str = "latest"
+    latest_n: int = 1
+    versions: tuple[int, ...] = ()
+
+    def to_pbtxt(self) -> str:
+        if self.kind == "latest":
+            return f"version_policy: {{ latest: {{ num_versions: {self.latest_n} }} }}"
+        if self.kind == "all":
+            return "version_policy: { all: {} }"
+        if self.kind == "specific" and self.versions:
+            return f"version_policy: {{ specific: {{ versions: [{', '.join(map(str, self.versions))}] }} }}"
+        raise RecopsError(
+            f"version policy {self.kind!r} with versions={self.versions}: use kind 'latest' (latest_n), "
+            "'all', or 'specific' with a non-empty versions list")
+
+
+@dataclass(frozen=True)
+class WarmupRequest:
+    """A request Triton runs at load time so the first real request is not slow ('zero' or 'random' data).
+
+    Random integer data can fall outside an embedding table; use 'zero' for id inputs.
+    """
+
+    batch_size: int = 1
+    data: str = "zero"
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """The tunable part of a model's config.pbtxt (everything not read from the ONNX graph)."""
+
+    max_batch_size: int = 1024
+    dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
+    instance_count: int = 1
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    warmup: tuple[WarmupRequest, ...] = ()
+    intra_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything config.pbtxt says about one model."""
+
+    name: str
+    target: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    options: ServingOptions = field(default_factory=ServingOptions)
+
+    def to_pbtxt(self) -> str:
+        opts = self.options
+        backend = 'backend: "python"' if self.target == "cpu" else 'platform: "onnxruntime_onnx"'
+        kind = "KIND_CPU" if self.target == "cpu" else "KIND_GPU"
+        lines = [f'name: "{self.name}"', backend, f"max_batch_size: {opts.max_batch_size}",
+                 _tensors_pbtxt("input", self.inputs), _tensors_pbtxt("output", self.outputs),
+                 f"instance_group [ {{ count: {opts.instance_count} kind: {kind} }} ]",
+                 opts.version_policy.to_pbtxt()]
+        if opts.dynamic_batching is not None:
+            lines.append(_dynamic_batching_pbtxt(opts.dynamic_batching))
+        if opts.warmup:
+            lines.append(_warmup_pbtxt(opts.warmup, self.inputs, opts.max_batch_size))
+        if self.target == "cpu":
+            lines.append('parameters: { key: "intra_op_threads" '
+                         f'value: {{ string_value: "{opts.intra_op_threads}" }} }}')
+        return "\n".join(lines) + "\n"
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return "[ " + ", ".join(map(str, dims)) + " ]"
+
+
+def _tensors_pbtxt(kind: str, specs: tuple[TensorSpec, ...]) -> str:
+    body = ",\n".join(f'  {{ name: "{s.name}" data_type: TYPE_{s.dtype} dims: {_dims(s.dims)} }}' for s in specs)
+    return f"{kind} [\n{body}\n]"
+
+
+def _dynamic_batching_pbtxt(batching: DynamicBatching) -> str:
+    parts = []
+    if batching.preferred_batch_sizes:
+        parts.append(f"preferred_batch_size: [ {', '.join(map(str, batching.preferred_batch_sizes))} ]")
+    parts.append(f"max_queue_delay_microseconds: {batching.max_queue_delay_us}")
+    return f"dynamic_batching {{ {' '.join(parts)} }}"
+
+
+def _warmup_pbtxt(requests: tuple[WarmupRequest, ...], inputs: tuple[TensorSpec, ...], max_batch: int) -> str:
+    entries = []
+    for i, req in enumerate(requests):
+        if req.data not in ("zero", "random"):
+            raise RecopsError(f"warm-up data {req.data!r}: use 'zero' or 'random'")
+        flag = "zero_data" if req.data == "zero" else "random_data"
+        tensors = " ".join(
+            f'inputs {{ key: "{s.name}" value: {{ data_type: TYPE_{s.dtype} '
+            f"dims: {_dims(tuple(max(d, 1) for d in s.dims))} {flag}: true }} }}" for s in inputs)
+        batch = req.batch_size if max_batch > 0 else 0
+        entries.append(f'  {{ name: "warmup_{i}" batch_size: {batch} count: {req.count} {tensors} }}')
+    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if Triton and the file system can both use it, else raise RecopsError."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise RecopsError(
+            f"model name {name!r} is invalid: use letters, digits, '_', '.', '-' only, not empty, "
+            "not starting with '.' or '-' (e.g. 'dlrm_criteo')")
+    return name
+
+
+def read_signature(onnx_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool]:
+    """Inputs, outputs (with full dims, -1 for symbolic) and whether every tensor has a dynamic first dim."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = tuple(_spec(v) for v in model.graph.input if v.name not in initializers)
+    outputs = tuple(_spec(v) for v in model.graph.output)
+    batchable = all(s.dims and s.dims[0] == -1 for s in inputs + outputs)
+    return inputs, outputs, batchable
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    if tensor.elem_type not in _ONNX_TO_TRITON:
+        raise RecopsError(f"ONNX tensor {value.name!r} has element type {tensor.elem_type}, "
+                          "which Triton cannot serve; export it as a numeric or bool tensor")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    return TensorSpec(value.name, _ONNX_TO_TRITON[tensor.elem_type], dims)
+
+
+def model_config(name: str, onnx_path: Path, target: str, options: ServingOptions) -> ModelConfig:
+    """The config of ``onnx_path`` served as ``name``; the batch dim is dropped when batching."""
+    if target not in TARGETS:
+        raise RecopsError(f"target {target!r} is unknown: use one of {', '.join(TARGETS)}")
+    inputs, outputs, batchable = read_signature(onnx_path)
+    if options.max_batch_size > 0:
+        if not batchable:
+            raise RecopsError(
+                f"{onnx_path}: max_batch_size={options.max_batch_size} needs a dynamic first (batch) dim "
+                "on every input and output; export with a dynamic batch axis or use max_batch_size=0")
+        inputs = tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in inputs)
+        outputs = tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in outputs)
+    return ModelConfig(validate_model_name(name), target, inputs, outputs, options)
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """Relative locations of the external-data files ``onnx_path`` references (e.g. 'model.onnx.data')."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = set()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            if Path(location).is_absolute() or ".." in Path(location).parts:
+                raise RecopsError(f"{onnx_path}: external data location {location!r} leaves the model's "
+                                  "directory; re-save the model with its data next to it")
+            locations.add(location)
+    return sorted(locations)
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory and os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelRepository:
+    """Writes models and versions into a Triton model repository directory."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / validate_model_name(name)
+
+    def models(self) -> list[str]:
+        """Names of the models with a config.pbtxt."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+
+    def versions(self, name: str) -> list[int]:
+        """The model's complete version numbers, ascending."""
+        folder = self.model_dir(name)
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def add_version(self, name: str, onnx_path: Path | str, target: str = "cpu",
+                    options: ServingOptions | None = None, version: int | None = None,
+                    extra_files: Sequence[Path | str] = ()) -> int:
+        """Copy ``onnx_path`` in as a new version (default: latest + 1), rewrite config.pbtxt, return it.
+
+        ``extra_files`` (e.g. the preprocessor's ``preprocess.json``) are copied into the version dir too.
+        """
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise RecopsError(f"ONNX file {onnx_path} does not exist; export the model first")
+        config = model_config(name, onnx_path, target, options or ServingOptions())
+        existing = self.versions(name)
+        version = version if version is not None else (existing[-1] + 1 if existing else 1)
+        if version < 1 or version in existing:
+            raise RecopsError(f"model {name!r} version {version} is invalid or exists (have {existing}); "
+                              "pass a new positive version or None for the next one")
+        self._install_version(config, onnx_path, version, [Path(p) for p in extra_files])
+        self.write_config(config)
+        return version
+
+    def _install_version(self, config: ModelConfig, onnx_path: Path, version: int, extra: list[Path]) -> None:
+        folder = self.model_dir(config.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".staging-{version}-"))
+        try:
+            shutil.copyfile(onnx_path, staging / ONNX_FILE)
+            for location in external_data_files(onnx_path):
+                (staging / location).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(onnx_path.parent / location, staging / location)
+            for path in extra:
+                if path.name in (ONNX_FILE, PYTHON_MODEL_FILE):
+                    raise RecopsError(f"extra file {path} would replace the version's {path.name}; rename it")
+                shutil.copyfile(path, staging / path.name)
+            if config.target == "cpu":
+                shutil.copyfile(_PYTHON_MODEL_TEMPLATE, staging / PYTHON_MODEL_FILE)
+            os.chmod(staging, 0o755)
+            os.rename(staging, folder / str(version))
+        except FileNotFoundError as exc:
+            raise RecopsError(f"{onnx_path}: {exc.filename} is missing; the ONNX file's external data "
+                              "must lie next to it") from exc
+        except OSError as exc:
+            raise RecopsError(f"could not install {config.name!r} version {version}: {exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def write_config(self, config: ModelConfig) -> Path:
+        """Atomically (re)write the model's config.pbtxt."""
+        path = self.model_dir(config.name) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, config.to_pbtxt())
+        return path
+
+    def configure(self, name: str, target: str = "cpu", options: ServingOptions | None = None) -> ModelConfig:
+        """Rewrite config.pbtxt from the latest version's ONNX signature with new options (e.g. a policy)."""
+        existing = self.versions(name)
+        if not existing:
+            raise RecopsError(f"model {name!r} has no version in {self.root}; add one with add_version")
+        onnx_path = self.model_dir(name) / str(existing[-1]) / ONNX_FILE
+        config = model_config(name, onnx_path, target, options or ServingOptions())
+        self.write_config(config)
+        return config
+
+    def remove_version(self, name: str, version: int) -> None:
+        """Delete one version: renamed out of sight first, so a loader never sees it half deleted."""
+        folder = self.model_dir(name)
+        if version not in self.versions(name):
+            raise RecopsError(f"model {name!r} has no version {version} (have {self.versions(name)})")
+        doomed = folder / f".removing-{version}-{os.getpid()}"
+        os.rename(folder / str(version), doomed)
+        shutil.rmtree(doomed)
