@@ -1,0 +1,60 @@
+"""`recops data synth|ingest`: synthetic Criteo-shaped data and versioned processed datasets."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ops.cli.common import add_json_flag
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("data", help="generate synthetic data or ingest raw data into a versioned dataset")
+    data_sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    synth = data_sub.add_parser("synth", help="write Criteo-format TSV with a planted click function")
+    synth.add_argument("--rows", type=int, default=100_000)
+    synth.add_argument("--out", type=Path, required=True, help="output directory (data.tsv, truth.npy)")
+    synth.add_argument("--seed", type=int, default=0, help="row sampling seed")
+    synth.add_argument("--world-seed", type=int, default=1234, help="seed of the fixed distributions and click function")
+    synth.add_argument("--covariate-drift", type=float, default=0.0, help="0..1: shift of the drift features' distributions")
+    synth.add_argument("--concept-drift", type=float, default=0.0, help="0..1: blend of the click function towards another")
+    synth.add_argument("--drift-features", default="I1,I2,C1,C2,C3", help="comma-separated features moved by covariate drift")
+    add_json_flag(synth)
+    synth.set_defaults(func=synth_command)
+
+    ingest = data_sub.add_parser("ingest", help="raw file(s) -> versioned processed dataset under --out")
+    ingest.add_argument("--input", type=Path, nargs="+", required=True, help="Criteo TSV, CSV or Parquet file(s)")
+    ingest.add_argument("--out", type=Path, required=True, help="dataset root; the version becomes a sub-directory")
+    ingest.add_argument("--spec", type=Path, help="column spec YAML (default: Criteo TSV)")
+    ingest.add_argument("--table-size", type=int, default=100_000, help="hash buckets per categorical feature")
+    ingest.add_argument("--min-frequency", type=int, default=0, help=">0: vocabulary of values seen this often")
+    ingest.add_argument("--val-fraction", type=float, default=0.1)
+    ingest.add_argument("--test-fraction", type=float, default=0.1)
+    add_json_flag(ingest)
+    ingest.set_defaults(func=ingest_command)
+
+
+def synth_command(args: argparse.Namespace) -> dict[str, Any]:
+    from training.synth import SynthConfig, write
+
+    cfg = SynthConfig(rows=args.rows, seed=args.seed, world_seed=args.world_seed, covariate_drift=args.covariate_drift,
+                      concept_drift=args.concept_drift, drift_features=tuple(f for f in args.drift_features.split(",") if f))
+    return write(cfg, args.out)
+
+
+def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
+    import sys
+
+    from tqdm import tqdm
+
+    from training.dataset import SplitConfig, ingest
+    from training.spec import ColumnSpec, PreprocessConfig
+
+    spec = ColumnSpec.load(args.spec) if args.spec else ColumnSpec.criteo()
+    config = PreprocessConfig(table_size=args.table_size, min_frequency=args.min_frequency)
+    split = SplitConfig(val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="ingest") as bar:
+        dataset = ingest(args.input, args.out, spec, config, split, progress=lambda n: bar.update(n - bar.n))
+    m = dataset.manifest
+    return {"version": m["version"], "rows": m["rows"], "rejected": m["rejected"], "path": str(dataset.path)}

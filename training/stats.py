@@ -1,0 +1,180 @@
+"""Reference statistics of a dataset, the baseline that drift detection compares live data with.
+
+Computed from a uniform sample (at most ``max_rows`` rows) of validated raw rows:
+
+- dense features, on the model's transformed value ``log1p(max(x, 0))`` excluding missing values:
+  missing rate, mean/std, quantiles, reference-quantile bin edges and the bin fractions;
+- categorical features: missing rate, distinct values in the sample, the ``top_k`` most frequent
+  values with their fractions of the non-missing values, and the ``other`` fraction. Multi-hot
+  features are treated as categoricals over their tokens (a row with no token is missing).
+
+``save_reference`` writes ``stats.json`` (JSON, human-readable) and ``reference_sample.npz`` (the
+transformed dense sample, NaN = missing, used for exact two-sample KS tests) atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training.errors import RecopsError
+from training.preprocess import transform_dense
+from training.spec import ColumnSpec
+
+STATS_FILE = "stats.json"
+SAMPLE_FILE = "reference_sample.npz"
+FORMAT_VERSION = 1
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+@dataclass
+class Reference:
+    """Loaded reference statistics plus the sorted dense sample per feature."""
+
+    spec: ColumnSpec
+    stats: dict[str, Any]
+    dense_sorted: dict[str, np.ndarray]  # feature -> sorted non-missing transformed values (float32)
+
+    @property
+    def rows(self) -> int:
+        return int(self.stats["rows"])
+
+    @property
+    def categorical(self) -> tuple[str, ...]:
+        return (*self.spec.sparse, *self.spec.multi_hot)
+
+
+def dense_matrix(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """Transformed dense values float32 [N, D] with NaN where the raw value is missing."""
+    raw = frame[list(names)].to_numpy(dtype=np.float64, na_value=np.nan)
+    out = transform_dense(raw)
+    out[np.isnan(raw)] = np.nan
+    return out
+
+
+def categorical_values(frame: pd.DataFrame, name: str, spec: ColumnSpec) -> tuple[pd.Series, int]:
+    """Present values of one categorical (tokens for multi-hot) and the number of rows missing it."""
+    column = frame[name]
+    if name in spec.multi_hot:
+        tokens = column.map(lambda v: v if isinstance(v, (list, tuple, np.ndarray)) else
+                            ([] if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).split(spec.separator)))
+        flat = tokens.explode().dropna().astype(str)
+        flat = flat[flat != ""]
+        return flat.reset_index(drop=True), int(len(column) - flat.index.nunique())
+    present = column.notna().to_numpy()
+    values = column[present].astype(str)
+    nonempty = (values != "").to_numpy()
+    return values[nonempty].reset_index(drop=True), int(len(column) - nonempty.sum())
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _dense_stats(values: np.ndarray, bins: int) -> dict[str, Any]:
+    """Statistics of one dense column (transformed, NaN = missing)."""
+    present = np.sort(values[~np.isnan(values)]).astype(np.float64)
+    stats: dict[str, Any] = {"count": int(present.size), "missing_rate": _finite(1 - present.size / max(values.size, 1))}
+    if present.size == 0:
+        return {**stats, "mean": None, "std": None, "quantiles": {}, "edges": [], "fractions": []}
+    edges = np.unique(np.quantile(present, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf"))
+    edges = edges[edges > present[0]]  # an edge at the minimum would leave the first bin empty
+    counts = np.diff(np.concatenate([[0], np.searchsorted(present, edges, side="left"), [present.size]]))
+    return {
+        **stats,
+        "mean": float(present.mean()),
+        "std": float(present.std()),
+        "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(present, QUANTILES))},
+        "edges": edges.tolist(),
+        "fractions": (counts / present.size).tolist(),
+    }
+
+
+def _categorical_stats(values: pd.Series, missing: int, rows: int, top_k: int) -> dict[str, Any]:
+    counts = values.value_counts(sort=True)
+    total = int(counts.sum())
+    top = counts.iloc[:top_k]
+    return {
+        "count": total,
+        "missing_rate": missing / max(rows, 1),
+        "distinct": int(len(counts)),
+        "top": [[str(v), int(c) / total] for v, c in top.items()],
+        "other": float(1 - top.sum() / total) if total else 0.0,
+    }
+
+
+def reference_stats(frame: pd.DataFrame, spec: ColumnSpec, bins: int = 10, top_k: int = 100) -> dict[str, Any]:
+    """JSON-able reference statistics of ``frame`` (validated raw rows with the spec's columns)."""
+    missing = [c for c in (*spec.dense, *spec.sparse, *spec.multi_hot) if c not in frame]
+    if missing:
+        raise RecopsError(f"reference stats: frame lacks columns {missing}; it must have the spec's columns")
+    if len(frame) == 0:
+        raise RecopsError("reference stats: the sample has no rows; pass a non-empty validated sample")
+    dense = dense_matrix(frame, spec.dense)
+    stats: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "rows": int(len(frame)),
+        "bins": bins,
+        "top_k": top_k,
+        "schema": spec.to_dict(),
+        "dense": {name: _dense_stats(dense[:, j], bins) for j, name in enumerate(spec.dense)},
+        "categorical": {},
+    }
+    for name in (*spec.sparse, *spec.multi_hot):
+        values, n_missing = categorical_values(frame, name, spec)
+        stats["categorical"][name] = _categorical_stats(values, n_missing, len(frame), top_k)
+    return stats
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_reference(dataset_dir: Path, frame: pd.DataFrame, spec: ColumnSpec, max_rows: int = 200_000, seed: int = 0) -> None:
+    """Write ``stats.json`` and ``reference_sample.npz`` for ``frame`` (uniformly subsampled to ``max_rows``)."""
+    dataset_dir = Path(dataset_dir)
+    if len(frame) > max_rows:
+        frame = frame.sample(max_rows, random_state=seed)
+    stats = reference_stats(frame, spec)
+    dense = dense_matrix(frame, spec.dense)
+    _atomic_write(dataset_dir / SAMPLE_FILE, lambda fh: np.savez(fh, dense=dense))
+    _atomic_write(dataset_dir / STATS_FILE, lambda fh: fh.write(json.dumps(stats, indent=1).encode()))
+
+
+def load_reference(dataset_dir: Path) -> Reference:
+    """Open the reference written by :func:`save_reference` in ``dataset_dir``."""
+    dataset_dir = Path(dataset_dir)
+    stats_path, sample_path = dataset_dir / STATS_FILE, dataset_dir / SAMPLE_FILE
+    if not stats_path.is_file() or not sample_path.is_file():
+        raise RecopsError(
+            f"reference {dataset_dir}: needs {STATS_FILE} and {SAMPLE_FILE}; pass a processed dataset "
+            "directory (recops data ingest writes them)"
+        )
+    try:
+        stats = json.loads(stats_path.read_text())
+        with np.load(sample_path) as npz:
+            dense = npz["dense"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RecopsError(f"reference {dataset_dir}: cannot read it ({exc}); re-run the ingest") from exc
+    if stats.get("format_version") != FORMAT_VERSION:
+        raise RecopsError(f"reference {stats_path}: format_version {stats.get('format_version')} is not "
+                          f"{FORMAT_VERSION}; re-run the ingest with this recops version")
+    spec = ColumnSpec.from_dict(stats["schema"], source=str(stats_path))
+    if dense.shape != (stats["rows"], len(spec.dense)):
+        raise RecopsError(f"reference {dataset_dir}: {SAMPLE_FILE} shape {dense.shape} does not match "
+                          f"{STATS_FILE} ({stats['rows']} rows, {len(spec.dense)} dense); re-run the ingest")
+    sorted_ = {name: np.sort(dense[~np.isnan(dense[:, j]), j]) for j, name in enumerate(spec.dense)}
+    return Reference(spec=spec, stats=stats, dense_sorted=sorted_)
