@@ -22,7 +22,8 @@ FAMILIES = ("dlrm", "dcn")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DLRM-family model. ``tables`` maps feature name -> rows (in model order)."""
+    """Architecture of a DLRM-family model. ``tables`` maps feature name -> rows (in model order); training
+    fills it from the dataset's table sizes, so an architecture alone leaves it empty."""
 
     tables: dict[str, int] = field(default_factory=dict)
     num_dense: int = 13
@@ -36,8 +37,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise RecopsError(f"model config: family {self.family!r} is not one of {FAMILIES}")
-        if not self.tables:
-            raise RecopsError("model config: no embedding tables; build it from a dataset's table sizes")
         if self.embedding_dim < 1 or any(s < 1 for s in (*self.dense_arch, *self.over_arch)):
             raise RecopsError("model config: layer sizes and embedding_dim must be positive")
 
@@ -129,6 +128,8 @@ class DLRM(nn.Module):
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
         super().__init__()
+        if not config.tables:
+            raise RecopsError("model config: no embedding tables; fill `tables` from a dataset's table sizes")
         self.config = config
         self.keys = list(config.tables)
         self.ebc = EmbeddingBagCollection(

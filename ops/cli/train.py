@@ -38,7 +38,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     from training.model import ModelConfig
     from training.train import TrainConfig, fit
 
-    arch = ModelConfig(tables={"_": 2}, family=args.model, embedding_dim=args.embedding_dim,
+    arch = ModelConfig(family=args.model, embedding_dim=args.embedding_dim,
                        dense_arch=args.dense_arch, over_arch=args.over_arch)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, embedding_optimizer=args.embedding_optimizer,
                       embedding_lr=args.embedding_lr, dense_lr=args.dense_lr, sharding_type=args.sharding_type,
