@@ -83,9 +83,9 @@ class Predictor:
         """Run ``fn(client)``; any failure (server error, refused, timeout) becomes a ServingError."""
         try:
             return fn(self._connect())
-        except (ServingError, KeyboardInterrupt, SystemExit):
+        except ServingError:
             raise
-        except BaseException as exc:  # gevent's Timeout derives from BaseException
+        except Exception as exc:
             message = str(exc) or type(exc).__name__
             raise ServingError(f"{what} for model {self.model_name!r} at {self.url} ({self.protocol}) "
                                f"failed: {message}") from exc

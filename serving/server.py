@@ -22,7 +22,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.errors import ServingError
@@ -47,7 +47,7 @@ class ServerConfig:
     startup_timeout_s: float = 60.0
     exit_timeout_s: int = 5
     load_models: tuple[str, ...] = ()
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    extra_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,14 @@ class TritonInstall:
         if target.is_file() and filecmp.cmp(stub, target, shallow=False):
             return
         tmp = target.with_name(f".{stub.name}.{os.getpid()}")
-        shutil.copyfile(stub, tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
+        try:
+            shutil.copyfile(stub, tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RecopsError(f"cannot install the python-backend stub into {target.parent} ({exc}); "
+                              "make that directory writable or copy the stub there once by hand") from exc
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -248,7 +253,9 @@ class TritonServer:
         return self
 
     def _wait_ready(self) -> None:
-        exited = lambda: self._proc.poll() is not None  # noqa: E731
+        def exited() -> bool:
+            return self._proc.poll() is not None
+
         if _wait(lambda: exited() or self.is_ready(), self.config.startup_timeout_s, 0.1) and not exited():
             return
         reason = (f"exited with code {self._proc.returncode}" if exited()

@@ -1,0 +1,148 @@
+"""Model repository writer: layout, atomic versions, config text, name validation (no server needed)."""
+from __future__ import annotations
+
+import filecmp
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from serving.repository import (DynamicBatching, ModelRepository, ServingOptions, VersionPolicy, WarmupRequest,
+                                external_data_files)
+from tests.triton_fixtures import TINY_OPTIONS, onnx_outputs, tiny_inputs, tiny_onnx  # noqa: F401 (fixture)
+from training.errors import RecopsError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "serving" / "triton_python_model.py"
+
+
+def fixed_shape_onnx(path: Path) -> Path:
+    """An Identity model with a fixed [2, 3] input: no batch dim."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "fixed", [x], [y])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def hidden_entries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_cpu_version_copies_model_data_and_template(tmp_path, tiny_onnx):
+    repo = ModelRepository(tmp_path / "repo")
+    data_files = external_data_files(tiny_onnx)
+    assert data_files, "the dynamo exporter should write external data; the copy test needs it"
+
+    assert repo.add_version("tiny", tiny_onnx, options=TINY_OPTIONS) == 1
+
+    version_dir = tmp_path / "repo" / "tiny" / "1"
+    assert sorted(p.name for p in version_dir.iterdir()) == sorted(["model.onnx", "model.py", *data_files])
+    assert filecmp.cmp(version_dir / "model.py", TEMPLATE, shallow=False)
+    inputs = tiny_inputs(5)
+    np.testing.assert_array_equal(onnx_outputs(version_dir / "model.onnx", inputs)["prob"],
+                                  onnx_outputs(tiny_onnx, inputs)["prob"])
+    text = (tmp_path / "repo" / "tiny" / "config.pbtxt").read_text()
+    for line in ('name: "tiny"', 'backend: "python"', "max_batch_size: 1024", "KIND_CPU",
+                 '{ name: "dense" data_type: TYPE_FP32 dims: [ 13 ] }',
+                 '{ name: "sparse" data_type: TYPE_INT64 dims: [ 26 ] }',
+                 '{ name: "prob" data_type: TYPE_FP32 dims: [ 1 ] }',
+                 'key: "intra_op_threads" value: { string_value: "1" }'):
+        assert line in text
+    assert "platform" not in text
+    assert repo.models() == ["tiny"]
+    assert hidden_entries(tmp_path / "repo" / "tiny") == []
+
+
+def test_versions_are_numbered_listed_and_removed(tmp_path, tiny_onnx):
+    repo = ModelRepository(tmp_path)
+    assert [repo.add_version("m", tiny_onnx) for _ in range(2)] == [1, 2]
+    assert repo.add_version("m", tiny_onnx, version=5) == 5
+    with pytest.raises(RecopsError, match="version 2 is invalid or exists"):
+        repo.add_version("m", tiny_onnx, version=2)
+    repo.remove_version("m", 1)
+    assert repo.versions("m") == [2, 5]
+    with pytest.raises(RecopsError, match="has no version 7"):
+        repo.remove_version("m", 7)
+    assert repo.add_version("m", tiny_onnx) == 6
+    assert hidden_entries(tmp_path / "m") == []
+
+
+def test_gpu_target_uses_onnxruntime_platform_on_gpu_instances(tmp_path, tiny_onnx):
+    repo = ModelRepository(tmp_path)
+    repo.add_version("tiny_gpu", tiny_onnx, target="gpu")
+    text = (tmp_path / "tiny_gpu" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text
+    assert "instance_group [ { count: 1 kind: KIND_GPU } ]" in text
+    assert "backend" not in text and "intra_op_threads" not in text
+    assert not (tmp_path / "tiny_gpu" / "1" / "model.py").exists()
+    assert (tmp_path / "tiny_gpu" / "1" / "model.onnx").is_file()
+
+
+def test_serving_options_are_written(tmp_path, tiny_onnx):
+    options = ServingOptions(max_batch_size=32, dynamic_batching=DynamicBatching((8, 16), 500), instance_count=2,
+                             version_policy=VersionPolicy("specific", versions=(1, 3)),
+                             warmup=(WarmupRequest(batch_size=4, data="random", count=2),))
+    repo = ModelRepository(tmp_path)
+    repo.add_version("m", tiny_onnx, options=options)
+    text = (tmp_path / "m" / "config.pbtxt").read_text()
+    assert "dynamic_batching { preferred_batch_size: [ 8, 16 ] max_queue_delay_microseconds: 500 }" in text
+    assert "instance_group [ { count: 2 kind: KIND_CPU } ]" in text
+    assert "version_policy: { specific: { versions: [1, 3] } }" in text
+    assert 'name: "warmup_0" batch_size: 4 count: 2' in text
+    assert 'inputs { key: "sparse" value: { data_type: TYPE_INT64 dims: [ 26 ] random_data: true } }' in text
+
+    repo.configure("m", options=ServingOptions(dynamic_batching=None, version_policy=VersionPolicy("all")))
+    text = (tmp_path / "m" / "config.pbtxt").read_text()
+    assert "version_policy: { all: {} }" in text and "dynamic_batching" not in text
+    with pytest.raises(RecopsError, match="non-empty versions list"):
+        repo.configure("m", options=ServingOptions(version_policy=VersionPolicy("specific")))
+    with pytest.raises(RecopsError, match="warm-up data 'ones'"):
+        repo.configure("m", options=ServingOptions(warmup=(WarmupRequest(data="ones"),)))
+
+
+def test_model_without_batch_dim_needs_max_batch_size_zero(tmp_path):
+    onnx_path = fixed_shape_onnx(tmp_path / "fixed.onnx")
+    repo = ModelRepository(tmp_path / "repo")
+    with pytest.raises(RecopsError, match="dynamic first .batch. dim"):
+        repo.add_version("fixed", onnx_path)
+    assert repo.versions("fixed") == []
+    repo.add_version("fixed", onnx_path, options=ServingOptions(max_batch_size=0, dynamic_batching=None))
+    text = (tmp_path / "repo" / "fixed" / "config.pbtxt").read_text()
+    assert "max_batch_size: 0" in text and '{ name: "x" data_type: TYPE_FP32 dims: [ 2, 3 ] }' in text
+
+
+@pytest.mark.parametrize("name", ["", "../evil", "a/b", ".hidden", "..", "-x", "a b", "x;y", "m\n"])
+def test_invalid_model_names_are_rejected(tmp_path, name):
+    onnx_path = fixed_shape_onnx(tmp_path / "fixed.onnx")
+    repo = ModelRepository(tmp_path / "repo")
+    with pytest.raises(RecopsError, match="model name .* is invalid"):
+        repo.add_version(name, onnx_path, options=ServingOptions(max_batch_size=0))
+    with pytest.raises(RecopsError, match="model name"):
+        repo.versions(name)
+    assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "repo").exists() or list((tmp_path / "repo").iterdir()) == []
+
+
+def test_missing_inputs_leave_nothing_behind(tmp_path, tiny_onnx):
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copyfile(tiny_onnx, lonely / "model.onnx")  # without its external data
+    repo = ModelRepository(tmp_path / "repo")
+    with pytest.raises(RecopsError, match="external data must lie next to it"):
+        repo.add_version("m", lonely / "model.onnx")
+    assert repo.versions("m") == [] and hidden_entries(tmp_path / "repo" / "m") == []
+    with pytest.raises(RecopsError, match="does not exist"):
+        repo.add_version("m", tmp_path / "nope.onnx")
+    with pytest.raises(RecopsError, match="target 'tpu' is unknown"):
+        repo.add_version("m", tiny_onnx, target="tpu")
+
+
+def test_extra_files_are_copied_into_the_version(tmp_path, tiny_onnx):
+    extra = tmp_path / "preprocess.json"
+    extra.write_text("{}")
+    repo = ModelRepository(tmp_path / "repo")
+    version = repo.add_version("m", tiny_onnx, extra_files=[extra])
+    assert (tmp_path / "repo" / "m" / str(version) / "preprocess.json").read_text() == "{}"
