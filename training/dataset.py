@@ -212,7 +212,7 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
                 if progress:
                     progress(seen)
     if seen == 0:
-        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows ({rejected}); see {tmp.name}/rejects.tsv")
+        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {rejected}); check the data and --spec")
     rows = writer.finish(templates)
     reference = pd.concat(sample, ignore_index=True)
     if len(reference) > split.reference_rows:

@@ -91,14 +91,20 @@ def _text_chunks(path: Path, spec: ColumnSpec, block_bytes: int) -> Iterator[Chu
         seen_valid += n
         rejects = [(line, "field_count", text) for line, text in bad if line < next_line or n == 0]
         bad = [(line, text) for line, text in bad if not (line < next_line or n == 0)]
-        if seen_valid == 0 and rejects and next_line == 1 + int(header):
-            raise RecopsError(
-                f"input {path}: schema mismatch: no row has the expected {len(names)} fields "
-                f"({', '.join(names[:3])}, ...); is this {spec.format} data matching the column spec?"
-            )
+        if seen_valid == 0 and rejects:
+            raise _schema_mismatch(path, spec, names)
         yield _validate(batch.to_pandas(), lines, spec, rejects)
+    if bad and seen_valid == 0:
+        raise _schema_mismatch(path, spec, names)
     if bad:
-        yield Chunk(frame=_empty_frame(spec).astype(object), lines=np.zeros(0, np.int64), rejects=[(l, "field_count", t) for l, t in bad])
+        yield Chunk(frame=_empty_frame(spec), lines=np.zeros(0, np.int64), rejects=[(n, "field_count", t) for n, t in bad])
+
+
+def _schema_mismatch(path: Path, spec: ColumnSpec, names: list[str]) -> RecopsError:
+    return RecopsError(
+        f"input {path}: schema mismatch: no row has the expected {len(names)} fields "
+        f"({', '.join(names[:3])}, ...); is this {spec.format} data matching the column spec (--spec)?"
+    )
 
 
 def _csv_header(path: Path, spec: ColumnSpec) -> list[str]:
@@ -126,6 +132,7 @@ def _parquet_chunks(path: Path, spec: ColumnSpec) -> Iterator[Chunk]:
 def _validate(frame: pd.DataFrame, lines: np.ndarray, spec: ColumnSpec, rejects: list) -> Chunk:
     """Type the columns and reject rows with a non-numeric dense value or a label not in {0, 1}."""
     reason = pd.Series("", index=frame.index, dtype=object)
+    reason[frame.isna().all(axis=1)] = "field_count"  # an empty line parses as a row of nulls
     dense = {}
     for name in spec.dense:
         raw = frame[name]
@@ -137,7 +144,7 @@ def _validate(frame: pd.DataFrame, lines: np.ndarray, spec: ColumnSpec, rejects:
     reason[~label.isin([0, 1]) & (reason == "")] = "bad_label"
     bad = (reason != "").to_numpy()
     if bad.any():
-        texts = frame[bad].astype(str).where(frame[bad].notna(), "").agg("\t".join, axis=1)
+        texts = frame[bad].astype(str).where(frame[bad].notna(), "").agg("\t".join, axis=1).str.rstrip("\t")
         rejects = rejects + list(zip(lines[bad].tolist(), reason[bad].tolist(), texts.tolist()))
     out = frame.assign(**dense, **{spec.label: label})[~bad].reset_index(drop=True)
     out[spec.label] = out[spec.label].astype(np.int8)

@@ -1,0 +1,54 @@
+"""Session-wide settings and shared fixtures: quiet, bounded Ray; a tiny synthetic dataset."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TMP = Path(tempfile.mkdtemp(prefix="recops-tests-"))
+for key, value in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TMPDIR": str(_TMP / "ray"),
+    "RAY_COLOR_PREFIX": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RECOPS_REGISTRY": str(_TMP / "registry"),
+    "PYTHONWARNINGS": "ignore",
+}.items():
+    os.environ.setdefault(key, value)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recops(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (`python -m ops.cli ...`)."""
+    proc = subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recops {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """20k synthetic Criteo rows with their true probabilities."""
+    from training.synth import SynthConfig, write
+
+    out = tmp_path_factory.mktemp("synth")
+    write(SynthConfig(rows=20_000, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(synth_dir, tmp_path_factory):
+    """The 20k rows ingested with 1000-bucket tables (a few seconds)."""
+    from training.dataset import ingest
+    from training.spec import PreprocessConfig
+
+    return ingest([synth_dir / "data.tsv"], tmp_path_factory.mktemp("datasets"), config=PreprocessConfig(table_size=1000))
