@@ -10,11 +10,12 @@ config.pbtxt is replaced atomically, so a server loading concurrently never sees
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ from training.errors import RecopsError
 
 TARGETS = ("cpu", "gpu")
 CONFIG_FILE = "config.pbtxt"
+SETTINGS_FILE = "recops-serving.json"  # target + options last written, reused when a call omits them
 ONNX_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
 _PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
@@ -98,6 +100,18 @@ class ServingOptions:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup: tuple[WarmupRequest, ...] = ()
     intra_op_threads: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServingOptions:
+        """Inverse of ``dataclasses.asdict`` (as stored in the model's settings file)."""
+        batching, policy = data["dynamic_batching"], data["version_policy"]
+        return cls(max_batch_size=data["max_batch_size"],
+                   dynamic_batching=batching and DynamicBatching(tuple(batching["preferred_batch_sizes"]),
+                                                                 batching["max_queue_delay_us"]),
+                   instance_count=data["instance_count"],
+                   version_policy=VersionPolicy(policy["kind"], policy["latest_n"], tuple(policy["versions"])),
+                   warmup=tuple(WarmupRequest(**w) for w in data["warmup"]),
+                   intra_op_threads=data["intra_op_threads"])
 
 
 @dataclass(frozen=True)
@@ -261,17 +275,30 @@ class ModelRepository:
             return []
         return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
-    def add_version(self, name: str, onnx_path: Path | str, target: str = "cpu",
+    def settings(self, name: str) -> tuple[str, ServingOptions]:
+        """The target and options last written for ``name`` (new model: 'cpu' and the defaults)."""
+        path = self.model_dir(name) / SETTINGS_FILE
+        if not path.is_file():
+            return "cpu", ServingOptions()
+        try:
+            data = json.loads(path.read_text())
+            return data["target"], ServingOptions.from_dict(data["options"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecopsError(f"{path} is unreadable ({exc}); pass target and options explicitly") from exc
+
+    def add_version(self, name: str, onnx_path: Path | str, target: str | None = None,
                     options: ServingOptions | None = None, version: int | None = None,
                     extra_files: Sequence[Path | str] = ()) -> int:
         """Copy ``onnx_path`` in as a new version (default: latest + 1), rewrite config.pbtxt, return it.
 
+        ``target`` and ``options`` default to the model's current settings (see ``settings``).
         ``extra_files`` (e.g. the preprocessor's ``preprocess.json``) are copied into the version dir too.
         """
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise RecopsError(f"ONNX file {onnx_path} does not exist; export the model first")
-        config = model_config(name, onnx_path, target, options or ServingOptions())
+        stored_target, stored_options = self.settings(name)
+        config = model_config(name, onnx_path, target or stored_target, options or stored_options)
         existing = self.versions(name)
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
         if version < 1 or version in existing:
@@ -307,19 +334,22 @@ class ModelRepository:
             shutil.rmtree(staging, ignore_errors=True)
 
     def write_config(self, config: ModelConfig) -> Path:
-        """Atomically (re)write the model's config.pbtxt."""
-        path = self.model_dir(config.name) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, config.to_pbtxt())
-        return path
+        """Atomically (re)write the model's config.pbtxt and settings file."""
+        folder = self.model_dir(config.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = {"target": config.target, "options": asdict(config.options)}
+        write_text_atomic(folder / SETTINGS_FILE, json.dumps(settings, indent=1))
+        write_text_atomic(folder / CONFIG_FILE, config.to_pbtxt())
+        return folder / CONFIG_FILE
 
-    def configure(self, name: str, target: str = "cpu", options: ServingOptions | None = None) -> ModelConfig:
+    def configure(self, name: str, target: str | None = None, options: ServingOptions | None = None) -> ModelConfig:
         """Rewrite config.pbtxt from the latest version's ONNX signature with new options (e.g. a policy)."""
         existing = self.versions(name)
         if not existing:
             raise RecopsError(f"model {name!r} has no version in {self.root}; add one with add_version")
         onnx_path = self.model_dir(name) / str(existing[-1]) / ONNX_FILE
-        config = model_config(name, onnx_path, target, options or ServingOptions())
+        stored_target, stored_options = self.settings(name)
+        config = model_config(name, onnx_path, target or stored_target, options or stored_options)
         self.write_config(config)
         return config
 

@@ -93,6 +93,7 @@ def test_serving_options_are_written(tmp_path, tiny_onnx):
     assert "version_policy: { specific: { versions: [1, 3] } }" in text
     assert 'name: "warmup_0" batch_size: 4 count: 2' in text
     assert 'inputs { key: "sparse" value: { data_type: TYPE_INT64 dims: [ 26 ] random_data: true } }' in text
+    assert repo.settings("m") == ("cpu", options)
 
     repo.configure("m", options=ServingOptions(dynamic_batching=None, version_policy=VersionPolicy("all")))
     text = (tmp_path / "m" / "config.pbtxt").read_text()
@@ -146,3 +147,14 @@ def test_extra_files_are_copied_into_the_version(tmp_path, tiny_onnx):
     repo = ModelRepository(tmp_path / "repo")
     version = repo.add_version("m", tiny_onnx, extra_files=[extra])
     assert (tmp_path / "repo" / "m" / str(version) / "preprocess.json").read_text() == "{}"
+
+
+def test_later_versions_keep_the_model_settings(tmp_path, tiny_onnx):
+    repo = ModelRepository(tmp_path)
+    options = ServingOptions(max_batch_size=16, version_policy=VersionPolicy("all"))
+    repo.add_version("m", tiny_onnx, target="gpu", options=options)
+    first = (tmp_path / "m" / "config.pbtxt").read_text()
+    repo.add_version("m", tiny_onnx)
+    assert (tmp_path / "m" / "config.pbtxt").read_text() == first
+    assert repo.settings("m") == ("gpu", options)
+    assert repo.settings("new_model") == ("cpu", ServingOptions())
