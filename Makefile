@@ -19,7 +19,7 @@ $(STAMP): setup.cfg requirements/constraints.txt Makefile
 	$(PIP) install $(PIN) fbgemm-gpu-cpu==1.8.0
 	$(PIP) install $(PIN) --no-deps torchrec==1.8.0
 	$(PIP) install $(PIN) --no-deps nvidia-pytriton==0.7.0
-	$(PIP) install $(PIN) -e '.[test]'
+	$(PIP) install $(PIN) -e '.[cpu,test]'
 	$(PY) -c "import torch, torchrec, fbgemm_gpu; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
