@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+SESSION_MARK = f"RECOPS_TEST_SESSION={os.getpid()}"
+os.environ["RECOPS_TEST_SESSION"] = str(os.getpid())  # inherited by every process the tests start
 
 _TMP = Path(tempfile.mkdtemp(prefix="recops-tests-"))
 for key, value in {
@@ -52,3 +56,32 @@ def tiny_dataset(synth_dir, tmp_path_factory):
     from training.spec import PreprocessConfig
 
     return ingest([synth_dir / "data.tsv"], tmp_path_factory.mktemp("datasets"), config=PreprocessConfig(table_size=1000))
+
+
+def _session_processes() -> list[tuple[int, str]]:
+    """Processes other than pytest itself that inherited this session's marker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if SESSION_MARK.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]))
+        except OSError:
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any test left a process (Triton, stubs, Ray) behind, and clean them up."""
+    leftovers = [p for p in _session_processes() if "pytest" not in p[1]]
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if leftovers:
+        print(f"\nERROR: tests left {len(leftovers)} processes behind (killed now):")
+        for pid, cmd in leftovers[:20]:
+            print(f"  {pid} {cmd}")
+        session.exitstatus = 1
