@@ -1,0 +1,48 @@
+"""`recops export`: a registered model version or checkpoint -> ONNX, parity-gated, into a Triton repository."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ops.cli.common import add_json_flag
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export a model to ONNX, check parity, add it to a Triton repository")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-version", type=int, metavar="V", help="registered model version")
+    source.add_argument("--checkpoint", type=Path, metavar="DIR", help="checkpoint directory (e.g. <run>/checkpoints/best)")
+    parser.add_argument("--name", required=True, help="served model name in the repository")
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
+                        help="Triton model repository (default: triton_models/ at the repo root)")
+    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU")
+    parser.add_argument("--fp16", action="store_true", help="FP16 weights and compute (GPU targets; gate tolerance 1e-2)")
+    parser.add_argument("--external-data", action="store_true",
+                        help="always store weights in model.onnx.data (default: only above 1 GiB)")
+    parser.add_argument("--data", type=Path, default=None, metavar="DIR",
+                        help="processed dataset whose val split the parity gate scores (AUC check); "
+                             "without it only random inputs are compared")
+    parser.add_argument("--registry", default=None, metavar="DIR",
+                        help="registry directory (default: $RECOPS_REGISTRY or runs/registry)")
+    add_json_flag(parser)
+    parser.set_defaults(func=export)
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    if args.checkpoint is not None:
+        return args.checkpoint
+    from ops.registry import LocalRegistry
+
+    return LocalRegistry(args.registry).get(args.model_version).checkpoint
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    from serving.export import ExportConfig, export_to_repository
+    from serving.server import DEFAULT_REPO
+
+    config = ExportConfig(fp16=args.fp16, external_data=True if args.external_data else None)
+    result = export_to_repository(_checkpoint(args), args.repo or DEFAULT_REPO, args.name, target=args.target,
+                                  config=config, dataset=args.data)
+    return {**result.to_dict(), "model_version": args.model_version, "parity": result.parity.to_dict()}

@@ -1,0 +1,317 @@
+"""Checkpoint -> ONNX, gated on parity with the TorchRec model, then into a Triton model repository.
+
+``export_onnx`` writes ``model.onnx`` (+ ``model.onnx.data`` for large models or on request), the
+checkpoint's ``preprocess.json`` and ``export.json`` (layout, exporter, parity) into a directory.
+``check_parity`` compares ONNX Runtime with the real TorchRec DLRM (EmbeddingBagCollection + KJT) on fresh
+random inputs and on a dataset's val split; ``publish`` runs the gate and only then calls
+``ModelRepository.add_version``, so a failed gate leaves the repository untouched. ``export_to_repository``
+is the whole path through a temporary directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serving.inference_module import (OUTPUT_NAME, FeatureLayout, InferenceDLRM, InputSpec, load_torchrec,
+                                      torchrec_probabilities)
+from serving.repository import ONNX_FILE, ModelRepository, ServingOptions, WarmupRequest, write_text_atomic
+from training import checkpoint as checkpoints
+from training.errors import RecopsError
+from training.metrics import auc
+from training.model import ModelConfig
+
+PREPROCESS_FILE = "preprocess.json"  # the name `recops predict` looks for in a version directory
+EXPORT_FILE = "export.json"
+FP32_TOLERANCE = 1e-5
+FP16_TOLERANCE = 1e-2
+DEFAULT_SERVING = ServingOptions(max_batch_size=4096, warmup=(WarmupRequest(batch_size=1, data="zero"),))
+
+
+class ParityError(RecopsError):
+    """The exported model does not reproduce the TorchRec model; ``report`` says by how much and where."""
+
+    def __init__(self, message: str, report: ParityReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export: FP16 weights and compute (GPU targets), external weight data (None = above threshold)."""
+
+    fp16: bool = False
+    external_data: bool | None = None
+    external_threshold_bytes: int = 1 << 30
+    example_batch: int = 4
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """The gate: max |ONNX - TorchRec| on random rows and the val split, and |AUC difference| on the val split.
+
+    ``tolerance`` None = 1e-5 for float32, 1e-2 for FP16 exports. ``auc_tolerance`` 5e-5 = equal to 4 decimals
+    (compared as a difference, so two AUCs that straddle a rounding boundary do not fail).
+    """
+
+    random_rows: int = 4096
+    eval_rows: int = 100_000
+    seed: int = 0
+    tolerance: float | None = None
+    auc_tolerance: float = 5e-5
+    fp16_auc_tolerance: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """What the gate measured (AUCs are None when no dataset was given)."""
+
+    max_abs_diff: float
+    where: str
+    random_max_abs_diff: float
+    eval_max_abs_diff: float | None
+    auc_torch: float | None
+    auc_onnx: float | None
+    rows_random: int
+    rows_eval: int
+    tolerance: float
+    auc_tolerance: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An export directory: the ONNX file (+ external data), preprocess.json, export.json."""
+
+    directory: Path
+    exporter: str  # "dynamo" or "torchscript"
+    fp16: bool
+    external_data: bool
+    inputs: tuple[InputSpec, ...]
+    layout: FeatureLayout
+    checkpoint: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / ONNX_FILE
+
+    @property
+    def extra_files(self) -> list[Path]:
+        return [self.directory / PREPROCESS_FILE, self.directory / EXPORT_FILE]
+
+    def metadata(self, parity: ParityReport | None = None) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "exporter": self.exporter, "fp16": self.fp16,
+                "external_data": self.external_data, "inputs": [asdict(s) for s in self.inputs],
+                "output": OUTPUT_NAME, "layout": asdict(self.layout),
+                "parity": parity.to_dict() if parity else None}
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """A gated version in the repository."""
+
+    name: str
+    version: int
+    onnx_path: Path
+    parity: ParityReport
+    exported: ExportedModel = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "onnx_path": str(self.onnx_path),
+                "exporter": self.exported.exporter, "fp16": self.exported.fp16,
+                "external_data": self.exported.external_data,
+                "parity_max_abs_diff": self.parity.max_abs_diff,
+                "parity_auc": {"torch": self.parity.auc_torch, "onnx": self.parity.auc_onnx},
+                "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.exported.inputs]}
+
+
+def read_export_metadata(version_dir: Path) -> dict[str, Any] | None:
+    """``export.json`` of an export or version directory, or None if it has none."""
+    path = Path(version_dir) / EXPORT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def layout_from_metadata(meta: dict[str, Any]) -> FeatureLayout:
+    data = meta["layout"]
+    return FeatureLayout(data["num_dense"], dict(data["tables"]), tuple(data["sparse"]), dict(data["multi_hot"]))
+
+
+def _load_checkpoint(path: Path) -> checkpoints.Checkpoint:
+    if not (Path(path) / "trainer.json").is_file():
+        raise RecopsError(f"{path} is not a checkpoint directory (no trainer.json); pass <run>/checkpoints/best "
+                          "or a registered model version")
+    return checkpoints.load(path)
+
+
+def inference_module(ckpt: checkpoints.Checkpoint, fp16: bool = False) -> tuple[InferenceDLRM, FeatureLayout]:
+    layout = FeatureLayout.from_trainer(ckpt.trainer)
+    return InferenceDLRM(ModelConfig.from_dict(ckpt.trainer["model"]), layout, ckpt.model, fp16=fp16), layout
+
+
+def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path,
+                 external: bool) -> str:
+    """Export with the dynamo exporter (dynamic batch); fall back to TorchScript. Returns the exporter used."""
+    batch = torch.export.Dim("batch")
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, example, None, dynamo=True, input_names=names,
+                                        output_names=[OUTPUT_NAME], dynamic_shapes=tuple({0: batch} for _ in names),
+                                        verbose=False)
+        program.save(str(path), external_data=external)
+        return "dynamo"
+    except Exception as dynamo_exc:  # noqa: BLE001 - any exporter failure: try the other exporter
+        dynamo_error = dynamo_exc
+    finally:
+        quiet.setLevel(level)
+    try:
+        _torchscript_export(module, example, names, path, external)
+    except Exception as exc:
+        raise RecopsError(f"ONNX export failed with both exporters: dynamo ({dynamo_error}); torchscript ({exc})") from exc
+    return "torchscript"
+
+
+def _torchscript_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path,
+                        external: bool) -> None:
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
+                          dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]})
+    if external:
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+
+
+def export_onnx(checkpoint_dir: Path | str, out_dir: Path | str, config: ExportConfig = ExportConfig()) -> ExportedModel:
+    """Write ``model.onnx`` (+ data), ``preprocess.json`` and ``export.json`` (no parity yet) into ``out_dir``."""
+    ckpt = _load_checkpoint(Path(checkpoint_dir))
+    module, layout = inference_module(ckpt, config.fp16)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = config.external_data if config.external_data is not None else size > config.external_threshold_bytes
+    specs = layout.input_specs()
+    example = layout.random_inputs(config.example_batch, np.random.default_rng(0))
+    exporter = _onnx_export(module, tuple(torch.from_numpy(example[s.name]) for s in specs),
+                            [s.name for s in specs], out / ONNX_FILE, external)
+    exported = ExportedModel(out, exporter, config.fp16, external, specs, layout, Path(checkpoint_dir))
+    write_text_atomic(out / PREPROCESS_FILE, json.dumps(ckpt.trainer["preprocessor"], indent=1))
+    write_text_atomic(out / EXPORT_FILE, json.dumps(exported.metadata(), indent=1))
+    return exported
+
+
+def onnx_session(onnx_path: Path, threads: int = 0):
+    """An onnxruntime CPU session (``threads`` 0 = onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RecopsError(f"onnxruntime cannot load {onnx_path}: {exc}; re-export the model") from exc
+
+
+def onnx_probabilities(session, inputs: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
+    names = [i.name for i in session.get_inputs()]
+    n = len(inputs["dense"])
+    parts = [session.run([OUTPUT_NAME], {k: inputs[k][s:s + batch_size] for k in names})[0]
+             for s in range(0, n, batch_size)]
+    return np.concatenate(parts)
+
+
+def _max_diff(torch_p: np.ndarray, onnx_p: np.ndarray, what: str) -> tuple[float, str]:
+    diff = np.abs(torch_p.astype(np.float64) - onnx_p.astype(np.float64)).ravel()
+    bad = np.flatnonzero(~np.isfinite(diff))
+    if bad.size:
+        return float("inf"), f"{what} row {bad[0]} (non-finite output: torch {torch_p.ravel()[bad[0]]}, " \
+                             f"onnx {onnx_p.ravel()[bad[0]]})"
+    row = int(diff.argmax())
+    return float(diff[row]), f"{what} row {row} (torch {torch_p.ravel()[row]:.7g}, onnx {onnx_p.ravel()[row]:.7g})"
+
+
+def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
+                 config: ParityConfig = ParityConfig()) -> ParityReport:
+    """Compare ONNX Runtime on ``exported`` with the checkpoint's TorchRec model; raise ParityError on failure."""
+    from training.dataset import Dataset
+
+    ckpt = _load_checkpoint(exported.checkpoint)
+    reference = load_torchrec(ckpt.trainer, ckpt.model)
+    session = onnx_session(exported.onnx_path)
+    tolerance = config.tolerance or (FP16_TOLERANCE if exported.fp16 else FP32_TOLERANCE)
+    auc_tolerance = config.fp16_auc_tolerance if exported.fp16 else config.auc_tolerance
+    layout = exported.layout
+    random_inputs = layout.random_inputs(config.random_rows, np.random.default_rng(config.seed))
+    random_diff, where = _max_diff(torchrec_probabilities(reference, random_inputs),
+                                   onnx_probabilities(session, random_inputs), "random")
+    eval_diff, auc_t, auc_o, rows_eval = None, None, None, 0
+    if dataset is not None:
+        val = Dataset.open(dataset).split("val")
+        rows_eval = min(len(val), config.eval_rows)
+        inputs = layout.features_inputs(val.dense[:rows_eval], val.sparse[:rows_eval],
+                                        {k: v[:rows_eval] for k, v in val.multi.items()})
+        torch_p, onnx_p = torchrec_probabilities(reference, inputs), onnx_probabilities(session, inputs)
+        eval_diff, eval_where = _max_diff(torch_p, onnx_p, "val")
+        if not eval_diff <= random_diff:
+            where = eval_where
+        labels = np.asarray(val.label[:rows_eval])
+        auc_t, auc_o = auc(labels, torch_p), auc(labels, onnx_p)
+    worst = max(random_diff, eval_diff if eval_diff is not None else 0.0)
+    auc_ok = auc_t is None or abs(auc_t - auc_o) <= auc_tolerance
+    report = ParityReport(worst, where, random_diff, eval_diff, auc_t, auc_o, config.random_rows, rows_eval,
+                          tolerance, auc_tolerance, bool(worst <= tolerance and auc_ok))
+    if not report.passed:
+        raise ParityError(
+            f"parity gate failed for {exported.onnx_path}: max |onnx - torchrec| = {worst:.3g} "
+            f"(tolerance {tolerance:g}) at {where}; val AUC torch {auc_t} vs onnx {auc_o} "
+            f"(tolerance {auc_tolerance:g}); nothing was written to the model repository. Check the export "
+            "(ids in range, same checkpoint) or raise the tolerance for FP16", report)
+    return report
+
+
+def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: str = "cpu",
+            options: ServingOptions | None = None, dataset: Path | str | None = None,
+            parity: ParityConfig = ParityConfig(), version: int | None = None) -> PublishResult:
+    """Gate ``exported`` and add it as a new version of ``name``; a failed gate writes nothing.
+
+    ``options`` None keeps the serving options (and version policy) a deployment recorded for ``name``, else
+    ``DEFAULT_SERVING``, so adding a version never changes which versions the server serves.
+    """
+    from serving.deploy import deploy_lock, recorded_options
+
+    report = check_parity(exported, dataset, parity)
+    write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report), indent=1))
+    with deploy_lock(repo, name):
+        options = options or recorded_options(repo, name) or DEFAULT_SERVING
+        added = repo.add_version(name, exported.onnx_path, target=target, options=options, version=version,
+                                 extra_files=exported.extra_files)
+    return PublishResult(name, added, repo.model_dir(name) / str(added) / ONNX_FILE, report, exported)
+
+
+def export_to_repository(checkpoint_dir: Path | str, repo: ModelRepository | Path | str, name: str,
+                         target: str = "cpu", config: ExportConfig | None = None,
+                         options: ServingOptions | None = None, dataset: Path | str | None = None,
+                         parity: ParityConfig = ParityConfig()) -> PublishResult:
+    """Export ``checkpoint_dir`` into a temp dir, gate it, and add it to ``repo`` as the next version of ``name``."""
+    repo = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
+    config = config or ExportConfig()
+    with tempfile.TemporaryDirectory(prefix="recops-export-") as tmp:
+        exported = export_onnx(checkpoint_dir, tmp, config)
+        result = publish(exported, repo, name, target, options, dataset, parity)
+    final = replace(result.exported, directory=result.onnx_path.parent)
+    return replace(result, exported=final)

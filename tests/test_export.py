@@ -1,0 +1,147 @@
+"""ONNX export of real TorchRec checkpoints: parity gate (random inputs + val split), broken exports refused
+with the repository untouched, multi-hot inputs, external data, FP16, and the `recops export` command."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from serving.export import (EXPORT_FILE, PREPROCESS_FILE, ExportConfig, ParityError, check_parity, export_onnx,
+                            export_to_repository, onnx_probabilities, onnx_session, publish)
+from serving.inference_module import OUTPUT_NAME, load_torchrec, torchrec_probabilities
+from serving.repository import ModelRepository
+from tests.conftest import recops
+from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
+from training import checkpoint
+from training.dataset import Dataset
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones too) with the sha256 of its content."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+    return {family: trained_checkpoint(tiny_dataset.path, family, tmp_path_factory) for family in ("dlrm", "dcn")}
+
+
+@pytest.mark.parametrize("family", ["dlrm", "dcn"])
+def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dataset, tmp_path):
+    repo = ModelRepository(tmp_path / "repo")
+    result = export_to_repository(checkpoints[family], repo, family, dataset=tiny_dataset.path)
+    report = result.parity
+    assert result.version == 1 and result.onnx_path == tmp_path / "repo" / family / "1" / "model.onnx"
+    assert result.exported.exporter == "dynamo"
+    assert report.passed and report.max_abs_diff <= 1e-5 and report.random_max_abs_diff <= 1e-5
+    assert report.rows_random == 4096 and report.rows_eval == len(tiny_dataset.split("val").label) == 2000
+    assert round(report.auc_torch, 4) == round(report.auc_onnx, 4)
+    assert report.auc_torch > 0.5
+
+    graph = onnx.load(str(result.onnx_path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Gather" in ops and not ops & {"Loop", "Scan", "If"}
+    assert [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input] == [
+        ("dense", ["batch", 13]), ("sparse", ["batch", 26])]
+    assert [o.name for o in graph.output] == [OUTPUT_NAME]
+
+    version_dir = result.onnx_path.parent
+    trainer = checkpoint.load(checkpoints[family]).trainer
+    assert json.loads((version_dir / PREPROCESS_FILE).read_text()) == trainer["preprocessor"]
+    meta = json.loads((version_dir / EXPORT_FILE).read_text())
+    assert meta["parity"]["max_abs_diff"] == report.max_abs_diff and meta["layout"]["tables"] == trainer["model"]["tables"]
+
+    # the served preprocessing + ONNX on held-out rows equals the TorchRec model on the same rows
+    test = Dataset.open(tiny_dataset.path).split("test")
+    inputs = {"dense": np.asarray(test.dense[:1]), "sparse": np.asarray(test.sparse[:1])}  # batch of one
+    ckpt = checkpoint.load(checkpoints[family])
+    expected = torchrec_probabilities(load_torchrec(ckpt.trainer, ckpt.model), inputs)
+    got = onnx_probabilities(onnx_session(result.onnx_path), inputs)
+    assert got.shape == (1, 1) and np.abs(got - expected).max() <= 1e-5
+
+
+def test_multi_hot_features_are_padded_inputs_with_masks(tmp_path_factory, tmp_path):
+    data, ckpt = multi_hot_checkpoint(tmp_path_factory)
+    result = export_to_repository(ckpt, tmp_path / "repo", "mh", dataset=data)
+    assert [(s.name, s.dtype, s.shape) for s in result.exported.inputs] == [
+        ("dense", "float32", (-1, 1)), ("sparse", "int64", (-1, 1)),
+        ("multi_tags", "int64", (-1, 3)), ("mask_tags", "float32", (-1, 3))]
+    assert result.parity.max_abs_diff <= 1e-5 and result.parity.rows_eval > 0
+    assert round(result.parity.auc_torch, 4) == round(result.parity.auc_onnx, 4)
+    assert result.parity.auc_torch > 0.6  # the tags carry the label: the multi-hot path is really used
+
+
+def test_perturbed_weight_fails_the_gate_and_leaves_the_repository_untouched(checkpoints, tiny_dataset, tmp_path):
+    repo = ModelRepository(tmp_path / "repo")
+    good = export_to_repository(checkpoints["dlrm"], repo, "m", dataset=tiny_dataset.path)
+    before = tree_digest(repo.root)
+
+    exported = export_onnx(checkpoints["dlrm"], tmp_path / "broken")
+    model = onnx.load(str(exported.onnx_path))
+    bias = max((t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
+               key=lambda t: int(t.name.split(".")[2]))
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values += 1e-3  # one logit shift: every probability moves by ~1e-4
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(exported.onnx_path))
+
+    with pytest.raises(ParityError, match=r"max \|onnx - torchrec\|") as failure:
+        publish(exported, repo, "m", dataset=tiny_dataset.path)
+    report = failure.value.report
+    assert not report.passed and 1e-5 < report.max_abs_diff < 1e-3 and report.where.startswith(("random", "val"))
+    assert "nothing was written" in str(failure.value)
+    assert tree_digest(repo.root) == before and repo.versions("m") == [good.version]
+
+
+def test_external_data_round_trips_into_the_repository(checkpoints, tiny_dataset, tmp_path):
+    exported = export_onnx(checkpoints["dcn"], tmp_path / "export", ExportConfig(external_data=True))
+    data_file = exported.onnx_path.with_name("model.onnx.data")
+    assert exported.external_data and data_file.stat().st_size > 26 * 1000 * 16 * 4
+    assert exported.onnx_path.stat().st_size < 100_000  # the graph only
+    report = check_parity(exported, tiny_dataset.path)
+    assert report.max_abs_diff <= 1e-5
+
+    repo = ModelRepository(tmp_path / "repo")
+    result = publish(exported, repo, "ext")
+    served = result.onnx_path.parent
+    assert (served / "model.onnx.data").read_bytes() == data_file.read_bytes()
+    inputs = exported.layout.random_inputs(257, np.random.default_rng(5))
+    assert np.array_equal(onnx_probabilities(onnx_session(result.onnx_path), inputs),
+                          onnx_probabilities(onnx_session(exported.onnx_path), inputs))
+
+
+def test_fp16_export_keeps_float32_io_within_its_tolerance(checkpoints, tiny_dataset, tmp_path):
+    exported = export_onnx(checkpoints["dlrm"], tmp_path / "fp16", ExportConfig(fp16=True))
+    model = onnx.load(str(exported.onnx_path))
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer}
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64]
+    report = check_parity(exported, tiny_dataset.path)
+    assert report.tolerance == 1e-2 and report.max_abs_diff <= 1e-2
+    assert report.max_abs_diff > 0  # really computed in half precision
+
+
+def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp_path):
+    from ops.registry import LocalRegistry
+
+    registry = LocalRegistry(tmp_path / "registry")
+    registered = registry.register(checkpoints["dcn"], {"auc": 0.5}, {"family": "dcn"}, tiny_dataset.version)
+    proc = recops("export", "--model-version", str(registered.version), "--registry", str(tmp_path / "registry"),
+                  "--name", "ctr", "--repo", str(tmp_path / "repo"), "--data", str(tiny_dataset.path), "--json")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["name"] == "ctr" and out["version"] == 1 and Path(out["onnx_path"]).is_file()
+    assert out["parity_max_abs_diff"] <= 1e-5
+    assert round(out["parity_auc"]["torch"], 4) == round(out["parity_auc"]["onnx"], 4)
+    assert out["inputs"] == [{"name": "dense", "dtype": "float32", "shape": [-1, 13]},
+                             {"name": "sparse", "dtype": "int64", "shape": [-1, 26]}]
+
+    missing = recops("export", "--checkpoint", str(tmp_path / "nope"), "--name", "ctr", "--repo",
+                     str(tmp_path / "repo"), check=False)
+    assert missing.returncode == 2 and "not a checkpoint directory" in missing.stderr
+    assert ModelRepository(tmp_path / "repo").versions("ctr") == [1]
