@@ -146,7 +146,9 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(sparse)
-        stacked = torch.stack([pooled[k] for k in self.keys], dim=1)
+        if pooled.keys() != self.keys:
+            raise RecopsError(f"embedding output keys {pooled.keys()} differ from the model's {self.keys}")
+        stacked = pooled.values().view(-1, len(self.keys), self.config.embedding_dim)  # no per-key copies
         return self.head(dense, stacked)
 
 
