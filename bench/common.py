@@ -153,9 +153,10 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 def write_result(name: str, rows: list[dict[str, Any]], results_dir: Path | None = None, *,
                  baseline: str | None = None, plots: list[dict[str, Any]] | None = None,
                  config: dict[str, Any] | None = None, **extra: Any) -> Path:
-    """Write ``<results_dir>/<name>.json`` with the rows, the hardware label and the date; returns the path."""
+    """Write ``<results_dir>/<name>.json`` with the rows, the hardware label, the date and the 1-minute load
+    average (a busy host slows everything: compare ratios measured in the same run); returns the path."""
     data = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "hardware": hardware(), "baseline": baseline, "config": config or {}, "rows": rows,
+            "hardware": hardware(), "load_avg_1m": round(os.getloadavg()[0], 2), "baseline": baseline, "config": config or {}, "rows": rows,
             "plots": plots or [], **extra}
     return write_json(Path(results_dir or RESULTS_DIR) / f"{name}.json", data)
 
