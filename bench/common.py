@@ -169,7 +169,8 @@ def read_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:
         raise RecopsError(f"benchmark result {path}: unreadable ({exc}); run `recops bench --only {name}`") from exc
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: thousands separators for big floats, 3 significant digits for small ones."""
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return "" if value is None else str(value)
@@ -178,7 +179,7 @@ def _cell(value: Any) -> str:
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """A plain-text table of ``rows`` (columns: the given ones, else every key in first-seen order)."""
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    cells = [[format_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]

@@ -1,0 +1,205 @@
+"""Run the benchmark suite: every benchmark in ``BENCHMARKS`` in its own process, GPU utilisation
+sampled meanwhile (``ops.gpu.gpu_monitor``), then one report (``bench/report.py``).
+
+``python -m bench.suite [--quick] [--only NAME,...] [--results-dir DIR] [--extra NAME="ARGS"]``; the
+same as ``recops bench``. A benchmark that is missing, fails or writes no JSON is recorded as such in
+``suite.json`` and in the report, never skipped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS_DIR, ROOT, hardware, write_json
+from training.errors import RecopsError
+
+SUITE_FILE = "suite.json"
+LOG_TAIL_CHARS = 3000
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A script ``bench/<name>.py`` (``main(argv)``, writes ``<results-dir>/<name>.json``) and the extra
+    arguments that size it for this 2-core, 24 GiB machine."""
+
+    name: str
+    full: tuple[str, ...] = ()
+    quick: tuple[str, ...] = ()
+    timeout_s: float = 1800
+
+    @property
+    def script(self) -> Path:
+        return ROOT / "bench" / f"{self.name}.py"
+
+
+BENCHMARKS = (
+    Benchmark("train_throughput", timeout_s=1200),
+    Benchmark("serve_latency"),
+    Benchmark("sweep_overhead"),
+    Benchmark("drift_speed", full=("--rows", "200000")),
+)
+
+
+@dataclass
+class BenchRun:
+    """What happened to one benchmark: ``status`` is ok, failed, missing or no_result."""
+
+    name: str
+    status: str
+    detail: str = ""
+    exit_code: int | None = None
+    start_s: float = 0.0  # since the suite started
+    seconds: float = 0.0
+    command: list[str] = field(default_factory=list)
+    gpu: dict[str, Any] = field(default_factory=dict)
+    log_tail: str = ""
+
+
+def _select(only: list[str] | None) -> list[Benchmark]:
+    if not only:
+        return list(BENCHMARKS)
+    known = {b.name: b for b in BENCHMARKS}
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise RecopsError(f"bench: unknown benchmark(s) {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in only]
+
+
+def _monitor():
+    """The NVML sampler, or None and why it is unavailable."""
+    try:
+        from ops.gpu import gpu_monitor
+    except ImportError as exc:
+        return None, f"ops.gpu unavailable: {exc}"
+    return gpu_monitor(interval_s=0.5), None
+
+
+def _series(samples, t0: float) -> list[dict[str, Any]]:
+    return [{"t": round(s.ts - t0, 2), "gpu": s.index, "util_pct": s.utilization_pct,
+             "memory_gib": round(s.memory_used_bytes / 2**30, 3)} for s in samples]
+
+
+def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], t0: float) -> tuple[BenchRun, list]:
+    """Run one benchmark in a subprocess under the GPU monitor; returns its record and GPU samples."""
+    cmd = [sys.executable, "-m", f"bench.{bench.name}", "--results-dir", str(results_dir),
+           *(("--quick", *bench.quick) if quick else bench.full), *extra]
+    run = BenchRun(bench.name, "missing", command=cmd[1:], start_s=round(time.time() - t0, 2))
+    if not bench.script.exists():
+        run.detail = f"bench/{bench.name}.py does not exist"
+        return run, []
+    result_file = results_dir / f"{bench.name}.json"
+    before = result_file.stat().st_mtime if result_file.exists() else None
+    monitor, reason = _monitor()
+    start = time.time()
+    if monitor is None:
+        proc = _run(cmd, bench.timeout_s)
+        samples, run.gpu = [], {"available": False, "reason": reason}
+    else:
+        with monitor as m:
+            proc = _run(cmd, bench.timeout_s)
+        samples, run.gpu = _series(m.samples, t0), m.summary()
+    run.seconds = round(time.time() - start, 2)
+    run.exit_code, run.log_tail = proc.returncode, proc.stdout[-LOG_TAIL_CHARS:]
+    fresh = result_file.exists() and result_file.stat().st_mtime != before
+    if proc.returncode != 0:
+        run.status, run.detail = "failed", f"exit {proc.returncode}" + ("" if fresh else ", no result JSON")
+    elif not fresh:
+        run.status, run.detail = "no_result", f"exit 0 but {result_file.name} was not written"
+    else:
+        run.status = "ok"
+    return run, samples
+
+
+def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return subprocess.CompletedProcess(cmd, 124, out + f"\n[suite] killed after {timeout_s:.0f} s", "")
+
+
+def run_suite(results_dir: Path = RESULTS_DIR, quick: bool = False, only: list[str] | None = None,
+              extra: dict[str, list[str]] | None = None, echo: bool = True) -> dict[str, Any]:
+    """Run the selected benchmarks, write ``suite.json`` and the report; returns the suite record."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    runs, series = [], []
+    for bench in _select(only):
+        if echo:
+            print(f"[suite] {bench.name} ...", file=sys.stderr, flush=True)
+        run, samples = run_one(bench, results_dir, quick, (extra or {}).get(bench.name, []), t0)
+        runs.append(run)
+        series += [{**s, "benchmark": bench.name} for s in samples]
+        if echo:
+            print(f"[suite] {bench.name}: {run.status} {run.detail} ({run.seconds:.0f} s)", file=sys.stderr, flush=True)
+    suite = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(), "quick": quick,
+             "runs": [asdict(r) for r in runs], "gpu_series": series}
+    write_json(results_dir / SUITE_FILE, suite)
+    from bench.report import render
+
+    suite["report"] = {k: str(v) for k, v in render(results_dir).items()}
+    return suite
+
+
+def parse_extra(items: list[str]) -> dict[str, list[str]]:
+    """``["train_throughput=--device cuda --rounds 1"]`` -> ``{"train_throughput": ["--device", ...]}``."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, args = item.partition("=")
+        if not sep or not name:
+            raise RecopsError(f"bench: --extra {item!r} must look like NAME=\"ARGS\"")
+        out.setdefault(name, []).extend(shlex.split(args))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="minimal sizes (a smoke run, about a minute)")
+    parser.add_argument("--only", type=lambda s: [n for n in s.split(",") if n], default=None,
+                        help=f"comma-separated subset of: {', '.join(b.name for b in BENCHMARKS)}")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="JSON results, PNG plots and the report")
+    parser.add_argument("--extra", action="append", default=[], metavar='NAME="ARGS"',
+                        help="extra arguments for one benchmark, e.g. train_throughput=\"--device cuda\"")
+    parser.add_argument("--report-only", action="store_true", help="re-render the report from existing JSON")
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Shared by ``python -m bench.suite`` and ``recops bench``: a summary dict; raises if any benchmark failed."""
+    if args.report_only:
+        from bench.report import render
+
+        return {"report": {k: str(v) for k, v in render(args.results_dir).items()}}
+    suite = run_suite(args.results_dir, args.quick, args.only, parse_extra(args.extra))
+    summary = {"results_dir": str(args.results_dir), "report": suite["report"].get("markdown"),
+               "benchmarks": {r["name"]: r["status"] + (f" ({r['detail']})" if r["detail"] else "") for r in suite["runs"]}}
+    bad = [r["name"] for r in suite["runs"] if r["status"] != "ok"]
+    if bad:
+        raise RecopsError(f"{len(bad)} of {len(suite['runs'])} benchmarks did not complete ({', '.join(bad)}); "
+                          f"see {summary['report']}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        summary = run_from_args(parser.parse_args(argv))
+    except RecopsError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

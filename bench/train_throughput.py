@@ -1,0 +1,214 @@
+"""DLRM training throughput: TorchRec (fused in-backward optimizer under DMP) vs plain-PyTorch EmbeddingBags.
+
+Variants, all with the same head (``training.model.DLRMHead``), the same synthetic Criteo-shaped
+batches (26 tables, Zipf-distributed ids) and the same optimizers (embeddings: Adagrad by default;
+MLPs: Adam):
+
+- ``torchrec``: ``training.model.DLRM`` (an ``EmbeddingBagCollection`` fed a KJT), the embedding
+  optimizer fused into the backward (``apply_optimizer_in_backward``) and the model wrapped in
+  ``DistributedModelParallel`` on a world of one: what ``training/train.py`` runs. On CUDA without
+  fbgemm-gpu's CUDA kernels this becomes the unsharded EBC with a regular optimizer (``path`` in the
+  JSON says which ran).
+- ``plain_sparse`` (the baseline): one ``nn.EmbeddingBag(mode="sum", sparse=True)`` per table and a
+  sparse-gradient optimizer, as the reference DLRM implementation (facebookresearch/dlrm) does.
+- ``plain_dense``: the same bags with dense gradients and a dense optimizer.
+
+Each variant runs in its own process (its peak RSS is its own); rounds interleave the variants so
+a busy machine slows them alike; the median over rounds is reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import bench_parser, format_table, run_json_subprocess, write_result
+from training.errors import RecopsError
+
+NAME = "train_throughput"
+# Criteo Kaggle (Display Advertising Challenge) cardinalities of C1..C26.
+CRITEO_KAGGLE_ROWS = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
+                      14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+VARIANTS = ("torchrec", "plain_sparse", "plain_dense")
+BASELINE = "plain_sparse"
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}  # PASSIVE: no spinning threads on a shared host
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """Model shape, data and measurement settings of one run."""
+
+    batch_sizes: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    embedding_dim: int = 64
+    max_rows: int = 1_000_000  # cap on each table's Criteo cardinality (0 = full size)
+    dense_arch: tuple[int, ...] = (512, 256)
+    over_arch: tuple[int, ...] = (512, 256)
+    embedding_optimizer: str = "adagrad"
+    embedding_lr: float = 0.05
+    dense_lr: float = 1e-3
+    zipf_a: float = 1.2
+    warmup_steps: int = 2
+    min_seconds: float = 1.0  # each timed repeat runs at least this long
+    repeats: int = 1  # timed repeats per batch size inside one process
+    rounds: int = 3  # processes per variant, interleaved across variants
+    device: str = "cpu"
+    threads: int = 0
+    tf32: bool = True  # CUDA only: TF32 matmuls
+    seed: int = 0
+
+    def tables(self) -> dict[str, int]:
+        return {f"C{i + 1}": min(rows, self.max_rows) if self.max_rows else rows
+                for i, rows in enumerate(CRITEO_KAGGLE_ROWS)}
+
+    def model_config(self):
+        from training.model import ModelConfig
+
+        return ModelConfig(tables=self.tables(), embedding_dim=self.embedding_dim,
+                           dense_arch=self.dense_arch, over_arch=self.over_arch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ThroughputConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], cfg: ThroughputConfig) -> list[dict[str, Any]]:
+    """One row per (variant, batch size): median samples/s over rounds, peak RSS, ratios vs the baselines."""
+    rates: dict[tuple[str, int], list[float]] = {}
+    for variant, results in runs.items():
+        for result in results:
+            for p in result["points"]:
+                rates.setdefault((variant, p["batch_size"]), []).extend(p["samples_per_s"])
+    rows = []
+    for variant, results in runs.items():
+        if not results:
+            continue
+        for bs in cfg.batch_sizes:
+            values = rates.get((variant, bs), [])
+            if not values:
+                continue
+            med = statistics.median(values)
+            row = {"variant": variant, "batch_size": bs, "samples_per_s": med, "samples_per_s_min": min(values),
+                   "samples_per_s_max": max(values), "measurements": len(values),
+                   "peak_rss_mib": max(r["peak_rss_mib"] for r in results)}
+            if "peak_gpu_mib" in results[0]:
+                row["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in results)
+            for base in ("plain_sparse", "plain_dense"):
+                if rates.get((base, bs)):
+                    row[f"ratio_vs_{base}"] = med / statistics.median(rates[(base, bs)])
+            rows.append(row)
+    return rows
+
+
+def pivot_table(rows: list[dict[str, Any]]) -> str:
+    """samples/s per batch size and variant, with TorchRec's ratios against (b) and (c)."""
+    table = []
+    for bs in sorted({r["batch_size"] for r in rows}):
+        at = {r["variant"]: r for r in rows if r["batch_size"] == bs}
+        line: dict[str, Any] = {"batch": bs}
+        for v in VARIANTS:
+            line[f"{v} /s"] = at[v]["samples_per_s"] if v in at else None
+        tr = at.get("torchrec", {})
+        line["torchrec/(b)"] = tr.get("ratio_vs_plain_sparse")
+        line["torchrec/(c)"] = tr.get("ratio_vs_plain_dense")
+        table.append(line)
+    rss = {"batch": "peak RSS MiB"}
+    for v in VARIANTS:
+        rss[f"{v} /s"] = next((r["peak_rss_mib"] for r in rows if r["variant"] == v), None)
+    return format_table([*table, rss])
+
+
+def run_all(cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float) -> tuple[dict[str, list], dict[str, str]]:
+    """Every variant ``cfg.rounds`` times, each run in a fresh process, rotating the order per round."""
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    errors: dict[str, str] = {}
+    for r in range(cfg.rounds):
+        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            if variant in errors:
+                continue
+            args = ["-m", "bench.dlrm_variants", "--variant", variant, "--config-json", json.dumps(cfg.to_dict())]
+            try:
+                runs[variant].append(run_json_subprocess(args, timeout_s, env=WORKER_ENV))
+            except RecopsError as exc:
+                errors[variant] = str(exc)
+            print(f"round {r + 1}/{cfg.rounds} {variant}: {'failed' if variant in errors else 'done'}", file=sys.stderr, flush=True)
+    return runs, errors
+
+
+def _config_from_args(args) -> ThroughputConfig:
+    if args.quick:
+        return ThroughputConfig(batch_sizes=(64, 256), embedding_dim=8, max_rows=2000, dense_arch=(16,), over_arch=(16,),
+                                warmup_steps=1, min_seconds=0.05, rounds=1, device=args.device, threads=args.threads)
+    default = ThroughputConfig()
+    return ThroughputConfig(
+        batch_sizes=args.batch_sizes or ((4096, 8192, 16384, 32768, 65536) if args.device.startswith("cuda") else default.batch_sizes),
+        embedding_dim=args.embedding_dim, max_rows=args.max_rows, dense_arch=args.dense_arch, over_arch=args.over_arch,
+        embedding_optimizer=args.embedding_optimizer, min_seconds=args.min_seconds, rounds=args.rounds,
+        device=args.device, threads=args.threads, tf32=not args.no_tf32)
+
+
+def _parser():
+    p = bench_parser(__doc__)
+    d = ThroughputConfig()
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch-sizes", type=_ints, default=None, help="e.g. 512,1024 (default: 512..8192 on CPU, 4096..65536 on CUDA)")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--max-rows", type=int, default=d.max_rows, help="cap on each table's Criteo Kaggle cardinality; 0 = full (33.8M rows)")
+    p.add_argument("--dense-arch", type=_ints, default=d.dense_arch)
+    p.add_argument("--over-arch", type=_ints, default=d.over_arch)
+    p.add_argument("--embedding-optimizer", choices=("adagrad", "sgd"), default=d.embedding_optimizer)
+    p.add_argument("--min-seconds", type=float, default=d.min_seconds, help="length of each timed repeat")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="processes per variant (interleaved); median over them")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls")
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per variant process")
+    p.add_argument("--profile", metavar="VARIANT", help="print torch.profiler's top operators for VARIANT instead of benchmarking")
+    p.add_argument("--profile-batch", type=int, default=4096)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = _config_from_args(args)
+    if args.profile:
+        import subprocess
+
+        worker = ["-m", "bench.dlrm_variants", "--variant", args.profile, "--config-json", json.dumps(cfg.to_dict()),
+                  "--profile-batch", str(args.profile_batch)]
+        return subprocess.run([sys.executable, *worker], env={**os.environ, **WORKER_ENV}).returncode
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise RecopsError(f"train_throughput: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    runs, errors = run_all(cfg, variants, args.timeout)
+    rows = summarize(runs, cfg)
+    paths = {v: results[0]["path"] for v, results in runs.items() if results}
+    plots = [{"x": "batch_size", "y": "samples_per_s", "series": "variant", "log_x": True,
+              "title": "DLRM training throughput (samples/s)"}]
+    out = write_result(NAME, rows, args.results_dir, baseline=BASELINE, plots=plots, config=cfg.to_dict(),
+                       variants=paths, errors=errors, device=cfg.device,
+                       runs={v: [{k: r[k] for k in ("points", "peak_rss_mib", "init_s", "threads")} for r in rs]
+                             for v, rs in runs.items()})
+    print(pivot_table(rows) if rows else "no results")
+    for v, msg in errors.items():
+        print(f"{v}: FAILED: {msg}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except RecopsError as exc:
+        print(f"train_throughput: error: {exc}", file=sys.stderr)
+        sys.exit(2)
