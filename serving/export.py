@@ -20,19 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.inference_module import (OUTPUT_NAME, FeatureLayout, InferenceDLRM, InputSpec, load_torchrec,
-                                      torchrec_probabilities)
-from serving.repository import ONNX_FILE, ModelRepository, ServingOptions, WarmupRequest, write_text_atomic
+from serving.deploy import DEFAULT_SERVING, deploy_lock, recorded_options
+from serving.inference_module import InferenceDLRM, load_torchrec, torchrec_probabilities
+from serving.onnx_model import (EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, FeatureLayout, InputSpec,
+                                onnx_probabilities, onnx_session)
+from serving.repository import ONNX_FILE, ModelRepository, ServingOptions, write_text_atomic
 from training import checkpoint as checkpoints
 from training.errors import RecopsError
 from training.metrics import auc
 from training.model import ModelConfig
 
-PREPROCESS_FILE = "preprocess.json"  # the name `recops predict` looks for in a version directory
-EXPORT_FILE = "export.json"
 FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
-DEFAULT_SERVING = ServingOptions(max_batch_size=4096, warmup=(WarmupRequest(batch_size=1, data="zero"),))
 
 
 class ParityError(RecopsError):
@@ -135,17 +134,6 @@ class PublishResult:
                 "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.exported.inputs]}
 
 
-def read_export_metadata(version_dir: Path) -> dict[str, Any] | None:
-    """``export.json`` of an export or version directory, or None if it has none."""
-    path = Path(version_dir) / EXPORT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def layout_from_metadata(meta: dict[str, Any]) -> FeatureLayout:
-    data = meta["layout"]
-    return FeatureLayout(data["num_dense"], dict(data["tables"]), tuple(data["sparse"]), dict(data["multi_hot"]))
-
-
 def _load_checkpoint(path: Path) -> checkpoints.Checkpoint:
     if not (Path(path) / "trainer.json").is_file():
         raise RecopsError(f"{path} is not a checkpoint directory (no trainer.json); pass <run>/checkpoints/best "
@@ -215,26 +203,6 @@ def export_onnx(checkpoint_dir: Path | str, out_dir: Path | str, config: ExportC
     return exported
 
 
-def onnx_session(onnx_path: Path, threads: int = 0):
-    """An onnxruntime CPU session (``threads`` 0 = onnxruntime's default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise RecopsError(f"onnxruntime cannot load {onnx_path}: {exc}; re-export the model") from exc
-
-
-def onnx_probabilities(session, inputs: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
-    names = [i.name for i in session.get_inputs()]
-    n = len(inputs["dense"])
-    parts = [session.run([OUTPUT_NAME], {k: inputs[k][s:s + batch_size] for k in names})[0]
-             for s in range(0, n, batch_size)]
-    return np.concatenate(parts)
-
-
 def _max_diff(torch_p: np.ndarray, onnx_p: np.ndarray, what: str) -> tuple[float, str]:
     diff = np.abs(torch_p.astype(np.float64) - onnx_p.astype(np.float64)).ravel()
     bad = np.flatnonzero(~np.isfinite(diff))
@@ -292,8 +260,6 @@ def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: s
     ``options`` None keeps the serving options (and version policy) a deployment recorded for ``name``, else
     ``DEFAULT_SERVING``, so adding a version never changes which versions the server serves.
     """
-    from serving.deploy import deploy_lock, recorded_options
-
     report = check_parity(exported, dataset, parity)
     write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report), indent=1))
     with deploy_lock(repo, name):

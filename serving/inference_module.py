@@ -1,18 +1,11 @@
 """The exportable twin of ``training.model.DLRM``: plain tensor inputs, stacked-table gathers, the trained head.
 
-Input contract (shared with ``serving.client.features_to_inputs``), B = batch:
-
-- ``dense``  float32 [B, num_dense]
-- ``sparse`` int64 [B, S]: one id per categorical feature, in ``ModelConfig.tables`` order
-- per multi-hot feature ``<f>``: ``multi_<f>`` int64 [B, L] ids (-1 = padding) and ``mask_<f>`` float32 [B, L]
-
-Output ``probability`` float32 [B, 1]. All embedding tables are one concatenated matrix; a feature's ids are
-shifted by its row offset and looked up with one ``Gather`` (no EmbeddingBag, no jagged tensors, no Loop).
-Ids must lie in [0, table rows), as ``training.preprocess.Preprocessor`` guarantees.
+Inputs and output follow the contract in ``serving.onnx_model``. All embedding tables are one concatenated
+matrix; a feature's ids are shifted by its row offset and looked up with one ``Gather`` (no EmbeddingBag,
+no jagged tensors, no Loop). Ids must lie in [0, table rows), as ``training.preprocess.Preprocessor`` guarantees.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,69 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.onnx_model import FeatureLayout
 from training.errors import RecopsError
 from training.model import DLRM, DLRMHead, ModelConfig, to_kjt
 
-OUTPUT_NAME = "probability"
 TABLE_PREFIX = "ebc.embedding_bags.t_"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: name, numpy dtype name, shape (-1 = dynamic batch)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class FeatureLayout:
-    """Which tables are one-hot (the ``sparse`` columns) and which multi-hot (with their padded length)."""
-
-    num_dense: int
-    tables: dict[str, int]  # feature -> rows, in model order
-    sparse: tuple[str, ...]
-    multi_hot: dict[str, int]  # feature -> max ids per row
-
-    @classmethod
-    def from_trainer(cls, trainer: dict[str, Any]) -> FeatureLayout:
-        """From a checkpoint's trainer.json ("model" config + "preprocessor" spec); checks the table order."""
-        config = ModelConfig.from_dict(trainer["model"])
-        spec = trainer["preprocessor"]["spec"]
-        layout = cls(config.num_dense, dict(config.tables), tuple(spec["sparse"]),
-                     {k: int(v) for k, v in spec.get("multi_hot", {}).items()})
-        expected = [*layout.sparse, *layout.multi_hot]
-        if list(layout.tables) != expected:
-            raise RecopsError(f"checkpoint tables {list(layout.tables)} are not in the preprocessor's feature order "
-                              f"{expected} (categorical then multi-hot); re-train with the dataset's table_sizes")
-        return layout
-
-    def input_specs(self) -> tuple[InputSpec, ...]:
-        specs = [InputSpec("dense", "float32", (-1, self.num_dense)), InputSpec("sparse", "int64", (-1, len(self.sparse)))]
-        for name, length in self.multi_hot.items():
-            specs += [InputSpec(f"multi_{name}", "int64", (-1, length)), InputSpec(f"mask_{name}", "float32", (-1, length))]
-        return tuple(specs)
-
-    def random_inputs(self, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Valid random inputs: dense like log1p counts, ids inside each table, multi-hot rows of 0..L ids."""
-        inputs = {"dense": rng.exponential(1.5, (rows, self.num_dense)).astype(np.float32),
-                  "sparse": np.stack([rng.integers(0, self.tables[f], rows) for f in self.sparse], axis=1)
-                  if self.sparse else np.zeros((rows, 0), np.int64)}
-        for name, length in self.multi_hot.items():
-            ids = rng.integers(0, self.tables[name], (rows, length))
-            keep = np.arange(length)[None, :] < rng.integers(0, length + 1, (rows, 1))
-            inputs[f"multi_{name}"] = np.where(keep, ids, -1).astype(np.int64)
-            inputs[f"mask_{name}"] = keep.astype(np.float32)
-        return inputs
-
-    def features_inputs(self, dense: np.ndarray, sparse: np.ndarray, multi: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Model inputs from ``Features``-style arrays (multi-hot ids -1 padded)."""
-        inputs = {"dense": np.ascontiguousarray(dense, np.float32), "sparse": np.ascontiguousarray(sparse, np.int64)}
-        for name in self.multi_hot:
-            ids = np.ascontiguousarray(multi[name], np.int64)
-            inputs[f"multi_{name}"], inputs[f"mask_{name}"] = ids, (ids >= 0).astype(np.float32)
-        return inputs
 
 
 def head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-from serving.export import (EXPORT_FILE, PREPROCESS_FILE, ExportConfig, ParityError, check_parity, export_onnx,
-                            export_to_repository, onnx_probabilities, onnx_session, publish)
-from serving.inference_module import OUTPUT_NAME, load_torchrec, torchrec_probabilities
+from serving.export import ExportConfig, ParityError, check_parity, export_onnx, export_to_repository, publish
+from serving.inference_module import load_torchrec, torchrec_probabilities
+from serving.onnx_model import EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, onnx_probabilities, onnx_session
 from serving.repository import ModelRepository
 from tests.conftest import recops
 from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
@@ -80,10 +80,10 @@ def test_multi_hot_features_are_padded_inputs_with_masks(tmp_path_factory, tmp_p
 
 def test_perturbed_weight_fails_the_gate_and_leaves_the_repository_untouched(checkpoints, tiny_dataset, tmp_path):
     repo = ModelRepository(tmp_path / "repo")
-    good = export_to_repository(checkpoints["dlrm"], repo, "m", dataset=tiny_dataset.path)
+    exported = export_onnx(checkpoints["dlrm"], tmp_path / "export")
+    good = publish(exported, repo, "m", dataset=tiny_dataset.path)
     before = tree_digest(repo.root)
 
-    exported = export_onnx(checkpoints["dlrm"], tmp_path / "broken")
     model = onnx.load(str(exported.onnx_path))
     bias = max((t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
                key=lambda t: int(t.name.split(".")[2]))

@@ -1,0 +1,52 @@
+"""`recops deploy`: put a model version into production (or a canary), promote or roll back, on a running server."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ops.cli.common import add_json_flag
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("deploy", help="deploy, canary, promote or roll back a served model version")
+    parser.add_argument("--name", required=True, help="served model name")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--version", type=int, metavar="V", help="repository version to deploy")
+    action.add_argument("--promote", action="store_true", help="make the canary production")
+    action.add_argument("--rollback", action="store_true",
+                        help="drop the canary, or without one bring back the previous production version")
+    action.add_argument("--status", action="store_true", help="show the deployment record only")
+    parser.add_argument("--canary", type=float, default=None, metavar="F",
+                        help="with --version: serve it to this share of traffic (0..1) beside production")
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
+                        help="model repository (default: triton_models/ at the repo root)")
+    parser.add_argument("--url", default=None, help="HTTP URL of the server (default: --repo's running server)")
+    parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
+                        help="serving target (default: the one the model's config.pbtxt uses)")
+    parser.add_argument("--drain", type=float, default=1.0, metavar="S",
+                        help="seconds between pointing routers at a new production version and unloading the old one")
+    add_json_flag(parser)
+    parser.set_defaults(func=deploy)
+
+
+def deploy(args: argparse.Namespace) -> dict[str, Any]:
+    from serving.deploy import DeployConfig, Deployer, read_deploy_state
+    from serving.repository import ModelRepository
+    from serving.server import DEFAULT_REPO, TritonServer
+    from training.errors import RecopsError
+
+    repo = ModelRepository(args.repo or DEFAULT_REPO)
+    if args.canary is not None and args.version is None:
+        raise RecopsError("--canary F needs --version V (the version to run as a canary)")
+    if args.status:
+        return {"name": args.name, **read_deploy_state(repo, args.name).summary()}
+    server = TritonServer.attach(args.url) if args.url else TritonServer.from_state(repo.root)
+    deployer = Deployer(server, repo, args.name, DeployConfig(target=args.target, drain_s=args.drain))
+    if args.promote:
+        state = deployer.promote()
+    elif args.rollback:
+        state = deployer.rollback()
+    else:
+        state = deployer.deploy(args.version, canary=args.canary)
+    return {"name": args.name, **state.summary()}

@@ -1,0 +1,233 @@
+"""Deployments on a real Triton server: HTTP/gRPC parity with local ONNX Runtime, metadata, hot reload under
+load with zero failed requests, canary routing, promote/rollback, refused corrupt and NaN versions, and the
+`recops deploy` command. One server and one trained checkpoint for the whole module."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.client import Predictor
+from serving.deploy import (DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state,
+                            recorded_options)
+from serving.export import ExportConfig, export_onnx, publish
+from serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
+                                read_export_metadata)
+from serving.repository import ModelRepository
+from serving.server import ServerConfig, TritonServer, triton_processes
+from tests.conftest import recops
+from tests.model_fixtures import nan_head_checkpoint, trained_checkpoint
+from training.preprocess import Preprocessor
+from training.readers import read_frame
+
+NAME = "ctr"
+FAST = DeployConfig(drain_s=0.5, warmup_requests=1)
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_dataset, tmp_path_factory) -> ModelRepository:
+    """Versions 1 (dlrm), 2 (dcn), 3 (dlrm again), all gated."""
+    repo = ModelRepository(tmp_path_factory.mktemp("deploy-repo"))
+    for i, family in enumerate(("dlrm", "dcn", "dlrm")):
+        exported = export_onnx(trained_checkpoint(tiny_dataset.path, family, tmp_path_factory),
+                               tmp_path_factory.mktemp(f"export-{i}"))
+        publish(exported, repo, NAME)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    # Strict readiness would report the whole server unready for good once any version failed to load
+    # (and briefly during every unload), so a refused deploy would take a healthy server out of rotation.
+    server = TritonServer(ServerConfig(repo=repo.root, extra_args=("--strict-readiness=false",))).start()
+    pid = server.pid
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert triton_processes(pid) == [], "server or python-backend stub left running"
+
+
+@pytest.fixture(scope="module")
+def deployer(server, repo) -> Deployer:
+    deployer = Deployer(server, repo, NAME, FAST)
+    assert deployer.deploy(1).production == 1
+    return deployer
+
+
+def probe(repo: ModelRepository, version: int, rows: int, seed: int = 1) -> dict[str, np.ndarray]:
+    meta = read_export_metadata(repo.model_dir(NAME) / str(version))
+    return FeatureLayout.from_dict(meta["layout"]).random_inputs(rows, np.random.default_rng(seed))
+
+
+def local_scores(repo: ModelRepository, version: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    return onnx_probabilities(onnx_session(repo.model_dir(NAME) / str(version) / "model.onnx"), inputs)
+
+
+def ready_versions(server: TritonServer) -> list[int]:
+    return sorted(int(m["version"]) for m in server.models() if m["name"] == NAME and m.get("state") == "READY")
+
+
+def assert_production_answers(server: TritonServer, repo: ModelRepository) -> None:
+    state = read_deploy_state(repo, NAME)
+    inputs = probe(repo, state.production, 16)
+    with Router(server.http_url, repo, NAME) as router:
+        routed = router.predict(inputs, key="anyone")
+    assert routed.version == state.production and routed.arm == "production"
+    assert np.abs(routed.scores - local_scores(repo, state.production, inputs)).max() <= 1e-5
+    assert ready_versions(server) == sorted(state.loaded)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_scores_equal_local_onnxruntime(protocol, deployer, server, repo):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    inputs = probe(repo, 1, 700)
+    with Predictor(url, NAME, protocol=protocol, batch_size=256) as predictor:
+        result = predictor.predict(inputs, model_version=1)
+        metadata = predictor.metadata()
+    assert result.model_versions == ("1", "1", "1")  # 700 rows in three requests
+    assert np.abs(result.outputs["probability"] - local_scores(repo, 1, inputs)).max() <= 1e-5
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]] == [
+        ("dense", "FP32", [-1, 13]), ("sparse", "INT64", [-1, 26])]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["outputs"]] == [
+        ("probability", "FP32", [-1, 1])]
+
+
+def test_raw_rows_with_the_exported_preprocessor(deployer, server, repo, synth_dir):
+    version_dir = repo.model_dir(NAME) / "1"
+    preprocessor = Preprocessor.from_dict(json.loads((version_dir / PREPROCESS_FILE).read_text()))
+    frame = read_frame(synth_dir / "data.tsv", preprocessor.spec).head(50)
+    with Predictor(server.grpc_url, NAME, protocol="grpc", preprocess=preprocessor.transform) as predictor:
+        served = predictor.predict_frame(frame, model_version=1)
+    features = preprocessor.transform(frame)
+    expected = local_scores(repo, 1, {"dense": features.dense, "sparse": features.sparse})
+    assert served.shape == (50, 1) and np.abs(served - expected).max() <= 1e-5
+
+
+def test_canary_split_is_deterministic_per_key():
+    keys = [f"user-{i}" for i in range(10_000)]
+    share = sum(in_canary(k, 0.2) for k in keys) / len(keys)
+    assert 0.18 < share < 0.22
+    assert [in_canary(k, 0.2) for k in keys[:100]] == [in_canary(k, 0.2) for k in keys[:100]]
+    assert not any(in_canary(k, 0.0) for k in keys) and all(in_canary(k, 1.0) for k in keys)
+
+
+def test_hot_reload_under_load_fails_no_request(deployer, server, repo):
+    """4 threads send keyed requests while two versions are deployed, one as a canary, then promoted."""
+    stop, failures, served = threading.Event(), [], Counter()
+    deadline = time.monotonic() + 15.0
+
+    def client(worker: int) -> None:
+        inputs = probe(repo, 1, 8, seed=worker)
+        with Router(server.http_url, repo, NAME, timeout_s=30) as router:
+            sent = 0
+            while not stop.is_set() and time.monotonic() < deadline and sent < 5000:
+                sent += 1
+                try:
+                    routed = router.predict(inputs, key=f"w{worker}-r{sent}")
+                    assert routed.scores.shape == (8, 1) and np.isfinite(routed.scores).all()
+                    served[(routed.version, routed.arm)] += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        assert deployer.deploy(2).production == 2
+        canary = deployer.deploy(3, canary=0.5)
+        assert (canary.production, canary.canary, canary.status) == (2, 3, "canary")
+        time.sleep(0.5)
+        promoted = deployer.promote()
+        assert (promoted.production, promoted.canary, promoted.previous) == (3, None, 2)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert {(1, "production"), (2, "production"), (3, "canary"), (3, "production")} <= set(served)
+    assert not {arm for (version, arm) in served if version != 3} - {"production"}
+    assert ready_versions(server) == [3]
+
+
+def test_rollback_drops_a_canary_then_restores_the_previous_production(deployer, server, repo):
+    state = deployer.state()
+    old = state.production
+    candidate = next(v for v in repo.versions(NAME) if v != old and v in (1, 2, 3))
+    assert deployer.deploy(candidate, canary=0.3).canary == candidate
+    dropped = deployer.rollback()
+    assert (dropped.production, dropped.canary, dropped.status) == (old, None, "serving")
+    assert_production_answers(server, repo)
+
+    assert deployer.deploy(candidate).production == candidate
+    restored = deployer.rollback()
+    assert (restored.production, restored.previous) == (old, candidate)
+    assert_production_answers(server, repo)
+
+
+def _hand_written_version(repo: ModelRepository, source: int) -> tuple[int, Path]:
+    """A copy of version ``source`` as a new version directory (bypassing export and its gate)."""
+    version = repo.versions(NAME)[-1] + 1
+    target = repo.model_dir(NAME) / str(version)
+    shutil.copytree(repo.model_dir(NAME) / str(source), target)
+    return version, target
+
+
+def test_unreadable_onnx_is_refused_and_production_keeps_serving(deployer, server, repo):
+    before = deployer.state().production
+    version, folder = _hand_written_version(repo, before)
+    (folder / "model.onnx").write_bytes(b"\x08\x07this is not a protobuf")
+    with pytest.raises(DeployError, match=f"version {version} refused and rolled back: .*not a readable ONNX"):
+        deployer.deploy(version)
+    state = deployer.state()
+    assert (state.production, state.canary, state.status) == (before, None, "rolled_back")
+    assert state.history[-1]["action"] == "rejected" and state.history[-1]["version"] == version
+    assert_production_answers(server, repo)
+
+
+def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tiny_dataset, tmp_path_factory):
+    """External weights truncated: the graph reads fine, onnxruntime in the server cannot load it."""
+    before = deployer.state().production
+    exported = export_onnx(trained_checkpoint(tiny_dataset.path, "dlrm", tmp_path_factory),
+                           tmp_path_factory.mktemp("export-ext"), ExportConfig(external_data=True))
+    version = publish(exported, repo, NAME).version
+    data = repo.model_dir(NAME) / str(version) / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(DeployError, match=f"version {version} refused and rolled back: load '{NAME}'"):
+        deployer.deploy(version, canary=0.5)
+    assert deployer.state().production == before and deployer.state().canary is None
+    assert_production_answers(server, repo)
+
+
+def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, repo, tiny_dataset, tmp_path_factory):
+    before = deployer.state().production
+    good = trained_checkpoint(tiny_dataset.path, "dlrm", tmp_path_factory)
+    broken = nan_head_checkpoint(good, tmp_path_factory.mktemp("nan") / "ckpt")
+    exported = export_onnx(broken, tmp_path_factory.mktemp("export-nan"))  # no gate: test-only path
+    version = repo.add_version(NAME, exported.onnx_path, extra_files=exported.extra_files,
+                               options=recorded_options(repo, NAME))
+    with pytest.raises(DeployError, match="non-finite"):
+        deployer.deploy(version)
+    assert deployer.state().production == before
+    assert_production_answers(server, repo)
+
+
+def test_deploy_command(deployer, server, repo):
+    state = deployer.state()
+    candidate = next(v for v in (1, 2, 3) if v != state.production)
+    common = ["--name", NAME, "--repo", str(repo.root), "--url", server.http_url, "--drain", "0.2", "--json"]
+    out = json.loads(recops("deploy", "--version", str(candidate), "--canary", "0.25", *common).stdout.splitlines()[-1])
+    assert (out["production_version"], out["canary_version"], out["status"]) == (state.production, candidate, "canary")
+    out = json.loads(recops("deploy", "--promote", *common).stdout.splitlines()[-1])
+    assert (out["production_version"], out["canary_version"], out["status"]) == (candidate, None, "serving")
+    assert_production_answers(server, repo)
+    missing = recops("deploy", "--version", "99", *common, check=False)
+    assert missing.returncode == 2 and "has no version 99" in missing.stderr
