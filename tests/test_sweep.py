@@ -1,0 +1,210 @@
+"""Ray Tune sweeps on a real local Ray: config errors before Ray starts, GPU requests failing fast, a 4-trial
+ASHA sweep interrupted and resumed that registers its best model, and a killed worker resuming from its
+checkpoint. Every test that starts Ray checks that no process of its Ray session is left."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ops.cli import main as cli_main
+from ops.registry import LocalRegistry
+from training import checkpoint
+from training.dataset import ingest
+from training.errors import RecopsError
+from training.spec import PreprocessConfig
+from training.sweep import run_sweep
+from training.sweep_config import load_sweep_config
+from training.synth import SynthConfig, write
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"embedding_dim": 8, "dense_arch": [16], "over_arch": [16]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sweep-data")
+    write(SynthConfig(rows=8000, seed=3), root / "raw")
+    return ingest([root / "raw" / "data.tsv"], root / "versions", config=PreprocessConfig(table_size=500)).path
+
+
+def ray_processes(ray_tmp: Path) -> list[str]:
+    """Processes (other than this one) started under this test's RAY_TMPDIR: Ray passes its env to all of them."""
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100].decode(errors="replace")
+                found.append(f"{proc.name}: {command}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def ray_env(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Ray settings for tests; afterwards no process of this Ray session may remain."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rsw-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    for key, value in {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled", "RAY_COLOR_PREFIX": "0",
+                       "RAY_AIR_NEW_OUTPUT": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_USAGE_STATS_ENABLED": "0", "CI": "1"}.items():
+        monkeypatch.setenv(key, value)
+    yield ray_tmp
+    deadline = time.monotonic() + 30
+    while ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = ray_processes(ray_tmp)
+    assert not left, f"Ray processes left behind: {left}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def sweep_yaml(path: Path, data: Path | dict, **overrides: Any) -> Path:
+    config = {"name": "t", "dataset": data if isinstance(data, dict) else str(data), "model": dict(TINY_MODEL), "train": {"batch_size": 256},
+              "search": {"embedding_lr": {"loguniform": [0.01, 0.2]}}, "epochs": 2, "num_samples": 1,
+              "scheduler": "fifo", "storage_path": str(path.parent / "sweeps"), **overrides}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def events(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir / "work" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def only_experiment(storage: Path) -> Path:
+    found = list(storage.iterdir()) if storage.exists() else []
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_sample": 4}, "unknown key(s) ['num_sample'] in top level"),
+    ({"search": {"learning_rate": {"uniform": [0.1, 0.2]}}}, "unknown key(s) ['learning_rate'] in search"),
+    ({"search": {"embedding_lr": {"lognormal": [0.1, 0.2]}}}, "unknown distribution 'lognormal'"),
+    ({"search": {"embedding_lr": {"loguniform": [0.1, 0.01]}}}, "needs low < high"),
+    ({"search": {"embedding_lr": 0.1}}, "must be one distribution"),
+    ({"search": {"dcn_low_rank": {"uniform": [4, 16]}}}, "dcn_low_rank must be integer"),
+    ({"search": {"embedding_dim": {"choice": [8]}}}, "both fixed (model:/train:) and searched"),
+    ({"search": {"family": {"choice": ["dlrm", "wide"]}}}, "family 'wide' is not one of"),
+    ({"resources": {"workers_per_trial": 64}}, "this machine has"),
+    ({"resources": {"workers_per_trial": 2}, "train": {"batch_size": 255}}, "not divisible by workers_per_trial 2"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler type 'pbt'"),
+])
+def test_bad_config_is_rejected_with_the_key_named(tmp_path: Path, dataset: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(RecopsError) as err:
+        load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, **overrides))
+    assert message in str(err.value)
+
+
+def test_missing_dataset_version_fails_in_cli_before_ray_starts(tmp_path: Path, dataset: Path, ray_env: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    config = sweep_yaml(tmp_path / "s.yaml", {"root": str(dataset.parent), "version": "0123abcd"})
+    assert cli_main(["sweep", "--config", str(config), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset version '0123abcd' does not exist" in err and dataset.name in err  # names the versions there
+    assert not list(ray_env.iterdir()) and not (tmp_path / "sweeps").exists()  # no Ray session, no experiment
+
+
+def test_gpu_request_on_cpu_machine_fails_fast(tmp_path: Path, dataset: Path, ray_env: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    config = sweep_yaml(tmp_path / "s.yaml", dataset, resources={"gpus_per_worker": 1})
+    assert cli_main(["sweep", "--config", str(config), "--registry", str(tmp_path / "reg")]) == 2
+    err = capsys.readouterr().err
+    assert "asks for 1 GPU" in err and "has 0" in err and "gpus_per_worker: 0" in err
+    assert not (tmp_path / "sweeps").exists()  # failed before the experiment (or any trial) started
+
+
+def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, dataset: Path, ray_env: Path) -> None:
+    config = sweep_yaml(tmp_path / "s.yaml", dataset, num_samples=4, max_concurrent_trials=2,
+                        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                        search={"embedding_lr": {"loguniform": [0.005, 0.3]}, "family": {"choice": ["dlrm", "dcn"]}})
+    registry = tmp_path / "reg"
+    cli = [sys.executable, "-m", "ops.cli", "sweep", "--registry", str(registry), "--json"]
+    first = subprocess.Popen([*cli, "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:  # a 3rd trial starts only once one of 2 ended
+            trials = list((tmp_path / "sweeps").glob("*/trials/*"))
+            if sum(bool(events(t)) for t in trials) >= 3:
+                break
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=180)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err[-2000:]
+    experiment = only_experiment(tmp_path / "sweeps")
+    assert f"recops sweep --resume {experiment}" in err
+    interrupted = json.loads((experiment / "sweep_summary.json").read_text())
+    assert interrupted["status"] == "interrupted"
+    done = [t["trial_id"] for t in interrupted["ranking"] if t["status"] in ("finished", "stopped", "early_stopped")]
+    assert done, interrupted["ranking"]
+    before = {t: events(experiment / "trials" / t) for t in done}
+
+    resumed = subprocess.run([*cli, "--resume", str(experiment)], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert (out["status"], out["num_trials"], out["num_errors"], out["experiment_dir"]) == ("completed", 4, 0, str(experiment))
+    for trial_id, old in before.items():  # finished trials were not run again
+        assert events(experiment / "trials" / trial_id) == old
+
+    records = {p.parent.name: json.loads(p.read_text()) for p in experiment.glob("trials/*/trial_record.json")}
+    assert len(records) == 4 and {r["status"] for r in records.values()} <= {"finished", "stopped", "early_stopped"}
+    best_id = max(records, key=lambda t: records[t]["best"]["auc"])
+    best = records[best_id]
+    assert out["best_trial"] == best_id and out["best_auc"] == best["best"]["auc"]
+    assert [h["epoch"] for h in best["history"]] == list(range(1, len(best["history"]) + 1))
+    assert best["dataset"]["version"] == dataset.name and set(best["params"]) == {"embedding_lr", "family"}
+    env = best["environment"]
+    assert env["libraries"]["torch"].startswith("2.13") and env["libraries"]["ray"] == "2.60.0"
+    assert env["code"]["git_sha"] and env["hardware"]["cpu_count"] == os.cpu_count()
+
+    version = LocalRegistry(registry).get_by_alias("candidate")
+    assert version.version == out["model_version"] == 1
+    assert (version.lineage.sweep_id, version.lineage.trial_id) == (experiment.name, best_id)
+    assert version.dataset_version == dataset.name and version.metrics["auc"] == out["best_auc"]
+    assert version.params["searched"] == best["params"] and version.lineage.libraries["torchrec"]
+    restored = checkpoint.load(version.checkpoint)
+    assert restored.trainer["metrics"]["auc"] == out["best_auc"] and restored.trainer["model"]["family"] == best["params"]["family"]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path, ray_env: Path) -> None:
+    config = load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, epochs=4, max_failures=1,
+                                          resources={"workers_per_trial": 2, "cpus_per_worker": 1}))
+    killed: list[int] = []
+
+    def kill_after_first_epoch() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            for trial in (tmp_path / "sweeps").glob("*/trials/*"):
+                epochs = [e for e in events(trial) if e["event"] == "epoch"]
+                if epochs:
+                    os.kill(epochs[0]["pid"], signal.SIGKILL)  # rank 0, right after Train took epoch 1's checkpoint
+                    killed.append(epochs[0]["pid"])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
+    killer.start()
+    result = run_sweep(config)
+    killer.join(timeout=1)
+    assert killed and result.status == "completed" and result.num_errors == 0
+    (trial,) = result.trials
+    assert trial.status == "finished" and [h["epoch"] for h in trial.history] == [1, 2, 3, 4]
+    first, second = trial.attempts
+    assert first["pid"] == killed[0] != second["pid"] and first["world_size"] == second["world_size"] == 2
+    assert second["resumed_at_epoch"] >= 1  # restarted from a checkpoint, not from scratch
+    assert result.best_checkpoint and checkpoint.load(result.best_checkpoint).trainer["world_size"] == 2

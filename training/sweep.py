@@ -1,0 +1,532 @@
+"""Ray Tune sweeps of sharded TorchRec training.
+
+Each trial is a Tune function trainable that runs a Ray Train ``TorchTrainer``: its workers form a
+torch.distributed group and run ``training.train.run_worker``, the same DMP training as
+``recops train --nproc``. Every epoch reports auc/logloss/samples_per_s and a checkpoint through
+Train; ``TuneReportCallback`` forwards the metrics so ASHA can stop a trial early. Fault tolerance:
+
+* a killed worker: Train restarts the worker group from the last reported checkpoint (copied into
+  the trial's work dir, where ``run_worker`` resumes from), up to ``max_failures`` times;
+* a failed trial: Tune restarts it, and its TorchTrainer finds its own run snapshot in
+  ``trials/<id>/train`` and resumes from the same checkpoint;
+* an interrupted sweep (SIGINT/SIGTERM): Tune saves its state; ``resume_sweep`` restores it and
+  reruns only unfinished trials.
+
+Experiment directory layout (``<storage_path>/<sweep id>/``)::
+
+    sweep_config.json            the resolved SweepConfig (what --resume reads)
+    sweep_summary.json           ranking, best trial, status, driver environment
+    tune/                        Ray Tune's experiment state and per-trial results
+    trials/<trial id>/work/      run_worker's out_dir: checkpoints/{latest,best}, events.jsonl, environment.json
+    trials/<trial id>/train/     Ray Train's persisted checkpoints (checkpoint_*/, best and latest kept)
+    trials/<trial id>/trial_record.json
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from training.environment import Environment, capture
+from training.errors import RecopsError
+from training.sweep_config import SweepConfig
+
+TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
+LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+DRIVER_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a sweep needs; pickled into the Tune trainable."""
+
+    config: SweepConfig
+    experiment_dir: Path
+    warm_start: Path | None = None  # checkpoint the trials start from (a registered model's)
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.experiment_dir / "trials" / trial_id
+
+    def work_dir(self, trial_id: str) -> Path:
+        return self.trial_dir(trial_id) / "work"
+
+
+@dataclass
+class TrialSummary:
+    """One trial as the sweep ended: its params, per-epoch history and best checkpoint."""
+
+    trial_id: str
+    status: str  # finished | early_stopped | stopped (by the scheduler) | error | unfinished
+    params: dict[str, Any]
+    history: list[dict[str, Any]]
+    best: dict[str, Any]  # metrics of the best epoch ({} if none)
+    best_checkpoint: str | None
+    attempts: list[dict[str, Any]]  # one per worker-group start: pid, time, resumed_at_epoch, world_size
+    wall_s: float
+    error: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, metric: str, mode: str) -> float:
+        """The best epoch's metric, oriented so larger is better (-inf without one)."""
+        value = self.best.get(metric)
+        if value is None or not math.isfinite(value):
+            return -math.inf
+        return value if mode == "max" else -value
+
+
+@dataclass
+class SweepResult:
+    """What ``run_sweep``/``resume_sweep`` return; ``trials`` is ranked best first."""
+
+    sweep_id: str
+    experiment_dir: Path
+    status: str  # completed | interrupted | time_limit
+    config: SweepConfig
+    trials: list[TrialSummary]
+    max_concurrent_trials: int
+    wall_s: float
+    environment: Environment
+
+    @property
+    def best(self) -> TrialSummary | None:
+        ranked = [t for t in self.trials if t.best_checkpoint and t.score(self.config.metric, self.config.mode) > -math.inf]
+        return ranked[0] if ranked else None
+
+    @property
+    def num_errors(self) -> int:
+        return sum(t.status == "error" for t in self.trials)
+
+    @property
+    def best_trial(self) -> str | None:
+        return self.best.trial_id if self.best else None
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        return Path(self.best.best_checkpoint) if self.best and self.best.best_checkpoint else None
+
+    @property
+    def best_metrics(self) -> dict[str, Any]:
+        return dict(self.best.best) if self.best else {}
+
+    @property
+    def best_params(self) -> dict[str, Any]:
+        """The best trial's complete model and train settings (fixed + sampled)."""
+        if not self.best:
+            return {}
+        model, train = self.config.configs(self.best.params)
+        return {"model": {k: v for k, v in model.to_dict().items() if k != "tables"}, "train": train.to_dict(),
+                "searched": self.best.params}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sweep_id": self.sweep_id, "experiment_dir": str(self.experiment_dir), "status": self.status,
+            "metric": self.config.metric, "mode": self.config.mode, "dataset": self.config.dataset.to_dict(),
+            "num_trials": len(self.trials), "num_errors": self.num_errors, "best_trial": self.best_trial,
+            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "best_metrics": self.best_metrics, "best_params": self.best_params,
+            "max_concurrent_trials": self.max_concurrent_trials, "wall_s": self.wall_s,
+            "environment": self.environment.to_dict(), "config": self.config.to_dict(),
+            "ranking": [{"trial_id": t.trial_id, "status": t.status, "epochs": len(t.history),
+                         self.config.metric: t.best.get(self.config.metric), "params": t.params} for t in self.trials],
+        }
+
+
+# ----------------------------------------------------------------------------------------------- trial side
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _log_event(work: Path, event: str, **fields: Any) -> None:
+    """Append one line to the trial's events.jsonl: "trial" (Tune started the trial), "start" (rank 0 began training,
+    once per worker-group attempt) and "epoch" (after Train holds that epoch's checkpoint)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "events.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with a copy of ``src`` (copy beside it, then swap)."""
+    tmp = dst.parent / f".{dst.name}.copy-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _seed_warm_start(parent: Path, latest: Path) -> None:
+    """A 'latest' checkpoint holding ``parent``'s weights and optimizer state at epoch 0, so run_worker starts from it."""
+    _copy_dir(parent, latest)
+    trainer = json.loads((latest / "trainer.json").read_text())
+    trainer.update(epoch=-1, best_auc=-1.0, stale=0, history=[], warm_start_from=str(parent))
+    (latest / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    sums = {name: hashlib.sha256((latest / name).read_bytes()).hexdigest() for name in ("model.pt", "optim.pt", "trainer.json")}
+    (latest / "files.json").write_text(json.dumps(sums))
+
+
+def _prepare_work_dir(work: Path, restored: Any, warm_start: Path | None) -> int:
+    """Make ``work/checkpoints/latest`` the checkpoint Train restored (or none); returns the epoch training resumes at."""
+    checkpoints = work / "checkpoints"
+    if restored is None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir(parents=True)
+        if warm_start is not None:
+            _seed_warm_start(warm_start, checkpoints / "latest")
+        return 0
+    with restored.as_directory() as src:
+        _copy_dir(Path(src), checkpoints / "latest")
+    if not (checkpoints / "best" / "files.json").exists():
+        _copy_dir(checkpoints / "latest", checkpoints / "best")
+    return json.loads((checkpoints / "latest" / "trainer.json").read_text())["epoch"] + 1
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker: restore, then the sharded DMP training of ``recops train``."""
+    import ray.train
+    import torch.distributed as dist
+
+    from training.train import run_worker
+
+    plan: TrialPlan = loop_config["plan"]
+    work = plan.work_dir(loop_config["trial_id"])
+    model, train = plan.config.configs(loop_config["params"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if train.device == "cuda":
+        import ray.train.torch
+
+        os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)  # what pick_device reads
+    restored = ray.train.get_checkpoint()
+    if rank == 0:
+        resumed_at = _prepare_work_dir(work, restored, plan.warm_start)
+        _write_json(work / "environment.json", capture().to_dict())
+        _log_event(work, "start", resumed_at_epoch=resumed_at, world_size=context.get_world_size())
+    dist.barrier()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            _log_event(work, "epoch", epoch=metrics["epoch"], auc=metrics["auc"], logloss=metrics["logloss"])
+
+    run_worker(plan.config.dataset.path, model, train, work, report=report, resume=True)
+
+
+def _trial(params: dict[str, Any], plan: TrialPlan) -> None:
+    """One Tune trial: a TorchTrainer whose run lives in ``trials/<id>/train`` (so a restarted trial resumes it)."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    _log_event(plan.work_dir(trial_id), "trial")
+    config, resources = plan.config, plan.config.resources
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}
+    TorchTrainer(
+        _train_loop,
+        train_loop_config={"plan": plan, "params": params, "trial_id": trial_id},
+        scaling_config=ScalingConfig(num_workers=resources.workers_per_trial, use_gpu=bool(resources.gpus_per_worker),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name="train", storage_path=str(plan.trial_dir(trial_id)), callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=config.metric,
+                                               checkpoint_score_order=config.mode),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    ).fit()
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+
+def fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(fmt_value(v) for v in value) + "]"
+    return str(value)
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def ranking_table(result: SweepResult) -> str:
+    """The final ranked table: best trial first."""
+    metric = result.config.metric
+    rows = [["rank", "trial", "status", "epochs", metric, "logloss" if metric == "auc" else "auc", "params"]]
+    other = rows[0][5]
+    for i, t in enumerate(result.trials, 1):
+        params = " ".join(f"{k}={fmt_value(v)}" for k, v in t.params.items())
+        rows.append([str(i), t.trial_id, t.status, str(len(t.history)), fmt_value(t.best.get(metric, "-")),
+                     fmt_value(t.best.get(other, "-")), params])
+    return format_table(rows)
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Start a local Ray sized to this machine (or attach to ``address``) and always shut it down."""
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        raise RecopsError("a Ray session is already running in this process; run the sweep in a fresh process")
+    made_tmp = None
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    else:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+        if "RAY_TMPDIR" not in os.environ:  # short (socket paths are limited) and ours to remove
+            made_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="recops-ray-")
+        # One CPU beyond the machine's for the trial drivers (TRIAL_DRIVER_CPU each), so N one-CPU trials fit N cores.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, object_store_memory=100 * 1024**2,
+                 log_to_driver=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if made_tmp:
+            del os.environ["RAY_TMPDIR"]
+            shutil.rmtree(made_tmp, ignore_errors=True)
+
+
+def _capacity(config: SweepConfig, address: str | None) -> int:
+    """How many trials the Ray cluster holds at once; RecopsError if it cannot hold one (instead of pending forever)."""
+    import ray
+
+    res = config.resources
+    total = ray.cluster_resources()
+    where = f"the Ray cluster at {address}" if address else "the local Ray (this machine)"
+    gpus = total.get("GPU", 0.0)
+    if res.gpus > gpus:
+        raise RecopsError(
+            f"sweep resources: each trial asks for {res.gpus:g} GPU (workers_per_trial {res.workers_per_trial} x "
+            f"gpus_per_worker {res.gpus_per_worker:g}) but {where} has {gpus:g}; set resources.gpus_per_worker: 0 to train "
+            "on CPU, or pass --address of a cluster with GPUs"
+        )
+    cpus = total.get("CPU", 0.0) - (0 if address else 1)  # the local extra CPU is the trial drivers'
+    if res.cpus > cpus:
+        raise RecopsError(f"sweep resources: each trial asks for {res.cpus:g} CPUs but {where} has {cpus:g}; "
+                          "lower workers_per_trial or cpus_per_worker")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= res.cpus_per_worker and n.get("GPU", 0) >= res.gpus_per_worker for n in nodes):
+        raise RecopsError(f"sweep resources: no node of {where} has {res.cpus_per_worker:g} CPU and "
+                          f"{res.gpus_per_worker:g} GPU for one worker; lower cpus_per_worker/gpus_per_worker")
+    fits = math.floor(cpus / res.cpus + 1e-9)
+    if res.gpus:
+        fits = min(fits, math.floor(gpus / res.gpus + 1e-9))
+    return max(1, fits)
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """Tune stops gracefully (saving its state) on SIGINT; give SIGTERM the same meaning while it runs."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from training.sweep_progress import LiveTable
+
+    config = plan.config
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})
+    tune_dir = plan.experiment_dir / "tune"
+    if restore:
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    sched = config.scheduler
+    # stop_last_trials=False: a trial reaching the last epoch ends by itself instead of being killed mid-wrap-up.
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=config.epochs, grace_period=sched.grace_period,
+                               reduction_factor=sched.reduction_factor, stop_last_trials=False)
+                 if sched.type == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space={name: dist.to_tune() for name, dist in config.search.items()},
+        tune_config=tune.TuneConfig(
+            metric=config.metric, mode=config.mode, scheduler=scheduler, num_samples=config.num_samples,
+            time_budget_s=config.time_limit_s or None, trial_dirname_creator=_trial_dirname,
+            search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=max_concurrent),
+        ),
+        run_config=tune.RunConfig(
+            name=tune_dir.name, storage_path=str(plan.experiment_dir), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures), callbacks=[LiveTable(config.metric)],
+        ),
+    )
+
+
+def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult:
+    config = plan.config
+    start = time.time()
+    with _ray_session(address):
+        max_concurrent = min(config.max_concurrent_trials or math.inf, _capacity(config, address))
+        if not restore:  # only once the cluster can hold a trial
+            plan.experiment_dir.mkdir(parents=True)
+            _write_json(plan.experiment_dir / "sweep_config.json",
+                        {"config": config.to_dict(), "warm_start": str(plan.warm_start) if plan.warm_start else None})
+        tuner = _tuner(plan, int(max_concurrent), restore)
+        with _sigterm_as_sigint():
+            tuner.fit()
+    return _collect(plan, int(max_concurrent), time.time() - start)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_checkpoints(trial_dir: Path) -> list[dict[str, Any]]:
+    """Complete checkpoints Ray Train kept for a trial, as their trainer.json plus "path"."""
+    found = []
+    for files in sorted((trial_dir / "train").glob("checkpoint_*/files.json")):
+        trainer = json.loads((files.parent / "trainer.json").read_text())
+        found.append({**trainer, "path": str(files.parent)})
+    return found
+
+
+def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
+    config = plan.config
+    trial_dir, work = plan.trial_dir(trial.trial_id), plan.work_dir(trial.trial_id)
+    checkpoints = _train_checkpoints(trial_dir)
+    newest = max(checkpoints, key=lambda c: c["epoch"], default=None)
+    sign = 1 if config.mode == "max" else -1
+    best = max(checkpoints, key=lambda c: sign * c["metrics"][config.metric], default=None)
+    events = _read_jsonl(work / "events.jsonl")
+    starts = [e for e in events if e["event"] == "start"]
+    history = newest["history"] if newest else []
+    if trial.status == "ERROR":
+        status = "error"
+    elif trial.status in UNFINISHED:
+        status = "unfinished"
+    elif newest and newest["epoch"] + 1 >= config.epochs:
+        status = "finished"
+    else:
+        status = "early_stopped" if newest and newest["stale"] >= newest["train"]["patience"] else "stopped"
+    error = None
+    if status == "error":
+        error_file = Path(trial.path) / "error.txt" if getattr(trial, "path", None) else None
+        error = error_file.read_text().strip().splitlines()[-1] if error_file and error_file.exists() else "trial failed"
+    env_file = work / "environment.json"
+    return TrialSummary(
+        trial_id=trial.trial_id, status=status, params=dict(trial.config or {}), history=history,
+        best=dict(best["metrics"]) if best else {}, best_checkpoint=best["path"] if best else None,
+        attempts=starts, wall_s=round(events[-1]["time"] - events[0]["time"], 3) if events else 0.0,
+        error=error, environment=json.loads(env_file.read_text()) if env_file.exists() else {},
+    )
+
+
+def _collect(plan: TrialPlan, max_concurrent: int, wall_s: float) -> SweepResult:
+    """Read the finished experiment from disk, write each trial_record.json and sweep_summary.json."""
+    from ray.tune import ExperimentAnalysis
+
+    config = plan.config
+    trials = ExperimentAnalysis(str(plan.experiment_dir / "tune")).trials
+    summaries = [_summarize(plan, t) for t in trials]
+    summaries.sort(key=lambda s: s.score(config.metric, config.mode), reverse=True)
+    unfinished = any(t.status in UNFINISHED for t in trials)
+    limit_hit = config.time_limit_s and wall_s >= config.time_limit_s
+    status = ("time_limit" if limit_hit else "interrupted") if unfinished else "completed"
+    result = SweepResult(sweep_id=plan.experiment_dir.name, experiment_dir=plan.experiment_dir, status=status,
+                         config=config, trials=summaries, max_concurrent_trials=max_concurrent, wall_s=round(wall_s, 3),
+                         environment=capture())
+    for s in summaries:
+        record = {**asdict(s), "sweep_id": result.sweep_id, "dataset": config.dataset.to_dict(), "metric": config.metric,
+                  "epochs_planned": config.epochs, "warm_start": config.warm_start}
+        _write_json(plan.trial_dir(s.trial_id) / "trial_record.json", record)
+    _write_json(plan.experiment_dir / "sweep_summary.json", result.to_dict())
+    return result
+
+
+def _check_warm_start(config: SweepConfig, warm_start: Path | None) -> Path | None:
+    if config.warm_start is None:
+        return None
+    if warm_start is None or not (Path(warm_start) / "trainer.json").is_file():
+        raise RecopsError(f"sweep config: warm_start {config.warm_start} needs that model's checkpoint directory")
+    parent = json.loads((Path(warm_start) / "trainer.json").read_text())["model"]
+    searched = sorted(set(config.search) & set(parent))
+    if searched:
+        raise RecopsError(f"sweep config: warm_start fixes the architecture to model {config.warm_start}'s; "
+                          f"remove {searched} from search:")
+    model, _ = config.configs({})
+    mine = {k: v for k, v in model.to_dict().items() if k != "tables"}
+    theirs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in parent.items() if k != "tables"}
+    diff = sorted(k for k, v in mine.items() if (list(v) if isinstance(v, tuple) else v) != theirs.get(k))
+    tables = json.loads((config.dataset.path / "manifest.json").read_text())["table_sizes"]
+    if diff or parent.get("tables") != tables:
+        what = f"model settings {diff}" if diff else "embedding table sizes (different dataset preprocessing)"
+        raise RecopsError(f"sweep config: warm_start model {config.warm_start} differs in {what}; match its architecture")
+    return Path(warm_start).resolve()
+
+
+def run_sweep(config: SweepConfig, address: str | None = None, warm_start: Path | None = None) -> SweepResult:
+    """Run a new sweep in ``<storage_path>/<name>-<timestamp>/``; a local Ray unless ``address`` names a cluster.
+
+    ``warm_start`` is the checkpoint directory of ``config.warm_start`` (the caller resolves registry versions).
+    """
+    parent = _check_warm_start(config, warm_start)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    experiment_dir = config.storage_path / f"{config.name}-{stamp}"
+    suffix = 1
+    while experiment_dir.exists():
+        suffix += 1
+        experiment_dir = config.storage_path / f"{config.name}-{stamp}-{suffix}"
+    return _execute(TrialPlan(config, experiment_dir, parent), address, restore=False)
+
+
+def load_experiment(experiment_dir: str | Path, local: bool = True) -> TrialPlan:
+    """The plan of an existing experiment directory (RecopsError if it is not one)."""
+    experiment_dir = Path(experiment_dir).expanduser().resolve()
+    saved = experiment_dir / "sweep_config.json"
+    if not saved.is_file():
+        raise RecopsError(f"{experiment_dir} is not a sweep experiment directory (no sweep_config.json); "
+                          "pass the directory `recops sweep` printed as experiment_dir")
+    data = json.loads(saved.read_text())
+    config = replace(SweepConfig.from_dict(data["config"], local=local), storage_path=experiment_dir.parent)
+    return TrialPlan(config, experiment_dir, Path(data["warm_start"]) if data["warm_start"] else None)
+
+
+def resume_sweep(experiment_dir: str | Path, address: str | None = None) -> SweepResult:
+    """Continue an interrupted sweep: finished trials are kept, unfinished and errored ones resume from their checkpoints."""
+    plan = load_experiment(experiment_dir, local=address is None)
+    from ray.tune import Tuner
+
+    if not Tuner.can_restore(str(plan.experiment_dir / "tune")):
+        raise RecopsError(f"{plan.experiment_dir}: no Tune state to resume (the sweep never started); start it again with --config")
+    return _execute(plan, address, restore=True)
