@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -49,9 +49,12 @@ from ops.policy import Observation, PolicyConfig, PolicyState, RetrainPolicy
 from ops.stream import read_truth, read_window, window_path
 from training.errors import RecopsError
 from training.metrics import auc
-from training.train import TrainConfig
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
 
 STATE_FILE = "state.json"
+CONFIG_FILE = "loop_config.json"  # the configuration of the latest start (read by `recops monitor`)
 EVENTS_FILE = "events.jsonl"
 DECISIONS_FILE = "decisions.jsonl"
 EVENT_KINDS = ("window", "drift_detected", "retrain_started", "retrain_finished", "validation_passed",
@@ -86,6 +89,12 @@ class CanaryConfig:
     drain_s: float = 1.0
 
 
+def _train_config(**kwargs: Any) -> TrainConfig:
+    from training.train import TrainConfig  # torch: imported only when a loop is configured
+
+    return TrainConfig(**kwargs)
+
+
 @dataclass(frozen=True)
 class RetrainConfig:
     """How a triggered retraining trains.
@@ -98,7 +107,7 @@ class RetrainConfig:
 
     use_sweep: bool = False
     sweep_config: Path | None = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=512))
+    train: TrainConfig = field(default_factory=lambda: _train_config(epochs=2, batch_size=512))
     warm_start: bool = True
     min_windows: int = 2
     max_windows: int = 8
@@ -224,6 +233,7 @@ class Loop:
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_dir / CONFIG_FILE, loop_config_dict(config))
         from ops.registry import LocalRegistry
         from serving.repository import ModelRepository
 
@@ -282,7 +292,7 @@ class Loop:
     def _production_ref(self, start_ts: float) -> ModelRef:
         """The model the deployment record calls production, traced to its checkpoint and dataset."""
         from serving.deploy import read_deploy_state
-        from serving.export import read_export_metadata
+        from serving.onnx_model import read_export_metadata
 
         name = self.config.model_name
         production = read_deploy_state(self.repo, name).production
@@ -324,9 +334,10 @@ class Loop:
             return self._abandon(self.state.step, exc)
 
     def run(self, max_windows: int | None = None, follow: bool = False, poll_s: float = 1.0,
-            stop_after: str | None = None) -> LoopState:
+            stop_after: str | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> LoopState:
         """Step until the stream has no next window (or ``max_windows`` were processed, or an event of kind
-        ``stop_after`` was committed); ``follow`` waits for new windows instead of returning."""
+        ``stop_after`` was committed); ``follow`` waits for new windows instead of returning. ``on_event``
+        sees every committed event."""
         processed = 0
         while True:
             if self.state.step in WINDOW_STEPS:
@@ -339,6 +350,8 @@ class Loop:
                     continue
                 processed += 1
             events = self.step()
+            for event in events if on_event else ():
+                on_event(event)
             if stop_after and any(e["kind"] == stop_after for e in events):
                 break
         return self.state
@@ -360,7 +373,9 @@ class Loop:
             return f"; rolling the canary back ALSO failed: {exc}"
 
     # ---- windows -----------------------------------------------------------------------------
-    def _spec(self):
+    @property
+    def spec(self):
+        """The raw-data schema (the production dataset's)."""
         from training.spec import ColumnSpec
 
         if "spec" not in self._cache:
@@ -370,7 +385,7 @@ class Loop:
 
     def _window_step(self) -> list[dict[str, Any]]:
         index = self.state.next_window
-        frame = read_window(self.config.stream_dir, index, self._spec())
+        frame = read_window(self.config.stream_dir, index, self.spec)
         if frame is None:
             return []
         try:
@@ -396,7 +411,7 @@ class Loop:
         from ops.drift import detect_drift
         from ops.online import OnlineConfig, log_feedback, log_predictions, read_online
 
-        spec, ts = self._spec(), self.window_ts(index)
+        spec, ts = self.spec, self.window_ts(index)
         ids = np.array([f"w{index:05d}-{row:06d}" for row in range(len(frame))])
         features = frame.drop(columns=[spec.label])
         labels = frame[spec.label].to_numpy()
@@ -460,7 +475,7 @@ class Loop:
     def _predictor(self, version: int):
         """A client whose preprocessing is the one shipped with ``version`` (its preprocess.json)."""
         from serving.client import Predictor
-        from serving.export import PREPROCESS_FILE
+        from serving.onnx_model import PREPROCESS_FILE
         from training.preprocess import Preprocessor
 
         key = f"predictor-{version}"
@@ -562,7 +577,7 @@ class Loop:
         production = self.state.production
         manifest = json.loads((Path(production.dataset) / "manifest.json").read_text())
         files = [self.state_dir / self.state.data_files[str(w)] for w in candidate["windows"]]
-        dataset = ingest(files, self.config.datasets, spec=self._spec(),
+        dataset = ingest(files, self.config.datasets, spec=self.spec,
                          config=PreprocessConfig.from_dict(manifest["preprocess"]))
         run_dir = Path(candidate["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -661,8 +676,8 @@ class Loop:
 
         candidate = self.state.candidate
         try:
-            report = validate_candidate(self._exported(), candidate["dataset"], self._production_version_dir(),
-                                        self.config.gate)
+            report = validate_candidate(self._exported(), candidate["dataset"], self._production_version_dir() / "model.onnx",
+                                        self._production_trainer(), self.config.gate)
         except ParityError as exc:
             report = {"passed": False, "failures": [f"ONNX parity: {exc}"], "parity": exc.report.to_dict()}
         candidate["validation"] = report
@@ -796,22 +811,23 @@ def compare_arms(windows: list[dict[str, Any]], production: str, canary: str, co
     return {**figures, "promote": not failures, "failures": failures, "reason": reason}
 
 
-def validate_candidate(exported, dataset_dir: str | Path, production_dir: Path, gate: GateConfig) -> dict[str, Any]:
+def validate_candidate(exported, dataset_dir: str | Path, production_onnx: Path, production_trainer: dict[str, Any],
+                       gate: GateConfig) -> dict[str, Any]:
     """The validation gate on the holdout of the candidate's NEW dataset: ONNX parity of ``exported``
-    (``serving.export.ExportedModel``), finite scores, AUC and slice AUC vs the production version in
-    ``production_dir``. Raises ``serving.export.ParityError`` when the export does not reproduce the checkpoint.
+    (``serving.export.ExportedModel``), finite scores, AUC and slice AUC vs the served production ONNX
+    (``production_trainer``: its checkpoint's trainer.json). Raises ``serving.export.ParityError`` when the
+    export does not reproduce the checkpoint.
     """
-    from serving.export import check_parity, layout_from_metadata, onnx_probabilities, onnx_session, read_export_metadata
+    from serving.export import check_parity
+    from serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session
     from training.dataset import Dataset
     from training.metrics import logloss
 
     dataset = Dataset.open(dataset_dir)
     parity = check_parity(exported, dataset.path)
-    meta = read_export_metadata(production_dir)
-    if meta is None or json.loads((production_dir / "preprocess.json").read_text()) != \
-            json.loads((dataset.path / "preprocessor.json").read_text()):
-        raise RecopsError(f"production {production_dir} has no export.json or other preprocessing than the new "
-                          "dataset; the gate compares both models on the same processed holdout")
+    if production_trainer["preprocessor"] != json.loads((dataset.path / "preprocessor.json").read_text()):
+        raise RecopsError(f"the production model's preprocessing differs from the new dataset {dataset.path}'s; "
+                          "the gate compares both models on the same processed holdout")
     holdout = dataset.split("test")
     n = min(len(holdout), gate.holdout_rows)
     labels = np.asarray(holdout.label[:n])
@@ -821,7 +837,7 @@ def validate_candidate(exported, dataset_dir: str | Path, production_dir: Path, 
         return onnx_probabilities(onnx_session(onnx_path, threads=1), inputs).ravel().astype(np.float64)
 
     cand = scores(exported.onnx_path, exported.layout)
-    prod = scores(production_dir / "model.onnx", layout_from_metadata(meta))
+    prod = scores(production_onnx, FeatureLayout.from_trainer(production_trainer))
     failures = []
     if not np.isfinite(cand).all():
         failures.append(f"{int((~np.isfinite(cand)).sum())} non-finite candidate scores on the holdout")

@@ -78,22 +78,44 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def write_synthetic_stream(config: StreamConfig, stream_dir: Path, start: int = 0) -> list[Path]:
-    """Write windows ``start .. config.windows - 1`` (existing ones are kept) and return all window paths."""
-    from training.synth import SynthConfig, generate, to_table
+def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]:
+    """Write the stream's missing windows and return all window paths.
+
+    The windows before ``drift_at`` and those from it on are sampled as two runs of the generator
+    (one world set-up each) and cut into windows.
+    """
+    from training.synth import SynthConfig, generate
 
     stream_dir = Path(stream_dir)
     stream_dir.mkdir(parents=True, exist_ok=True)
-    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    for index in range(start, config.windows):
-        if window_path(stream_dir, index).is_file():
+    paths = [window_path(stream_dir, i) for i in range(config.windows)]
+    drift_at = min(max(config.drift_at, 0), config.windows)
+    for first, end, drifted in ((0, drift_at, False), (drift_at, config.windows, True)):
+        if all(p.is_file() for p in paths[first:end]):
             continue
-        drifted = index >= config.drift_at
-        data = generate(SynthConfig(rows=config.rows, seed=config.seed + index, world_seed=config.world_seed,
+        data = generate(SynthConfig(rows=(end - first) * config.rows, seed=config.seed + first,
+                                    world_seed=config.world_seed,
                                     covariate_drift=config.covariate_drift if drifted else 0.0,
                                     concept_drift=config.concept_drift if drifted else 0.0,
                                     drift_features=config.drift_features))
-        with open(truth_path(stream_dir, index), "wb") as fh:
-            np.save(fh, data.truth)
-        _atomic(window_path(stream_dir, index), lambda tmp: pacsv.write_csv(to_table(data), tmp, write_options=options))
-    return [window_path(stream_dir, i) for i in range(config.windows)]
+        for index in range(first, end):
+            if not paths[index].is_file():
+                part = slice((index - first) * config.rows, (index - first + 1) * config.rows)
+                _write_window(stream_dir, index, data, part)
+    return paths
+
+
+def _write_window(stream_dir: Path, index: int, data, part: slice) -> None:
+    """One window of generated rows (and their planted probabilities), each file appearing whole."""
+    from training.synth import SynthData, to_table
+
+    rows = SynthData(dense=data.dense[part], ranks=data.ranks[part], vocab=data.vocab, label=data.label[part],
+                     truth=data.truth[part])
+    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+
+    def save_truth(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, rows.truth)
+
+    _atomic(truth_path(stream_dir, index), save_truth)
+    _atomic(window_path(stream_dir, index), lambda tmp: pacsv.write_csv(to_table(rows), tmp, write_options=options))

@@ -1,0 +1,277 @@
+"""The whole recops story on synthetic data, in a few minutes on a laptop.
+
+synthetic data -> ingest -> Ray Tune sweep (or one training run) -> registry -> ONNX export behind the
+parity gate -> a local Triton server -> version 1 in production -> windows of synthetic traffic scored
+through Triton, with feedback from the planted labels -> drift injected midway -> detection ->
+retraining -> validation gate -> canary -> promotion -> an HTML report. The server (and Ray) are
+always stopped at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig
+from ops.policy import PolicyConfig
+from ops.stream import StreamConfig
+from training.errors import RecopsError
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "ctr"
+MARKER = ".recops-demo"
+RUN_TOKEN = "RECOPS_DEMO_RUN"  # a workdir holding this file is the demo's own and may be wiped
+DEMO_SWEEP: dict[str, Any] = {  # used when configs/sweep_demo.yaml is missing
+    "name": "demo",
+    "model": {"embedding_dim": 8, "dense_arch": [32, 16], "over_arch": [64, 32]},
+    "train": {"batch_size": 512},
+    "search": {"embedding_lr": {"choice": [0.03, 0.1]}},
+    "epochs": 2, "num_samples": 2, "metric": "auc",
+    "scheduler": {"type": "fifo"},
+    "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    "max_failures": 0,
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's data sizes, drift and training choices."""
+
+    workdir: Path = Path("runs/demo")
+    rows: int = 20_000  # initial training data
+    table_size: int = 1000
+    stream: StreamConfig = StreamConfig(windows=8, rows=4000, seed=1000, drift_at=3, covariate_drift=0.5,
+                                        concept_drift=0.5)
+    use_sweep: bool = True
+    sweep_config: Path = ROOT / "configs" / "sweep_demo.yaml"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rows < 2000:
+            raise RecopsError(f"demo: --rows {self.rows} is too few to train on; use at least 2000")
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """An empty demo directory: created, or wiped if a previous demo made it; never someone else's files."""
+    workdir = Path(workdir).resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).is_file():
+            raise RecopsError(f"demo workdir {workdir} is not empty and was not made by the demo; pass an empty or new "
+                              "--workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by `recops demo`; deleted by the next demo run in this directory\n")
+    return workdir
+
+
+class Demo:
+    """Runs the story step by step; ``say`` prints the human timeline."""
+
+    def __init__(self, config: DemoConfig, say: Callable[[str], None] = print):
+        self.config, self.say = config, say
+        self.workdir = prepare_workdir(config.workdir)
+        self.started = time.time()
+        self.timings: dict[str, float] = {}
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.time()
+        result = fn()
+        self.timings[name] = round(time.time() - start, 1)
+        return result
+
+    def log(self, message: str) -> None:
+        self.say(f"[{time.time() - self.started:6.1f}s] {message}")
+
+    # ---- the first model -----------------------------------------------------------------------
+    def dataset(self):
+        from training.dataset import ingest
+        from training.spec import PreprocessConfig
+        from training.synth import SynthConfig, write
+
+        summary = write(SynthConfig(rows=self.config.rows, seed=self.config.seed,
+                                    world_seed=self.config.stream.world_seed), self.workdir / "synth")
+        dataset = ingest([self.workdir / "synth" / "data.tsv"], self.workdir / "datasets",
+                         config=PreprocessConfig(table_size=self.config.table_size))
+        self.log(f"data: {self.config.rows} synthetic rows (oracle AUC {summary['oracle_auc']:.4f}) -> dataset "
+                 f"{dataset.version} ({dataset.manifest['rows']})")
+        return dataset
+
+    def first_model(self, dataset, registry):
+        """Sweep (Ray Tune) or one training run; registered, returns the ModelVersion."""
+        if self.config.use_sweep:
+            return self._sweep(dataset, registry)
+        from ops.registry import Lineage
+        from training.model import ModelConfig
+        from training.train import TrainConfig, fit
+
+        model = DEMO_SWEEP["model"]
+        arch = ModelConfig(embedding_dim=model["embedding_dim"], dense_arch=tuple(model["dense_arch"]),
+                           over_arch=tuple(model["over_arch"]))
+        result = fit(dataset.path, arch, TrainConfig(epochs=2, batch_size=512), self.workdir / "train")
+        best = max(result.history, key=lambda h: h["val_auc"])
+        version = registry.register(Path(result.checkpoint), {"val_auc": best["val_auc"], "val_logloss": best["val_logloss"],
+                                                              "auc": result.auc}, {"model": arch.to_dict()},
+                                    dataset.version, Lineage())
+        self.log(f"train: one run (sweep disabled), test AUC {result.auc:.4f} -> registry v{version.version}")
+        return version
+
+    def _sweep(self, dataset, registry):
+        import yaml
+
+        from ops.experiments import register_best
+        from training.sweep import run_sweep
+        from training.sweep_config import SweepConfig
+
+        source = self.config.sweep_config
+        template = yaml.safe_load(source.read_text()) if source.is_file() else DEMO_SWEEP
+        data = {**template, "dataset": str(dataset.path), "storage_path": str(self.workdir / "sweeps")}
+        data.pop("warm_start", None)
+        result = run_sweep(SweepConfig.from_dict(data))
+        if result.best is None:
+            raise RecopsError(f"demo sweep {result.experiment_dir} produced no checkpoint ({result.num_errors} failed "
+                              "trials); see its trial records")
+        version = register_best(result, registry, alias="candidate")
+        self.log(f"sweep: {len(result.trials)} trials ({source.name if source.is_file() else 'built-in demo sweep'}) "
+                 f"in {result.wall_s:.0f}s, best {result.best_trial} val AUC {result.best_metrics.get('val_auc', 0):.4f} "
+                 f"-> registry v{version.version} (alias candidate)")
+        return version
+
+    # ---- the story ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from ops.registry import LocalRegistry
+        from serving.export import export_to_repository
+        from serving.repository import ModelRepository
+        from serving.server import ServerConfig, TritonServer
+
+        registry = LocalRegistry(self.workdir / "registry")
+        dataset = self.timed("data", self.dataset)
+        version = self.timed("train", lambda: self.first_model(dataset, registry))
+        repo = ModelRepository(self.workdir / "triton")
+        published = self.timed("export", lambda: export_to_repository(version.checkpoint, repo, MODEL_NAME,
+                                                                         dataset=dataset.path))
+        self.log(f"export: registry v{version.version} -> ONNX ({published.exported.exporter}), parity max |diff| "
+                 f"{published.parity.max_abs_diff:.2g}, val AUC torch {published.parity.auc_torch:.4f} / onnx "
+                 f"{published.parity.auc_onnx:.4f} -> {MODEL_NAME} version {published.version}")
+        server = TritonServer(ServerConfig(repo=repo.root))
+        try:
+            self.timed("server_start", server.start)
+            self.log(f"triton: {server.http_url} (gRPC {server.grpc_url}, metrics {server.metrics_url})")
+            return self._serve(server, repo, registry, published.version, version.version)
+        finally:
+            if server.pid is not None:
+                server.stop()
+            self.log("triton: stopped")
+
+    def _serve(self, server, repo, registry, repo_version: int, registry_version: int) -> dict[str, Any]:
+        from ops.stream import write_synthetic_stream
+        from serving.deploy import DeployConfig, Deployer
+
+        Deployer(server, repo, MODEL_NAME, DeployConfig(drain_s=0.2)).deploy(repo_version)
+        registry.set_alias(registry_version, "production", reason="demo: first deployment")
+        self.log(f"deploy: {MODEL_NAME} version {repo_version} (registry v{registry_version}) is production")
+        stream = self.config.stream
+        self.timed("stream", lambda: write_synthetic_stream(stream, self.workdir / "stream"))
+        self.log(f"stream: {stream.windows} windows x {stream.rows} rows; from window {stream.drift_at} covariate drift "
+                 f"{stream.covariate_drift} on {', '.join(stream.drift_features)} and concept drift {stream.concept_drift}")
+        loop = Loop(self.loop_config(server))
+        self.timed("loop", lambda: loop.run(on_event=self._print_event))
+        predictions = self.sample_predictions(server, loop)
+        after = loop.state.production.repo_version
+        return {"production_before": repo_version, "production_after": after, "predictions": predictions,
+                "state_dir": str(loop.state_dir), "events": loop.events()}
+
+    def loop_config(self, server) -> LoopConfig:
+        return LoopConfig(
+            state_dir=self.workdir / "loop", stream_dir=self.workdir / "stream", repo=self.workdir / "triton",
+            model_name=MODEL_NAME, server_url=server.http_url, datasets_root=self.workdir / "datasets",
+            registry=self.workdir / "registry", metrics_url=server.metrics_url, window_s=60.0, feedback_delay_s=5.0,
+            policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
+            retrain=RetrainConfig(use_sweep=self.config.use_sweep,
+                                  sweep_config=self.config.sweep_config if self.config.sweep_config.is_file() else None,
+                                  min_windows=2),
+            gate=GateConfig(), canary=CanaryConfig(share=0.5, windows=1, drain_s=0.2))
+
+    def _print_event(self, event: dict[str, Any]) -> None:
+        self.log(f"{event['kind']:<18} {event['reason']}")
+
+    def sample_predictions(self, server, loop: Loop, rows: int = 5) -> list[dict[str, Any]]:
+        """A few rows of the last window scored by the production version through tritonclient (gRPC)."""
+        from ops.stream import read_truth, read_window
+        from serving.client import Predictor
+        from serving.onnx_model import PREPROCESS_FILE
+        from training.preprocess import Preprocessor
+
+        index = loop.state.next_window - 1
+        spec, version = loop.spec, loop.state.production.repo_version
+        frame = read_window(loop.config.stream_dir, index, spec).head(rows)
+        truth = read_truth(loop.config.stream_dir, index)
+        preprocessor = Preprocessor.from_dict(json.loads(
+            (loop.repo.model_dir(MODEL_NAME) / str(version) / PREPROCESS_FILE).read_text()))
+        with Predictor(server.grpc_url, MODEL_NAME, protocol="grpc", preprocess=preprocessor.transform) as predictor:
+            scores = predictor.predict_frame(frame.drop(columns=[spec.label]), model_version=version).ravel()
+        out = [{"row": i, "version": version, "score": round(float(s), 4), "planted": round(float(truth[i]), 4)
+                if truth is not None else None, "clicked": int(frame[spec.label].iloc[i])} for i, s in enumerate(scores)]
+        self.log(f"predictions via tritonclient gRPC, {MODEL_NAME} v{version}, window {index}:")
+        for p in out:
+            self.say(f"          row {p['row']}: score {p['score']:.4f}  planted p {p['planted']}  clicked {p['clicked']}")
+        return out
+
+
+def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo and write its report; returns the JSON contract of ``recops demo --json``.
+
+    Every process the demo starts (Triton server and stubs, Ray, training workers) inherits a token in
+    its environment; ``leftover_processes`` finds any that outlive the demo.
+    """
+    from ops.report import write_report
+
+    token = uuid.uuid4().hex
+    os.environ[RUN_TOKEN] = token
+    try:
+        demo = Demo(config, say)
+        outcome = demo.run()
+    finally:
+        del os.environ[RUN_TOKEN]
+    summary = {"production_before": outcome["production_before"], "production_after": outcome["production_after"],
+               **{f"{k}_s": v for k, v in demo.timings.items()}}
+    report = demo.timed("report", lambda: write_report(Path(outcome["state_dir"]), demo.workdir / "report", summary))
+    leftovers = leftover_processes(token)
+    demo.log(f"report: {report}")
+    demo.log(f"production: version {outcome['production_before']} -> {outcome['production_after']}; "
+             f"{len(leftovers)} processes of the demo left running")
+    events = [{k: e[k] for k in ("t", "kind", "reason", "window", "version") if k in e} for e in outcome["events"]]
+    return {"events": events, "production_before": outcome["production_before"],
+            "production_after": outcome["production_after"], "report": str(report), "workdir": str(demo.workdir),
+            "predictions": outcome["predictions"], "timings_s": {**demo.timings, "total": round(time.time() - demo.started, 1)},
+            "leftover_processes": leftovers}
+
+
+def leftover_processes(token: str) -> list[str]:
+    """Live processes other than this one whose environment carries the demo's run token."""
+    needle = f"{RUN_TOKEN}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if state != "Z":
+            found.append(f"{entry.name} {cmd[:120]}")
+    return found
+
+
+def demo_config(workdir: Path | None = None, rows: int | None = None, use_sweep: bool | None = None) -> DemoConfig:
+    """The embedded defaults with the CLI's overrides."""
+    config = DemoConfig()
+    changes = {k: v for k, v in {"workdir": workdir, "rows": rows, "use_sweep": use_sweep}.items() if v is not None}
+    return replace(config, **changes)
