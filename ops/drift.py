@@ -22,7 +22,7 @@ Categories whose expected count in the smaller sample is below ``min_expected`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,7 +83,7 @@ class DriftReport:
     tests: list[FeatureTest]
     reference_rows: int
     current_rows: int
-    features: tuple[str, ...] = field(default=())
+    features: tuple[str, ...]  # every tested feature, in schema order
 
     @property
     def drifted_features(self) -> list[str]:
