@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -46,14 +47,14 @@ def synthetic_batches(cfg: ThroughputConfig, batch_size: int, count: int, pin: b
 class EmbeddingBagDLRM(nn.Module):
     """The plain-PyTorch DLRM: one ``nn.EmbeddingBag`` per table feeding the shared ``DLRMHead``."""
 
-    def __init__(self, config: ModelConfig, sparse_grad: bool):
+    def __init__(self, config: ModelConfig, sparse_grad: bool, device: torch.device | str = "cpu"):
         super().__init__()
-        self.bags = nn.ModuleList(nn.EmbeddingBag(rows, config.embedding_dim, mode="sum", sparse=sparse_grad)
+        self.bags = nn.ModuleList(nn.EmbeddingBag(rows, config.embedding_dim, mode="sum", sparse=sparse_grad, device=device)
                                   for rows in config.tables.values())
         for bag in self.bags:  # TorchRec's default initialisation, so both variants start alike
             bound = math.sqrt(1.0 / bag.num_embeddings)
             nn.init.uniform_(bag.weight, -bound, bound)
-        self.head = DLRMHead(config)
+        self.head = DLRMHead(config).to(device)
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         by_table = ids.t().contiguous()
@@ -134,7 +135,7 @@ def _torchrec_unsharded(cfg: ThroughputConfig, device) -> tuple[Callable[[Batch]
 def _plain(cfg: ThroughputConfig, device, sparse_grad: bool) -> tuple[Callable[[Batch], Any], str]:
 
 
-    model = EmbeddingBagDLRM(cfg.model_config(), sparse_grad).to(device)
+    model = EmbeddingBagDLRM(cfg.model_config(), sparse_grad, device)
     emb_opt = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer](model.bags.parameters(), lr=cfg.embedding_lr)
     dense_opt = torch.optim.Adam(model.head.parameters(), lr=cfg.dense_lr)
 
@@ -156,9 +157,10 @@ def build_step(variant: str, cfg: ThroughputConfig) -> tuple[Callable[[Batch], A
 
     device = torch.device(cfg.device)
     if variant == "torchrec":
-        if device.type == "cuda" and not _fbgemm_cuda():
-            return _torchrec_unsharded(cfg, device)
-        return _torchrec_dmp(cfg, device)
+        path = cfg.torchrec_path
+        if path == "auto":
+            path = "unsharded" if device.type == "cuda" and not _fbgemm_cuda() else "dmp"
+        return (_torchrec_unsharded if path == "unsharded" else _torchrec_dmp)(cfg, device)
     if variant in ("plain_sparse", "plain_dense"):
         return _plain(cfg, device, sparse_grad=variant == "plain_sparse")
     raise RecopsError(f"train_throughput: unknown variant {variant!r}; choose from {VARIANTS}")
@@ -178,7 +180,7 @@ def run_variant(variant: str, cfg: ThroughputConfig) -> dict[str, Any]:
     step, path = build_step(variant, cfg)
     init_s = time.perf_counter() - start
     sync = torch.cuda.synchronize if cuda else None
-    points = []
+    load_start, points = os.getloadavg()[0], []
     for bs in cfg.batch_sizes:
         batches = synthetic_batches(cfg, bs, count=4, pin=cuda)
         cursor = iter(range(10**12))
@@ -188,10 +190,13 @@ def run_variant(variant: str, cfg: ThroughputConfig) -> dict[str, Any]:
 
         per_step = measure(one, warmup=cfg.warmup_steps, repeats=1, sync=sync).median_s
         steps = max(1, math.ceil(cfg.min_seconds / max(per_step, 1e-6)))
+        cpu_start = time.process_time()
         timing = measure(lambda: [one() for _ in range(steps)], warmup=0, repeats=cfg.repeats, sync=sync)
-        points.append({"batch_size": bs, "steps": steps, "samples_per_s": [steps * bs / t for t in timing.times_s]})
+        cpu_per_step = (time.process_time() - cpu_start) / (steps * cfg.repeats)
+        points.append({"batch_size": bs, "steps": steps, "samples_per_s": [steps * bs / t for t in timing.times_s],
+                       "samples_per_cpu_s": bs / max(cpu_per_step, 1e-9)})
     result = {"variant": variant, "path": path, "init_s": init_s, "points": points, "peak_rss_mib": peak_rss_mib(),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "load_avg_1m": [load_start, os.getloadavg()[0]]}
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()

@@ -34,6 +34,7 @@ class Benchmark:
     full: tuple[str, ...] = ()
     quick: tuple[str, ...] = ()
     timeout_s: float = 1800
+    gpu_only: bool = False  # skipped (and reported so) where no GPU is visible
 
     @property
     def script(self) -> Path:
@@ -45,12 +46,15 @@ BENCHMARKS = (
     Benchmark("serve_latency"),
     Benchmark("sweep_overhead"),
     Benchmark("drift_speed", full=("--rows", "200000")),
+    Benchmark("onnx_gpu", gpu_only=True),
 )
+# Benchmarks run with passive OpenMP waiting: spinning worker threads collapse throughput ~10x on a busy host.
+BENCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass
 class BenchRun:
-    """What happened to one benchmark: ``status`` is ok, failed, missing or no_result."""
+    """What happened to one benchmark: ``status`` is ok, failed, missing, no_result or skipped."""
 
     name: str
     status: str
@@ -63,7 +67,8 @@ class BenchRun:
     log_tail: str = ""
 
 
-def _select(only: list[str] | None) -> list[Benchmark]:
+def select(only: list[str] | None) -> list[Benchmark]:
+    """The registered benchmarks named in ``only`` (all when empty)."""
     if not only:
         return list(BENCHMARKS)
     known = {b.name: b for b in BENCHMARKS}
@@ -95,6 +100,9 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
     if not bench.script.exists():
         run.detail = f"bench/{bench.name}.py does not exist"
         return run, []
+    if bench.gpu_only and not hardware()["gpus"]:
+        run.status, run.detail = "skipped", "needs a GPU; nvidia-smi lists none here"
+        return run, []
     result_file = results_dir / f"{bench.name}.json"
     before = result_file.stat().st_mtime if result_file.exists() else None
     monitor, reason = _monitor()
@@ -121,20 +129,20 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              text=True, timeout=timeout_s, env={**BENCH_ENV, **os.environ})
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out + f"\n[suite] killed after {timeout_s:.0f} s", "")
 
 
-def run_suite(results_dir: Path = RESULTS_DIR, quick: bool = False, only: list[str] | None = None,
+def run_suite(benchmarks: list[Benchmark], results_dir: Path = RESULTS_DIR, quick: bool = False,
               extra: dict[str, list[str]] | None = None, echo: bool = True) -> dict[str, Any]:
-    """Run the selected benchmarks, write ``suite.json`` and the report; returns the suite record."""
+    """Run ``benchmarks``, write ``suite.json`` and the report; returns the suite record."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     runs, series = [], []
-    for bench in _select(only):
+    for bench in benchmarks:
         if echo:
             print(f"[suite] {bench.name} ...", file=sys.stderr, flush=True)
         run, samples = run_one(bench, results_dir, quick, (extra or {}).get(bench.name, []), t0)
@@ -178,10 +186,10 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         from bench.report import render
 
         return {"report": {k: str(v) for k, v in render(args.results_dir).items()}}
-    suite = run_suite(args.results_dir, args.quick, args.only, parse_extra(args.extra))
+    suite = run_suite(select(args.only), args.results_dir, args.quick, parse_extra(args.extra))
     summary = {"results_dir": str(args.results_dir), "report": suite["report"].get("markdown"),
                "benchmarks": {r["name"]: r["status"] + (f" ({r['detail']})" if r["detail"] else "") for r in suite["runs"]}}
-    bad = [r["name"] for r in suite["runs"] if r["status"] != "ok"]
+    bad = [r["name"] for r in suite["runs"] if r["status"] not in ("ok", "skipped")]
     if bad:
         raise RecopsError(f"{len(bad)} of {len(suite['runs'])} benchmarks did not complete ({', '.join(bad)}); "
                           f"see {summary['report']}")

@@ -47,10 +47,10 @@ class ThroughputConfig:
     """Model shape, data and measurement settings of one run."""
 
     batch_sizes: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
-    embedding_dim: int = 64
+    embedding_dim: int = 16  # dim and arches: recops' default architecture (training.model.ModelConfig)
     max_rows: int = 1_000_000  # cap on each table's Criteo cardinality (0 = full size)
-    dense_arch: tuple[int, ...] = (512, 256)
-    over_arch: tuple[int, ...] = (512, 256)
+    dense_arch: tuple[int, ...] = (64, 32)
+    over_arch: tuple[int, ...] = (128, 64)
     embedding_optimizer: str = "adagrad"
     embedding_lr: float = 0.05
     dense_lr: float = 1e-3
@@ -62,7 +62,14 @@ class ThroughputConfig:
     device: str = "cpu"
     threads: int = 0
     tf32: bool = True  # CUDA only: TF32 matmuls
+    torchrec_path: str = "auto"  # dmp | unsharded | auto (unsharded on CUDA without fbgemm-gpu's CUDA kernels)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.torchrec_path not in ("auto", "dmp", "unsharded"):
+            raise RecopsError(f"train_throughput: torchrec_path {self.torchrec_path!r} is not auto, dmp or unsharded")
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.rounds < 1 or self.repeats < 1:
+            raise RecopsError("train_throughput: batch sizes, rounds and repeats must be >= 1")
 
     def tables(self) -> dict[str, int]:
         return {f"C{i + 1}": min(rows, self.max_rows) if self.max_rows else rows
@@ -85,10 +92,12 @@ class ThroughputConfig:
 def summarize(runs: dict[str, list[dict[str, Any]]], cfg: ThroughputConfig) -> list[dict[str, Any]]:
     """One row per (variant, batch size): median samples/s over rounds, peak RSS, ratios vs the baselines."""
     rates: dict[tuple[str, int], list[float]] = {}
+    cpu_rates: dict[tuple[str, int], list[float]] = {}
     for variant, results in runs.items():
         for result in results:
             for p in result["points"]:
                 rates.setdefault((variant, p["batch_size"]), []).extend(p["samples_per_s"])
+                cpu_rates.setdefault((variant, p["batch_size"]), []).append(p["samples_per_cpu_s"])
     rows = []
     for variant, results in runs.items():
         if not results:
@@ -100,6 +109,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], cfg: ThroughputConfig) -> l
             med = statistics.median(values)
             row = {"variant": variant, "batch_size": bs, "samples_per_s": med, "samples_per_s_min": min(values),
                    "samples_per_s_max": max(values), "measurements": len(values),
+                   "samples_per_cpu_s": statistics.median(cpu_rates[(variant, bs)]),
                    "peak_rss_mib": max(r["peak_rss_mib"] for r in results)}
             if "peak_gpu_mib" in results[0]:
                 row["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in results)
@@ -148,13 +158,14 @@ def run_all(cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float) 
 def _config_from_args(args) -> ThroughputConfig:
     if args.quick:
         return ThroughputConfig(batch_sizes=(64, 256), embedding_dim=8, max_rows=2000, dense_arch=(16,), over_arch=(16,),
-                                warmup_steps=1, min_seconds=0.05, rounds=1, device=args.device, threads=args.threads)
+                                warmup_steps=1, min_seconds=0.05, rounds=1, device=args.device, threads=args.threads,
+                                torchrec_path=args.torchrec_path)
     default = ThroughputConfig()
     return ThroughputConfig(
         batch_sizes=args.batch_sizes or ((4096, 8192, 16384, 32768, 65536) if args.device.startswith("cuda") else default.batch_sizes),
         embedding_dim=args.embedding_dim, max_rows=args.max_rows, dense_arch=args.dense_arch, over_arch=args.over_arch,
         embedding_optimizer=args.embedding_optimizer, min_seconds=args.min_seconds, rounds=args.rounds,
-        device=args.device, threads=args.threads, tf32=not args.no_tf32)
+        device=args.device, threads=args.threads, tf32=not args.no_tf32, torchrec_path=args.torchrec_path)
 
 
 def _parser():
@@ -171,6 +182,9 @@ def _parser():
     p.add_argument("--rounds", type=int, default=d.rounds, help="processes per variant (interleaved); median over them")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls")
+    p.add_argument("--torchrec-path", choices=("auto", "dmp", "unsharded"), default="auto",
+                   help="torchrec variant: DMP + fused optimizer, or the unsharded EBC + regular optimizer "
+                        "(auto: unsharded on CUDA without fbgemm-gpu's CUDA kernels)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per variant process")
     p.add_argument("--profile", metavar="VARIANT", help="print torch.profiler's top operators for VARIANT instead of benchmarking")
     p.add_argument("--profile-batch", type=int, default=4096)
@@ -196,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = [{"x": "batch_size", "y": "samples_per_s", "series": "variant", "log_x": True,
               "title": "DLRM training throughput (samples/s)"}]
     out = write_result(NAME, rows, args.results_dir, baseline=BASELINE, plots=plots, config=cfg.to_dict(),
-                       variants=paths, errors=errors, device=cfg.device,
-                       runs={v: [{k: r[k] for k in ("points", "peak_rss_mib", "init_s", "threads")} for r in rs]
-                             for v, rs in runs.items()})
+                       variants=paths, errors=errors, device=cfg.device, runs=runs)
     print(pivot_table(rows) if rows else "no results")
     for v, msg in errors.items():
         print(f"{v}: FAILED: {msg}", file=sys.stderr)
