@@ -1,0 +1,383 @@
+"""Serving latency and throughput: TorchRec eager vs in-process ONNX Runtime vs Triton (HTTP, gRPC).
+
+One DLRM (Criteo shape: 13 dense, 26 tables of ``--table-size`` rows, dim 16, random weights) is saved as
+a checkpoint, exported with ``serving.export`` (parity-gated) into a temporary model repository and served
+by a local Triton server (cpu target: python backend running the same ONNX with onnxruntime). For each
+batch size and client concurrency every backend answers back-to-back requests for ``--seconds``:
+
+- ``torch_eager``: ``training.model.DLRM`` (EmbeddingBagCollection fed a KeyedJaggedTensor built per request)
+- ``onnxruntime``: ``InferenceSession.run`` in this process (the baseline Triton is compared with)
+- ``triton_http`` / ``triton_grpc``: ``serving.client.Predictor`` against the server
+
+Latency is per request (p50/p99), throughput is rows/s over the cell's wall time. ``perf_analyzer`` (the
+C++ load generator in the tritonclient wheel) is run too when it can start: it needs ``libcudart.so.12``
+(``--cudart-dir``, or the ``nvidia-cuda-runtime-cu12`` wheel installed) even on CPU hosts.
+Writes ``serve_latency.json`` and ``serve_latency.png`` to ``--results-dir``.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bench.common import bench_parser, format_table, hardware, pin_threads, write_result
+from training.errors import RecopsError
+
+NAME = "serve_latency"
+MODEL = "dlrm_bench"
+BACKENDS = ("torch_eager", "onnxruntime", "triton_http", "triton_grpc")
+PA_COMPONENTS = ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
+                 "Server Compute Infer", "Server Compute Output", "Client Recv")  # they add up to the mean latency
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 512, 1024, 4096)
+    concurrency: tuple[int, ...] = (1, 4)
+    table_size: int = 100_000
+    seconds: float = 1.0  # per (backend, batch, concurrency) cell, after warm-up
+    min_requests: int = 5
+    warmup: int = 3
+    threads: int = 0
+    perf_analyzer: bool = True
+    cudart_dir: str | None = None
+
+
+def random_checkpoint(out: Path, table_size: int, seed: int = 0) -> Path:
+    """A checkpoint of an untrained Criteo-shaped DLRM (latency does not depend on the weights)."""
+    import torch
+
+    from training import checkpoint
+    from training.model import DLRM, ModelConfig
+    from training.preprocess import Preprocessor
+    from training.spec import ColumnSpec, PreprocessConfig
+
+    preprocessor = Preprocessor(ColumnSpec.criteo(), PreprocessConfig(table_size=table_size))
+    config = ModelConfig(tables=preprocessor.table_sizes)
+    torch.manual_seed(seed)
+    model = DLRM(config)
+    trainer = {"model": config.to_dict(), "preprocessor": preprocessor.to_dict(), "dataset_version": "random",
+               "train": {}, "metrics": {}, "history": [], "epoch": 0}
+    checkpoint.save(out, {k: v.detach() for k, v in model.state_dict().items()}, {"dense": {}, "fused": {}}, trainer)
+    return out
+
+
+# ---- one measured cell ----------------------------------------------------------------------------
+def run_cell(make_call: Callable[[], Callable[[], Any]], concurrency: int, cfg: LatencyConfig,
+             rows: int) -> dict[str, float]:
+    """``concurrency`` threads, each with its own ``make_call()`` (made and warmed up in that thread: HTTP
+    clients are bound to it), send requests back-to-back for ``cfg.seconds``."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[BaseException] = []
+    clock: dict[str, float] = {}
+
+    def start_clock() -> None:  # runs once all threads are warm, before any is released
+        clock["begin"] = time.perf_counter()
+        clock["stop"] = clock["begin"] + cfg.seconds
+
+    ready = threading.Barrier(concurrency + 1, action=start_clock)
+
+    def worker(i: int) -> None:
+        try:
+            call = make_call()
+            for _ in range(cfg.warmup):
+                call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+            ready.abort()
+            return
+        ready.wait()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                call()
+                t1 = time.perf_counter()
+                latencies[i].append(t1 - t0)
+                if t1 >= clock["stop"] and len(latencies[i]) >= cfg.min_requests:
+                    return
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - clock.get("begin", 0.0)
+    if errors:
+        raise RecopsError(f"a request failed during the measurement: {errors[0]}") from errors[0]
+    flat = np.array([x for per in latencies for x in per]) * 1e3
+    return {"requests": int(flat.size), "p50_ms": float(np.percentile(flat, 50)), "p99_ms": float(np.percentile(flat, 99)),
+            "mean_ms": float(flat.mean()), "rows_per_s": float(flat.size * rows / wall)}
+
+
+class Backends:
+    """Callables that score one batch on each backend (a fresh client per calling thread for Triton)."""
+
+    def __init__(self, ckpt_dir: Path, onnx_path: Path, server, threads: int):
+        from serving.onnx_model import onnx_session
+        from serving.inference_module import load_torchrec
+        from training import checkpoint
+
+        ckpt = checkpoint.load(ckpt_dir)
+        self.torch_model = load_torchrec(ckpt.trainer, ckpt.model)
+        self.session = onnx_session(onnx_path, threads=threads)
+        self.server = server
+        self.clients: list = []
+
+    def factory(self, backend: str, inputs: dict[str, np.ndarray]) -> Callable[[], Callable[[], Any]]:
+        if backend == "torch_eager":
+            return lambda: self._torch_call(inputs)
+        if backend == "onnxruntime":
+            return lambda: (lambda: self.session.run(None, inputs))
+        protocol = backend.split("_")[1]
+        return lambda: self._triton_call(protocol, inputs)
+
+    def _torch_call(self, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+        import torch
+
+        from training.model import to_kjt
+
+        model = self.torch_model
+
+        def call():
+            with torch.inference_mode():
+                kjt = to_kjt(model.keys, inputs["sparse"])
+                return torch.sigmoid(model(torch.from_numpy(inputs["dense"]), kjt))
+
+        return call
+
+    def _triton_call(self, protocol: str, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+        from serving.client import Predictor
+
+        url = self.server.http_url if protocol == "http" else self.server.grpc_url
+        client = Predictor(url, MODEL, protocol=protocol, batch_size=max(len(inputs["dense"]), 1), timeout_s=60)
+        self.clients.append(client)
+        return lambda: client.predict_arrays(inputs, model_version=1)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+
+
+# ---- perf_analyzer ---------------------------------------------------------------------------------
+def perf_analyzer_env(cudart_dir: str | None) -> tuple[dict[str, str] | None, str]:
+    """(environment that lets the wheel's perf_analyzer start, or None) and why not."""
+    binary = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
+    if binary is None:
+        return None, "no perf_analyzer next to this interpreter (the tritonclient wheel ships it in bin/)"
+    spec = importlib.util.find_spec("pytriton")
+    libs = Path(spec.origin).parents[1] / "nvidia_pytriton.libs" if spec and spec.origin else None
+    b64 = sorted(libs.glob("libb64*.so.0d")) if libs and libs.is_dir() else []
+    candidates = [Path(cudart_dir)] if cudart_dir else []
+    runtime = importlib.util.find_spec("nvidia.cuda_runtime") if importlib.util.find_spec("nvidia") else None
+    if runtime and runtime.submodule_search_locations:
+        candidates.append(Path(list(runtime.submodule_search_locations)[0]) / "lib")
+    cudart = next((c / "libcudart.so.12" for c in candidates if (c / "libcudart.so.12").is_file()), None)
+    if not b64:
+        return None, "perf_analyzer needs libb64.so.0d; nvidia-pytriton's bundled copy was not found"
+    if cudart is None:
+        return None, ("perf_analyzer is linked against libcudart.so.12 even for CPU runs; pass --cudart-dir "
+                      "(e.g. from the nvidia-cuda-runtime-cu12 wheel) to run it")
+    shim = Path(tempfile.mkdtemp(prefix="recops-pa-libs-"))
+    (shim / "libb64.so.0d").symlink_to(b64[0])
+    (shim / "libcudart.so.12").symlink_to(cudart)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{shim}:{os.environ.get('LD_LIBRARY_PATH', '')}", "PA_BINARY": binary}
+    return env, ""
+
+
+def perf_analyzer_cell(env: dict[str, str], server, protocol: str, batch: int, concurrency: int,
+                       data_file: Path, seconds: float) -> dict[str, Any]:
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pa.csv"
+        cmd = [env["PA_BINARY"], "-m", MODEL, "-x", "1", "-u", url.split("://")[1], "-i", protocol, "-b", str(batch),
+               f"--concurrency-range={concurrency}:{concurrency}", f"--input-data={data_file}",
+               f"--measurement-interval={int(seconds * 1000)}", "--max-trials=6", "--stability-percentage=1000",  # report, do not insist on stability
+               "-f", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0 or not out.is_file():
+            raise RecopsError(f"perf_analyzer exit {proc.returncode}: {(proc.stderr or proc.stdout)[-500:]}")
+        row = next(csv.DictReader(out.open()))
+    return {"backend": f"perf_analyzer_{protocol}", "batch_size": batch, "concurrency": concurrency,
+            "p50_ms": float(row["p50 latency"]) / 1e3, "p99_ms": float(row["p99 latency"]) / 1e3,
+            "mean_ms": sum(float(row[c]) for c in PA_COMPONENTS) / 1e3, "rows_per_s": float(row["Inferences/Second"]),
+            "server_queue_ms": float(row["Server Queue"]) / 1e3,
+            "server_compute_ms": (float(row["Server Compute Input"]) + float(row["Server Compute Infer"])
+                                  + float(row["Server Compute Output"])) / 1e3}
+
+
+def perf_analyzer_data(layout, path: Path, rows: int = 64) -> Path:
+    inputs = layout.random_inputs(rows, np.random.default_rng(7))
+    path.write_text(json.dumps({"data": [{name: value[i].tolist() for name, value in inputs.items()}
+                                         for i in range(rows)]}))
+    return path
+
+
+# ---- aims, plot --------------------------------------------------------------------------------------
+def _cell(rows: list[dict], backend: str, batch: int, concurrency: int) -> dict | None:
+    return next((r for r in rows if (r["backend"], r["batch_size"], r["concurrency"]) == (backend, batch, concurrency)), None)
+
+
+def aims(rows: list[dict]) -> dict[str, Any]:
+    """The stated goals, each with the measured figure and whether it was met."""
+    out: dict[str, Any] = {}
+    torch1, ort1 = _cell(rows, "torch_eager", 1, 1), _cell(rows, "onnxruntime", 1, 1)
+    if torch1 and ort1:
+        ratio = ort1["p50_ms"] / torch1["p50_ms"]
+        out["ort_over_torch_p50_batch1"] = {"value": round(ratio, 3), "aim": "<= 0.5", "met": ratio <= 0.5}
+    for protocol in ("http", "grpc"):
+        tri1 = _cell(rows, f"triton_{protocol}", 1, 1)
+        if tri1 and ort1:
+            extra = tri1["p50_ms"] - ort1["p50_ms"]
+            out[f"triton_{protocol}_extra_p50_ms_batch1"] = {"value": round(extra, 3), "aim": "<= 0.5", "met": extra <= 0.5}
+        for conc in (1, 4):
+            tri, ort = _cell(rows, f"triton_{protocol}", 1024, conc), _cell(rows, "onnxruntime", 1024, conc)
+            if tri and ort:
+                ratio = tri["rows_per_s"] / ort["rows_per_s"]
+                out[f"triton_{protocol}_throughput_share_batch1024_c{conc}"] = {
+                    "value": round(ratio, 3), "aim": ">= 0.8", "met": ratio >= 0.8}
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    for i, backend in enumerate(backends):
+        color = f"C{i}"
+        for conc, style in ((1, "-"), (4, "--")):
+            cells = sorted((r for r in rows if r["backend"] == backend and r["concurrency"] == conc),
+                           key=lambda r: r["batch_size"])
+            if not cells:
+                continue
+            xs = [r["batch_size"] for r in cells]
+            marker = "s" if backend.startswith("perf_analyzer") else "o"
+            left.plot(xs, [r["p50_ms"] for r in cells], style, marker=marker, color=color, label=f"{backend} c{conc}")
+            right.plot(xs, [r["rows_per_s"] for r in cells], style, marker=marker, color=color, label=f"{backend} c{conc}")
+    left.set(xscale="log", yscale="log", xlabel="batch size (rows per request)", ylabel="p50 latency (ms)",
+             title="latency per request")
+    right.set(xscale="log", yscale="log", xlabel="batch size (rows per request)", ylabel="rows / s",
+              title="throughput (c = concurrent clients)")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- main --------------------------------------------------------------------------------------------
+def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> tuple[list[dict], dict[str, Any]]:
+    from serving.export import ExportConfig, export_to_repository
+    from serving.repository import ServingOptions, WarmupRequest
+    from serving.server import ServerConfig, TritonServer
+
+    threads = pin_threads(cfg.threads)
+    t0 = time.perf_counter()
+    ckpt = random_checkpoint(work / "checkpoint", cfg.table_size)
+    options = ServingOptions(max_batch_size=max(cfg.batch_sizes), intra_op_threads=threads,
+                             warmup=(WarmupRequest(batch_size=1, data="zero"),))
+    published = export_to_repository(ckpt, work / "repo", MODEL, config=ExportConfig(), options=options)
+    log(f"exported ({published.exported.exporter}, parity {published.parity.max_abs_diff:.2g}) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    info: dict[str, Any] = {"exporter": published.exported.exporter, "parity_max_abs_diff": published.parity.max_abs_diff,
+                            "onnx_bytes": published.onnx_path.stat().st_size, "threads": threads}
+    rows: list[dict] = []
+    layout = published.exported.layout
+    with TritonServer(ServerConfig(repo=work / "repo", load_models=(MODEL,))) as server:
+        backends = Backends(ckpt, published.onnx_path, server, threads)
+        try:
+            for batch in cfg.batch_sizes:
+                inputs = layout.random_inputs(batch, np.random.default_rng(batch))
+                for conc in cfg.concurrency:
+                    for backend in BACKENDS:
+                        cell = run_cell(backends.factory(backend, inputs), conc, cfg, batch)
+                        rows.append({"backend": backend, "batch_size": batch, "concurrency": conc, **cell})
+                        backends.close()
+                log(f"batch {batch}: done ({time.perf_counter() - t0:.0f}s)")
+        finally:
+            backends.close()
+        info["perf_analyzer"] = run_perf_analyzer(cfg, server, layout, work, rows, log)
+    return rows, info
+
+
+def run_perf_analyzer(cfg: LatencyConfig, server, layout, work: Path, rows: list[dict],
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    if not cfg.perf_analyzer:
+        return {"ran": False, "reason": "disabled (--no-perf-analyzer)"}
+    env, reason = perf_analyzer_env(cfg.cudart_dir)
+    if env is None:
+        log(f"perf_analyzer skipped: {reason}")
+        return {"ran": False, "reason": reason}
+    data = perf_analyzer_data(layout, work / "pa-data.json")
+    try:
+        for protocol in ("http", "grpc"):
+            for batch in [b for b in (1, 1024) if b in cfg.batch_sizes]:
+                for conc in cfg.concurrency:
+                    rows.append(perf_analyzer_cell(env, server, protocol, batch, conc, data, cfg.seconds))
+    except (RecopsError, subprocess.TimeoutExpired) as exc:
+        log(f"perf_analyzer failed: {exc}")
+        return {"ran": False, "reason": str(exc)}
+    return {"ran": True, "reason": "libcudart.so.12 + the wheel's libb64 put on LD_LIBRARY_PATH"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--table-size", type=int, default=LatencyConfig.table_size, help="rows per embedding table")
+    parser.add_argument("--seconds", type=float, default=LatencyConfig.seconds, help="measured seconds per cell")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, LatencyConfig.batch_sizes)))
+    parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--cudart-dir", default=None, help="directory with libcudart.so.12 (perf_analyzer needs it)")
+    args = parser.parse_args(argv)
+    cfg = LatencyConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                        table_size=args.table_size if not args.quick else 10_000,
+                        seconds=args.seconds if not args.quick else 0.3, threads=args.threads,
+                        perf_analyzer=not args.no_perf_analyzer, cudart_dir=args.cudart_dir)
+    if args.quick:
+        cfg = LatencyConfig(**{**asdict(cfg), "batch_sizes": (1, 64, 1024), "warmup": 1})
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="recops-serve-bench-") as tmp:
+        rows, info = measure_all(cfg, Path(tmp), lambda m: print(f"[serve_latency] {m}", flush=True))
+    goals = aims(rows)
+    info["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    for row in rows:
+        row["variant"] = f"{row['backend']} c{row['concurrency']}"
+    path = write_result(NAME, rows, args.results_dir, config=asdict(cfg), aims=goals, **info,
+                        plots=[{"x": "batch_size", "y": "p50_ms", "series": "variant", "title": "p50 latency",
+                                "log_x": True, "log_y": True},
+                               {"x": "batch_size", "y": "rows_per_s", "series": "variant", "title": "throughput",
+                                "log_x": True, "log_y": True}])
+    png = plot(rows, Path(args.results_dir) / f"{NAME}.png", hardware()["label"])
+    print(format_table(rows, ["backend", "batch_size", "concurrency", "requests", "p50_ms", "p99_ms", "rows_per_s"]))
+    print(json.dumps(goals, indent=1))
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
