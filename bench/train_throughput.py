@@ -209,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = {v: results[0]["path"] for v, results in runs.items() if results}
     plots = [{"x": "batch_size", "y": "samples_per_s", "series": "variant", "log_x": True,
               "title": "DLRM training throughput (samples/s)"}]
+    best = max(rows, key=lambda r: r["samples_per_s"], default=None)
+    best = best and {k: best[k] for k in ("variant", "batch_size", "samples_per_s")}
     out = write_result(NAME, rows, args.results_dir, baseline=BASELINE, plots=plots, config=cfg.to_dict(),
-                       variants=paths, errors=errors, device=cfg.device, runs=runs)
+                       variants=paths, errors=errors, device=cfg.device, best=best, runs=runs)
     print(pivot_table(rows) if rows else "no results")
+    if best:
+        print(f"best: {best['samples_per_s']:,.0f} samples/s ({best['variant']}, batch {best['batch_size']}, {cfg.device})")
     for v, msg in errors.items():
         print(f"{v}: FAILED: {msg}", file=sys.stderr)
     print(f"wrote {out}")

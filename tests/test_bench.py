@@ -1,0 +1,116 @@
+"""Benchmarks: the plain-PyTorch DLRM computes what TorchRec's does, the shared helpers, the suite and
+report on a real quick run, failures and missing scripts reported, and the GPU check's plan."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from bench.common import format_table, hardware, measure, read_result, write_result
+from bench.dlrm_variants import EmbeddingBagDLRM, synthetic_batches
+from bench.report import render
+from bench.suite import Benchmark, run_one, run_suite
+from bench.train_throughput import VARIANTS, ThroughputConfig
+from tests.conftest import ROOT, recops
+from training.model import DLRM, ModelConfig, to_kjt
+
+
+def test_plain_embedding_bag_dlrm_equals_torchrec_dlrm():
+    tables = {"C1": 50, "C2": 7, "C3": 300}
+    config = ModelConfig(tables=tables, embedding_dim=4, dense_arch=(8,), over_arch=(8,))
+    torch.manual_seed(0)
+    ref, plain = DLRM(config), EmbeddingBagDLRM(config, sparse_grad=True)
+    for i, name in enumerate(tables):
+        plain.bags[i].weight.data.copy_(ref.ebc.embedding_bags[f"t_{name}"].weight)
+    plain.head.load_state_dict(ref.head.state_dict())
+    ids = torch.stack([torch.randint(0, n, (32,)) for n in tables.values()], dim=1)
+    dense = torch.randn(32, 13)
+    out_ref, out_plain = ref(dense, to_kjt(list(tables), ids)), plain(dense, ids)
+    torch.testing.assert_close(out_plain, out_ref)
+    out_ref.sum().backward()
+    out_plain.sum().backward()
+    for i, name in enumerate(tables):
+        grad = plain.bags[i].weight.grad
+        assert grad.is_sparse
+        torch.testing.assert_close(grad.to_dense(), ref.ebc.embedding_bags[f"t_{name}"].weight.grad)
+
+
+def test_synthetic_batches_are_skewed_ids_inside_each_table():
+    cfg = ThroughputConfig(max_rows=5000)
+    (dense, ids, label), = synthetic_batches(cfg, 4096, count=1, pin=False)
+    rows = np.array(list(cfg.tables().values()))
+    assert dense.shape == (4096, 13) and ids.shape == (4096, 26) and label.shape == (4096,)
+    assert (ids.numpy() >= 0).all() and (ids.numpy() < rows).all()
+    big = int(np.argmax(rows))  # a 5000-row table: the hottest id takes far more than 1/5000 of the lookups
+    assert np.bincount(ids[:, big].numpy()).max() > 0.1 * 4096
+
+
+def test_measure_excludes_warmup_and_reports_the_median():
+    calls = []
+    timing = measure(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(timing.times_s) == 3
+    assert timing.min_s <= timing.median_s
+
+
+def test_write_result_labels_hardware_and_date(tmp_path):
+    path = write_result("demo", [{"x": 1, "y": 2.5}], tmp_path, baseline="b", config={"k": 1})
+    data = read_result("demo", tmp_path)
+    assert path == tmp_path / "demo.json" and [p.name for p in tmp_path.iterdir()] == ["demo.json"]
+    assert data["hardware"]["label"] == hardware()["label"] and data["date"].startswith(time.strftime("%Y"))
+    assert data["rows"] == [{"x": 1, "y": 2.5}] and data["baseline"] == "b" and data["config"] == {"k": 1}
+    assert format_table(data["rows"]).splitlines()[0].split() == ["x", "y"]
+
+
+def test_quick_suite_run_writes_results_and_report(tmp_path):
+    proc = recops("bench", "--quick", "--only", "train_throughput", "--results-dir", str(tmp_path), "--json")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["benchmarks"] == {"train_throughput": "ok"}
+    result = read_result("train_throughput", tmp_path)
+    assert {(r["variant"], r["batch_size"]) for r in result["rows"]} == {(v, b) for v in VARIANTS for b in (64, 256)}
+    assert all(r["samples_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in result["rows"])
+    assert all(r["ratio_vs_plain_sparse"] > 0 for r in result["rows"] if r["variant"] == "torchrec")
+    assert "DistributedModelParallel" in result["variants"]["torchrec"] and result["errors"] == {}
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert [r["status"] for r in suite["runs"]] == ["ok"] and "available" in suite["runs"][0]["gpu"]
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## train_throughput — ok" in report and "![DLRM training throughput (samples/s)](train_throughput_0.png)" in report
+    assert (tmp_path / "train_throughput_0.png").stat().st_size > 0 and (tmp_path / "gpu_utilisation.png").stat().st_size > 0
+    assert report.count("NOT RUN") >= 1  # the benchmarks this run left out are listed, not dropped
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_failed_missing_and_gpu_only_benchmarks_are_reported(tmp_path):
+    t0 = time.time()
+    failed, _ = run_one(Benchmark("train_throughput", quick=("--variants", "nope")), tmp_path, True, [], t0)
+    missing, _ = run_one(Benchmark("no_such_benchmark"), tmp_path, True, [], t0)
+    assert (failed.status, failed.exit_code) == ("failed", 2) and "unknown variants" in failed.log_tail
+    assert missing.status == "missing" and "does not exist" in missing.detail
+    if not hardware()["gpus"]:
+        skipped, _ = run_one(Benchmark("onnx_gpu", gpu_only=True), tmp_path, True, [], t0)
+        assert skipped.status == "skipped"
+    suite = run_suite([Benchmark("no_such_benchmark")], tmp_path, quick=True, echo=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert suite["runs"][0]["status"] == "missing" and "**MISSING**: bench/no_such_benchmark.py does not exist" in report
+    assert "no GPU" in report or hardware()["gpus"]
+    assert render(tmp_path)["html"].exists()
+
+
+def test_recops_bench_rejects_unknown_names():
+    proc = recops("bench", "--only", "nope", check=False)
+    assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
+
+
+def test_gpu_check_script_plan(tmp_path):
+    for script in ("bench/gpu_check.sh", "bench/prepare_gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stdout
+    for step in ("nvidia-smi", "pip install", "pytest -m gpu", "--device cuda", "65536", "onnx_gpu"):
+        assert step in plan, step
+    assert len(list(tmp_path.rglob("*"))) <= 8
