@@ -201,22 +201,6 @@ def _dense_tests(name: str, values: np.ndarray, reference: Reference, alpha: flo
     return tests
 
 
-def _as_arrow(values: pd.Series) -> pa.Array:
-    """A string column as one Arrow array (zero-copy for Arrow-backed pandas strings)."""
-    array = pa.array(values, type=pa.large_string(), from_pandas=True)
-    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-
-
-def _present_strings(current: pd.DataFrame, name: str, reference: Reference) -> tuple[pa.Array, int]:
-    """Non-missing values (tokens for multi-hot) of one categorical and the number of rows missing it."""
-    if name in reference.spec.multi_hot:
-        values, missing = categorical_values(current, name, reference.spec)
-        return _as_arrow(values), missing
-    array = _as_arrow(current[name])
-    present = pc.and_(pc.is_valid(array), pc.not_equal(array, "")).fill_null(False)
-    return array.filter(present), len(array) - int(pc.sum(present).as_py() or 0)
-
-
 def _js_test(name: str, values: pa.Array, reference: Reference, alpha: float, config: DriftConfig) -> FeatureTest:
     """Jensen–Shannon distance over the reference's frequent values (enough expected count) + "other"."""
     stats = reference.stats["categorical"][name]
@@ -249,7 +233,7 @@ def detect_drift(reference: Reference, current: pd.DataFrame, config: DriftConfi
     for j, name in enumerate(spec.dense):
         tests += _dense_tests(name, dense[:, j], reference, alpha, config)
     for name in reference.categorical:
-        values, n_missing = _present_strings(current, name, reference)
+        values, n_missing = categorical_values(current, name, spec)
         missing.append(n_missing)
         tests.append(_js_test(name, values, reference, alpha, config))
     ref_rates = np.array([reference.stats["dense" if f in spec.dense else "categorical"][f]["missing_rate"] for f in names])

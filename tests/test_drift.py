@@ -140,3 +140,20 @@ def test_drift_cli(tmp_path: Path, reference_dir: Path, capsys) -> None:
     assert set(result["features"]["I1"]) >= {"test", "value", "threshold", "drifted"} and result["features"]["I1"]["drifted"]
     assert cli(["drift", "--reference", str(tmp_path), "--current", str(tmp_path / "live" / "data.tsv")]) == 2
     assert "stats.json" in capsys.readouterr().err
+
+
+def test_multi_hot_tokens_are_compared_as_categoricals(tmp_path: Path) -> None:
+    spec = ColumnSpec(dense=("I1",), sparse=("C1",), multi_hot={"tags": 4})
+    rng = np.random.default_rng(0)
+
+    def frame(n: int, hot: str) -> pd.DataFrame:
+        tags = ["|".join(rng.choice(["a", "b", "c", hot], size=rng.integers(0, 4))) for _ in range(n)]
+        return pd.DataFrame({"label": 0, "I1": rng.poisson(3, n).astype(float), "C1": rng.choice(["x", "y"], n), "tags": tags})
+
+    save_reference(tmp_path, frame(4_000, "d"), spec)
+    reference = load_reference(tmp_path)
+    tags = reference.stats["categorical"]["tags"]
+    assert {v for v, _ in tags["top"]} == {"a", "b", "c", "d"} and tags["missing_rate"] == pytest.approx(0.25, abs=0.03)
+    assert detect_drift(reference, frame(4_000, "d")).drifted_features == []
+    report = detect_drift(reference, frame(4_000, "e"))  # a new token replaces "d"
+    assert report.drifted_features == ["tags"] and report.primary("tags").test == "js"

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from training.errors import RecopsError
 from training.preprocess import transform_dense
@@ -58,19 +60,28 @@ def dense_matrix(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     return out
 
 
-def categorical_values(frame: pd.DataFrame, name: str, spec: ColumnSpec) -> tuple[pd.Series, int]:
-    """Present values of one categorical (tokens for multi-hot) and the number of rows missing it."""
-    column = frame[name]
+def _as_arrow(values: pd.Series) -> pa.Array:
+    """A column as one Arrow array (zero-copy for Arrow-backed pandas strings)."""
+    try:
+        array = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise RecopsError(f"column {values.name}: mixed value types ({exc}); categorical values must be strings") from exc
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def categorical_values(frame: pd.DataFrame, name: str, spec: ColumnSpec) -> tuple[pa.Array, int]:
+    """Present values of one categorical as Arrow strings (tokens for multi-hot), and the number of
+    rows missing it (null or empty; for multi-hot: no non-empty token)."""
+    array = _as_arrow(frame[name])
     if name in spec.multi_hot:
-        tokens = column.map(lambda v: v if isinstance(v, (list, tuple, np.ndarray)) else
-                            ([] if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).split(spec.separator)))
-        flat = tokens.explode().dropna().astype(str)
-        flat = flat[flat != ""]
-        return flat.reset_index(drop=True), int(len(column) - flat.index.nunique())
-    present = column.notna().to_numpy()
-    values = column[present].astype(str)
-    nonempty = (values != "").to_numpy()
-    return values[nonempty].reset_index(drop=True), int(len(column) - nonempty.sum())
+        lists = pc.split_pattern(array.cast(pa.large_string()), spec.separator) if not pa.types.is_list(array.type) else array
+        tokens, rows = pc.list_flatten(lists).cast(pa.large_string()), pc.list_parent_indices(lists)
+        keep = pc.and_(pc.is_valid(tokens), pc.not_equal(tokens, "")).fill_null(False)
+        present_rows = len(pc.unique(rows.filter(keep)))
+        return tokens.filter(keep), len(array) - present_rows
+    array = array.cast(pa.large_string())
+    keep = pc.and_(pc.is_valid(array), pc.not_equal(array, "")).fill_null(False)
+    return array.filter(keep), len(array) - int(pc.sum(keep).as_py() or 0)
 
 
 def _finite(x: float) -> float | None:
@@ -96,16 +107,19 @@ def _dense_stats(values: np.ndarray, bins: int) -> dict[str, Any]:
     }
 
 
-def _categorical_stats(values: pd.Series, missing: int, rows: int, top_k: int) -> dict[str, Any]:
-    counts = values.value_counts(sort=True)
-    total = int(counts.sum())
-    top = counts.iloc[:top_k]
+def _categorical_stats(values: pa.Array, missing: int, rows: int, top_k: int) -> dict[str, Any]:
+    counts = pc.value_counts(values)
+    order = np.argsort(-counts.field("counts").to_numpy(), kind="stable")
+    total = len(values)
+    top = order[:top_k]
+    top_values = counts.field("values").take(pa.array(top)).to_pylist()
+    top_counts = counts.field("counts").to_numpy()[top]
     return {
         "count": total,
         "missing_rate": missing / max(rows, 1),
-        "distinct": int(len(counts)),
-        "top": [[str(v), int(c) / total] for v, c in top.items()],
-        "other": float(1 - top.sum() / total) if total else 0.0,
+        "distinct": len(counts),
+        "top": [[v, int(c) / total] for v, c in zip(top_values, top_counts)],
+        "other": float(1 - top_counts.sum() / total) if total else 0.0,
     }
 
 
