@@ -210,7 +210,8 @@ def perf_analyzer_cell(env: dict[str, str], server, protocol: str, batch: int, c
         out = Path(tmp) / "pa.csv"
         cmd = [env["PA_BINARY"], "-m", MODEL, "-x", "1", "-u", url.split("://")[1], "-i", protocol, "-b", str(batch),
                f"--concurrency-range={concurrency}:{concurrency}", f"--input-data={data_file}",
-               f"--measurement-interval={int(seconds * 1000)}", "--max-trials=6", "--stability-percentage=1000",  # report, do not insist on stability
+               # a shared host rarely gives 3 windows within 10%: report what was measured instead of failing
+               f"--measurement-interval={int(seconds * 1000)}", "--max-trials=6", "--stability-percentage=1000",
                "-f", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not out.is_file():

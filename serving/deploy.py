@@ -10,6 +10,10 @@ A new version is loaded beside production, warmed up, and its server outputs are
 ONNX Runtime on a probe batch; a version that fails to load, differs, or returns NaN is unloaded again and
 production keeps serving. A production switch first points routers at the new version, waits
 ``drain_s``, and only then unloads the old one, so no request is sent to an unloaded version.
+
+Run the server with ``--strict-readiness=false``: under strict readiness Triton answers /v2/health/ready
+with 400 for good once any version failed to load (it keeps the failure record), and briefly during
+every unload, so one refused deployment would take a healthy server out of a load balancer.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from filelock import FileLock
 from serving.client import Predictor
 from serving.errors import ServingError
 from serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session, read_export_metadata
-from serving.repository import (CONFIG_FILE, ONNX_FILE, DynamicBatching, ModelRepository, ServingOptions, VersionPolicy,
-                                WarmupRequest, model_config, read_signature, write_text_atomic)
+from serving.repository import (CONFIG_FILE, ONNX_FILE, DynamicBatching, ModelRepository, ServingOptions,
+                                VersionPolicy, WarmupRequest, model_config, read_signature, write_text_atomic)
 from serving.server import TritonServer
 from training.errors import RecopsError
 
@@ -175,21 +179,7 @@ class Deployer:
     def deploy(self, version: int, canary: float | None = None) -> DeployState:
         """Load ``version`` beside production, check it, then make it production or a canary with ``canary`` share."""
         with deploy_lock(self.repo, self.name):
-            state = self._validate_deploy(self.state(), version, canary)
-            try:
-                self._check_signature(version, state.production)
-            except RecopsError as exc:
-                return self._reject(state, version, exc, restore=False)
-            try:
-                self._serve((*state.loaded, version), source=version)
-                self._verify(version)
-            except RecopsError as exc:
-                return self._reject(state, version, exc)
-            if canary is not None:
-                message = f"version {version} takes {canary:.0%} of traffic beside production {state.production}"
-                return self._write(state.event("canary", version, canary=version, canary_share=canary,
-                                               status="canary", message=message))
-            return self._switch(state, version, "deploy")
+            return self._deploy(version, canary)
 
     def promote(self) -> DeployState:
         """Make the canary production (and unload the old production)."""
@@ -204,19 +194,36 @@ class Deployer:
         """Drop the canary; without one, bring the previous production version back (checked like a deploy)."""
         with deploy_lock(self.repo, self.name):
             state = self.state()
-            if state.canary is not None:
-                dropped = state.event("rollback", state.canary, canary=None, canary_share=0.0, status="serving",
-                                      message=f"canary {state.canary} rolled back; production {state.production}")
-                self._write(dropped)
-                time.sleep(self.config.drain_s)
-                self._serve(dropped.loaded, source=dropped.production)
-                return dropped
-        if state.previous is None or state.previous not in self.repo.versions(self.name):
-            raise DeployError(f"model {self.name!r}: nothing to roll back to (no canary, previous production "
-                              f"{state.previous}); deploy a version explicitly")
-        return self.deploy(state.previous)
+            if state.canary is None:
+                if state.previous is None or state.previous not in self.repo.versions(self.name):
+                    raise DeployError(f"model {self.name!r}: nothing to roll back to (no canary, previous production "
+                                      f"{state.previous}); deploy a version explicitly")
+                return self._deploy(state.previous, None)
+            dropped = self._write(state.event("rollback", state.canary, canary=None, canary_share=0.0,
+                                              status="serving", message=f"canary {state.canary} rolled back; "
+                                                                        f"production {state.production}"))
+            time.sleep(self.config.drain_s)
+            self._serve(dropped.loaded, source=dropped.production)
+            return dropped
 
     # ---- steps ----------------------------------------------------------------------------
+    def _deploy(self, version: int, canary: float | None) -> DeployState:
+        state = self._validate_deploy(self.state(), version, canary)
+        try:
+            self._check_signature(version, state.production)
+        except RecopsError as exc:
+            return self._reject(state, version, exc, restore=False)
+        try:
+            self._serve((*state.loaded, version), source=version)
+            self._verify(version)
+        except RecopsError as exc:
+            return self._reject(state, version, exc)
+        if canary is not None:
+            message = f"version {version} takes {canary:.0%} of traffic beside production {state.production}"
+            return self._write(state.event("canary", version, canary=version, canary_share=canary,
+                                           status="canary", message=message))
+        return self._switch(state, version, "deploy")
+
     def _validate_deploy(self, state: DeployState, version: int, canary: float | None) -> DeployState:
         if version not in self.repo.versions(self.name):
             raise DeployError(f"model {self.name!r} has no version {version} in {self.repo.root} "
@@ -237,11 +244,17 @@ class Deployer:
     def _onnx(self, version: int) -> Path:
         return self.repo.model_dir(self.name) / str(version) / ONNX_FILE
 
-    def _base_options(self) -> ServingOptions:
-        return self.config.options or recorded_options(self.repo, self.name) or DEFAULT_SERVING
+    def _base_options(self, source: int) -> ServingOptions:
+        """Configured, else last deployed, else the options ``source`` was exported with, else the defaults."""
+        options = self.config.options or recorded_options(self.repo, self.name)
+        if options is not None:
+            return options
+        meta = read_export_metadata(self._onnx(source).parent) or {}
+        return options_from_dict(meta["serving_options"]) if meta.get("serving_options") else DEFAULT_SERVING
 
-    def _options(self, versions: tuple[int, ...]) -> ServingOptions:
-        return replace(self._base_options(), version_policy=VersionPolicy("specific", versions=tuple(sorted(set(versions)))))
+    def _options(self, versions: tuple[int, ...], source: int) -> ServingOptions:
+        policy = VersionPolicy("specific", versions=tuple(sorted(set(versions))))
+        return replace(self._base_options(source), version_policy=policy)
 
     def _check_signature(self, version: int, production: int | None) -> None:
         try:
@@ -256,7 +269,7 @@ class Deployer:
 
     def _serve(self, versions: tuple[int, ...], source: int) -> None:
         """Write config.pbtxt for exactly ``versions`` (signature of ``source``) and (re)load the model."""
-        options = self._options(versions)
+        options = self._options(versions, source)
         self.repo.write_config(model_config(self.name, self._onnx(source), self.target, options))
         self.server.load(self.name)
         for version in versions:
@@ -318,7 +331,9 @@ class Deployer:
         return switched
 
     def _write(self, state: DeployState) -> DeployState:
-        state = replace(state, target=self.target, options=options_to_dict(self._base_options()))
+        if state.production is not None:
+            state = replace(state, options=options_to_dict(self._base_options(state.production)))
+        state = replace(state, target=self.target)
         write_text_atomic(state_path(self.repo, self.name), json.dumps(state.to_dict(), indent=1))
         return state
 

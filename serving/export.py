@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.deploy import DEFAULT_SERVING, deploy_lock, recorded_options
+from serving.deploy import DEFAULT_SERVING, deploy_lock, options_to_dict, recorded_options
 from serving.inference_module import InferenceDLRM, load_torchrec, torchrec_probabilities
 from serving.onnx_model import (EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, FeatureLayout, InputSpec,
                                 onnx_probabilities, onnx_session)
@@ -108,11 +108,13 @@ class ExportedModel:
     def extra_files(self) -> list[Path]:
         return [self.directory / PREPROCESS_FILE, self.directory / EXPORT_FILE]
 
-    def metadata(self, parity: ParityReport | None = None) -> dict[str, Any]:
+    def metadata(self, parity: ParityReport | None = None, options: ServingOptions | None = None) -> dict[str, Any]:
+        """export.json: what was exported, the gate's report and the serving options it was published with."""
         return {"checkpoint": str(self.checkpoint), "exporter": self.exporter, "fp16": self.fp16,
                 "external_data": self.external_data, "inputs": [asdict(s) for s in self.inputs],
                 "output": OUTPUT_NAME, "layout": asdict(self.layout),
-                "parity": parity.to_dict() if parity else None}
+                "parity": parity.to_dict() if parity else None,
+                "serving_options": options_to_dict(options) if options else None}
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], nam
     try:
         _torchscript_export(module, example, names, path, external)
     except Exception as exc:
-        raise RecopsError(f"ONNX export failed with both exporters: dynamo ({dynamo_error}); torchscript ({exc})") from exc
+        raise RecopsError(f"ONNX export failed with both exporters: dynamo ({dynamo_error}); "
+                          f"torchscript ({exc})") from exc
     return "torchscript"
 
 
@@ -197,7 +200,7 @@ def export_onnx(checkpoint_dir: Path | str, out_dir: Path | str, config: ExportC
     example = layout.random_inputs(config.example_batch, np.random.default_rng(0))
     exporter = _onnx_export(module, tuple(torch.from_numpy(example[s.name]) for s in specs),
                             [s.name for s in specs], out / ONNX_FILE, external)
-    exported = ExportedModel(out, exporter, config.fp16, external, specs, layout, Path(checkpoint_dir))
+    exported = ExportedModel(out, exporter, config.fp16, external, specs, layout, Path(checkpoint_dir).resolve())
     write_text_atomic(out / PREPROCESS_FILE, json.dumps(ckpt.trainer["preprocessor"], indent=1))
     write_text_atomic(out / EXPORT_FILE, json.dumps(exported.metadata(), indent=1))
     return exported
@@ -221,7 +224,7 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
     ckpt = _load_checkpoint(exported.checkpoint)
     reference = load_torchrec(ckpt.trainer, ckpt.model)
     session = onnx_session(exported.onnx_path)
-    tolerance = config.tolerance or (FP16_TOLERANCE if exported.fp16 else FP32_TOLERANCE)
+    tolerance = config.tolerance if config.tolerance is not None else FP16_TOLERANCE if exported.fp16 else FP32_TOLERANCE
     auc_tolerance = config.fp16_auc_tolerance if exported.fp16 else config.auc_tolerance
     layout = exported.layout
     random_inputs = layout.random_inputs(config.random_rows, np.random.default_rng(config.seed))
@@ -257,13 +260,16 @@ def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: s
             parity: ParityConfig = ParityConfig(), version: int | None = None) -> PublishResult:
     """Gate ``exported`` and add it as a new version of ``name``; a failed gate writes nothing.
 
-    ``options`` None keeps the serving options (and version policy) a deployment recorded for ``name``, else
-    ``DEFAULT_SERVING``, so adding a version never changes which versions the server serves.
+    ``options`` None = the serving options a deployment recorded for ``name``, else ``DEFAULT_SERVING``. The
+    version policy is always the deployment's (if any), so adding a version never changes what is served.
     """
     report = check_parity(exported, dataset, parity)
-    write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report), indent=1))
     with deploy_lock(repo, name):
-        options = options or recorded_options(repo, name) or DEFAULT_SERVING
+        recorded = recorded_options(repo, name)
+        options = options or recorded or DEFAULT_SERVING
+        if recorded is not None:  # the deployment decides which versions are served, not the export
+            options = replace(options, version_policy=recorded.version_policy)
+        write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report, options), indent=1))
         added = repo.add_version(name, exported.onnx_path, target=target, options=options, version=version,
                                  extra_files=exported.extra_files)
     return PublishResult(name, added, repo.model_dir(name) / str(added) / ONNX_FILE, report, exported)

@@ -6,9 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from training import checkpoint
 from training.dataset import ingest
 from training.model import ModelConfig
 from training.spec import ColumnSpec, PreprocessConfig
@@ -52,14 +50,3 @@ def multi_hot_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     if not (best / "files.json").is_file():
         fit(data, ModelConfig(num_dense=1), TrainConfig(epochs=1, batch_size=256, threads=1), out)
     return data, best
-
-
-def nan_head_checkpoint(source: Path, out: Path) -> Path:
-    """A copy of ``source`` whose final layer bias is NaN (every score becomes NaN)."""
-    ckpt = checkpoint.load(source)
-    model = dict(ckpt.model)
-    last = max((k for k in model if k.startswith("head.over_arch.") and k.endswith(".bias")),
-               key=lambda k: int(k.split(".")[2]))
-    model[last] = torch.full_like(model[last], float("nan"))
-    checkpoint.save(out, model, ckpt.optim, ckpt.trainer)
-    return out

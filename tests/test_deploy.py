@@ -11,18 +11,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from serving.client import Predictor
 from serving.deploy import (DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state,
                             recorded_options)
-from serving.export import ExportConfig, export_onnx, publish
+from serving.export import export_onnx, publish
 from serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
                                 read_export_metadata)
 from serving.repository import ModelRepository
 from serving.server import ServerConfig, TritonServer, triton_processes
 from tests.conftest import recops
-from tests.model_fixtures import nan_head_checkpoint, trained_checkpoint
+from tests.model_fixtures import trained_checkpoint
 from training.preprocess import Preprocessor
 from training.readers import read_frame
 
@@ -34,10 +35,10 @@ FAST = DeployConfig(drain_s=0.5, warmup_requests=1)
 def repo(tiny_dataset, tmp_path_factory) -> ModelRepository:
     """Versions 1 (dlrm), 2 (dcn), 3 (dlrm again), all gated."""
     repo = ModelRepository(tmp_path_factory.mktemp("deploy-repo"))
-    for i, family in enumerate(("dlrm", "dcn", "dlrm")):
-        exported = export_onnx(trained_checkpoint(tiny_dataset.path, family, tmp_path_factory),
-                               tmp_path_factory.mktemp(f"export-{i}"))
-        publish(exported, repo, NAME)
+    exports = {family: export_onnx(trained_checkpoint(tiny_dataset.path, family, tmp_path_factory),
+                                   tmp_path_factory.mktemp(f"export-{family}")) for family in ("dlrm", "dcn")}
+    for family in ("dlrm", "dcn", "dlrm"):
+        publish(exports[family], repo, NAME)
     return repo
 
 
@@ -119,9 +120,12 @@ def test_canary_split_is_deterministic_per_key():
 
 
 def test_hot_reload_under_load_fails_no_request(deployer, server, repo):
-    """4 threads send keyed requests while two versions are deployed, one as a canary, then promoted."""
+    """4 threads send keyed requests while two versions are deployed, one as a canary, then promoted.
+
+    Each step waits until the traffic shows the new routing, so the sequence does not depend on speed; the
+    generator stops when the sequence ends (hard cap 60 s, 5000 requests per thread)."""
     stop, failures, served = threading.Event(), [], Counter()
-    deadline = time.monotonic() + 15.0
+    deadline = time.monotonic() + 60.0
 
     def client(worker: int) -> None:
         inputs = probe(repo, 1, 8, seed=worker)
@@ -136,24 +140,29 @@ def test_hot_reload_under_load_fails_no_request(deployer, server, repo):
                 except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
                     failures.append(f"{type(exc).__name__}: {exc}")
 
+    def seen(version: int, arm: str) -> None:
+        while served[(version, arm)] < 5 and time.monotonic() < deadline and not failures:
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        seen(1, "production")
         assert deployer.deploy(2).production == 2
+        seen(2, "production")
         canary = deployer.deploy(3, canary=0.5)
         assert (canary.production, canary.canary, canary.status) == (2, 3, "canary")
-        time.sleep(0.5)
+        seen(3, "canary")
         promoted = deployer.promote()
         assert (promoted.production, promoted.canary, promoted.previous) == (3, None, 2)
-        time.sleep(0.3)
+        seen(3, "production")
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert failures == []
-    assert {(1, "production"), (2, "production"), (3, "canary"), (3, "production")} <= set(served)
+    assert {(1, "production"), (2, "production"), (3, "canary"), (3, "production")} <= set(served), served
     assert not {arm for (version, arm) in served if version != 3} - {"production"}
     assert ready_versions(server) == [3]
 
@@ -171,6 +180,14 @@ def test_rollback_drops_a_canary_then_restores_the_previous_production(deployer,
     restored = deployer.rollback()
     assert (restored.production, restored.previous) == (old, candidate)
     assert_production_answers(server, repo)
+
+
+def export_onnx_like(version_dir: Path, out: Path) -> Path:
+    """A copy of a version's ONNX file and export.json in a directory of its own."""
+    out.mkdir()
+    for name in ("model.onnx", "export.json"):
+        shutil.copyfile(version_dir / name, out / name)
+    return out
 
 
 def _hand_written_version(repo: ModelRepository, source: int) -> tuple[int, Path]:
@@ -193,12 +210,17 @@ def test_unreadable_onnx_is_refused_and_production_keeps_serving(deployer, serve
     assert_production_answers(server, repo)
 
 
-def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tiny_dataset, tmp_path_factory):
+def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tmp_path):
     """External weights truncated: the graph reads fine, onnxruntime in the server cannot load it."""
     before = deployer.state().production
-    exported = export_onnx(trained_checkpoint(tiny_dataset.path, "dlrm", tmp_path_factory),
-                           tmp_path_factory.mktemp("export-ext"), ExportConfig(external_data=True))
-    version = publish(exported, repo, NAME).version
+    source = repo.model_dir(NAME) / "1"
+    exported = export_onnx_like(source, tmp_path / "export")
+    model = onnx.load(str(exported / "model.onnx"))
+    onnx.save_model(model, str(exported / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    version = repo.add_version(NAME, exported / "model.onnx", extra_files=[exported / "export.json"],
+                               options=recorded_options(repo, NAME))
+    config = (repo.model_dir(NAME) / "config.pbtxt").read_text()
+    assert f"specific: {{ versions: [{before}] }}" in config  # adding a version did not change what is served
     data = repo.model_dir(NAME) / str(version) / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
     with pytest.raises(DeployError, match=f"version {version} refused and rolled back: load '{NAME}'"):
@@ -207,14 +229,16 @@ def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tiny_
     assert_production_answers(server, repo)
 
 
-def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, repo, tiny_dataset, tmp_path_factory):
+def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, repo):
+    """A version directory written by hand (no export, no gate) whose final bias is NaN."""
     before = deployer.state().production
-    good = trained_checkpoint(tiny_dataset.path, "dlrm", tmp_path_factory)
-    broken = nan_head_checkpoint(good, tmp_path_factory.mktemp("nan") / "ckpt")
-    exported = export_onnx(broken, tmp_path_factory.mktemp("export-nan"))  # no gate: test-only path
-    version = repo.add_version(NAME, exported.onnx_path, extra_files=exported.extra_files,
-                               options=recorded_options(repo, NAME))
-    with pytest.raises(DeployError, match="non-finite"):
+    version, folder = _hand_written_version(repo, 1)
+    model = onnx.load(str(folder / "model.onnx"))
+    bias = max((t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
+               key=lambda t: int(t.name.split(".")[2]))
+    bias.CopyFrom(onnx.numpy_helper.from_array(np.full(tuple(bias.dims), np.nan, np.float32), bias.name))
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(DeployError, match=f"version {version} refused and rolled back: .*non-finite"):
         deployer.deploy(version)
     assert deployer.state().production == before
     assert_production_answers(server, repo)
