@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from training import checkpoint
 from training.dataset import ingest
 from training.errors import RecopsError
 from training.spec import PreprocessConfig
-from training.sweep import run_sweep
 from training.sweep_config import load_sweep_config
 from training.synth import SynthConfig, write
 
@@ -55,21 +53,48 @@ def ray_processes(ray_tmp: Path) -> list[str]:
     return found
 
 
-@pytest.fixture
-def ray_env(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Ray settings for tests; afterwards no process of this Ray session may remain."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rsw-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    for key, value in {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled", "RAY_COLOR_PREFIX": "0",
-                       "RAY_AIR_NEW_OUTPUT": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_USAGE_STATS_ENABLED": "0", "CI": "1"}.items():
-        monkeypatch.setenv(key, value)
-    yield ray_tmp
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "CI": "1"}
+
+
+def assert_no_ray_left(ray_tmp: Path) -> None:
     deadline = time.monotonic() + 30
     while ray_processes(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = ray_processes(ray_tmp)
     assert not left, f"Ray processes left behind: {left}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_env(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Ray settings for a command that starts its own local Ray; afterwards no process of that Ray may remain."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rsw-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    for key, value in {**RAY_ENV, "RAY_TMPDIR": str(ray_tmp)}.items():
+        monkeypatch.setenv(key, value)
+    yield ray_tmp
+    assert_no_ray_left(ray_tmp)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    """One local Ray cluster for the module's sweeps (they attach with --address, as to a GPU cluster), stopped at the end."""
+    import ray
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rsw-", dir="/tmp"))
+    env = {**RAY_ENV, "RAY_TMPDIR": str(ray_tmp)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=3, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False,
+                 logging_level="WARNING")
+        yield ray.get_runtime_context().gcs_address, env
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert_no_ray_left(ray_tmp)
 
 
 def sweep_yaml(path: Path, data: Path | dict, **overrides: Any) -> Path:
@@ -119,27 +144,32 @@ def test_missing_dataset_version_fails_in_cli_before_ray_starts(tmp_path: Path, 
     assert not list(ray_env.iterdir()) and not (tmp_path / "sweeps").exists()  # no Ray session, no experiment
 
 
+def cli(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ops.cli", "sweep", *args], cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
 def test_gpu_request_on_cpu_machine_fails_fast(tmp_path: Path, dataset: Path, ray_env: Path,
                                                capsys: pytest.CaptureFixture) -> None:
+    """A local sweep (its own Ray in this process, stopped afterwards) whose trials want a GPU this machine lacks."""
     config = sweep_yaml(tmp_path / "s.yaml", dataset, resources={"gpus_per_worker": 1})
     assert cli_main(["sweep", "--config", str(config), "--registry", str(tmp_path / "reg")]) == 2
     err = capsys.readouterr().err
-    assert "asks for 1 GPU" in err and "has 0" in err and "gpus_per_worker: 0" in err
-    assert not (tmp_path / "sweeps").exists()  # failed before the experiment (or any trial) started
+    assert "asks for 1 GPU" in err and "has 0" in err and "gpus_per_worker: 0" in err, err[-2000:]
+    assert list(ray_env.iterdir()) and not (tmp_path / "sweeps").exists()  # Ray ran; no experiment or trial started
 
 
-def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, dataset: Path, ray_env: Path) -> None:
+def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, dataset: Path, cluster: Any) -> None:
+    address, env = cluster
     config = sweep_yaml(tmp_path / "s.yaml", dataset, num_samples=4, max_concurrent_trials=2,
                         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                         search={"embedding_lr": {"loguniform": [0.005, 0.3]}, "family": {"choice": ["dlrm", "dcn"]}})
-    registry = tmp_path / "reg"
-    cli = [sys.executable, "-m", "ops.cli", "sweep", "--registry", str(registry), "--json"]
-    first = subprocess.Popen([*cli, "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    common = ("--address", address, "--registry", str(tmp_path / "reg"), "--json")
+    first = cli("--config", str(config), *common, env=env)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and first.poll() is None:  # a 3rd trial starts only once one of 2 ended
-            trials = list((tmp_path / "sweeps").glob("*/trials/*"))
-            if sum(bool(events(t)) for t in trials) >= 3:
+            if sum(bool(events(t)) for t in (tmp_path / "sweeps").glob("*/trials/*")) >= 3:
                 break
             time.sleep(0.2)
         first.send_signal(signal.SIGINT)
@@ -155,9 +185,10 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
     assert done, interrupted["ranking"]
     before = {t: events(experiment / "trials" / t) for t in done}
 
-    resumed = subprocess.run([*cli, "--resume", str(experiment)], cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    resumed = cli("--resume", str(experiment), *common, env=env)
+    stdout, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert (out["status"], out["num_trials"], out["num_errors"], out["experiment_dir"]) == ("completed", 4, 0, str(experiment))
     for trial_id, old in before.items():  # finished trials were not run again
         assert events(experiment / "trials" / trial_id) == old
@@ -173,7 +204,7 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
     assert env["libraries"]["torch"].startswith("2.13") and env["libraries"]["ray"] == "2.60.0"
     assert env["code"]["git_sha"] and env["hardware"]["cpu_count"] == os.cpu_count()
 
-    version = LocalRegistry(registry).get_by_alias("candidate")
+    version = LocalRegistry(tmp_path / "reg").get_by_alias("candidate")
     assert version.version == out["model_version"] == 1
     assert (version.lineage.sweep_id, version.lineage.trial_id) == (experiment.name, best_id)
     assert version.dataset_version == dataset.name and version.metrics["auc"] == out["best_auc"]
@@ -182,29 +213,32 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
     assert restored.trainer["metrics"]["auc"] == out["best_auc"] and restored.trainer["model"]["family"] == best["params"]["family"]
 
 
-def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path, ray_env: Path) -> None:
-    config = load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, epochs=4, max_failures=1,
-                                          resources={"workers_per_trial": 2, "cpus_per_worker": 1}))
-    killed: list[int] = []
-
-    def kill_after_first_epoch() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not killed:
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path, cluster: Any) -> None:
+    """Two DMP workers per trial; rank 0 is SIGKILLed after epoch 1: Train restarts both from epoch 1's checkpoint."""
+    address, env = cluster
+    config = sweep_yaml(tmp_path / "s.yaml", dataset, epochs=4, max_failures=1,
+                        train={"batch_size": 256, "sharding_type": "data_parallel"},
+                        resources={"workers_per_trial": 2, "cpus_per_worker": 1})
+    sweep = cli("--config", str(config), "--address", address, "--no-register", "--json", env=env)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and sweep.poll() is None:
             for trial in (tmp_path / "sweeps").glob("*/trials/*"):
                 epochs = [e for e in events(trial) if e["event"] == "epoch"]
-                if epochs:
-                    os.kill(epochs[0]["pid"], signal.SIGKILL)  # rank 0, right after Train took epoch 1's checkpoint
-                    killed.append(epochs[0]["pid"])
+                if epochs:  # rank 0, right after Train took epoch 1's checkpoint
+                    killed = epochs[0]["pid"]
+                    os.kill(killed, signal.SIGKILL)
             time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
-    killer.start()
-    result = run_sweep(config)
-    killer.join(timeout=1)
-    assert killed and result.status == "completed" and result.num_errors == 0
-    (trial,) = result.trials
-    assert trial.status == "finished" and [h["epoch"] for h in trial.history] == [1, 2, 3, 4]
-    first, second = trial.attempts
-    assert first["pid"] == killed[0] != second["pid"] and first["world_size"] == second["world_size"] == 2
+        stdout, err = sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert killed and sweep.returncode == 0, err[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert (out["status"], out["num_trials"], out["num_errors"]) == ("completed", 1, 0)
+    record = json.loads((Path(out["experiment_dir"]) / "trials" / out["best_trial"] / "trial_record.json").read_text())
+    assert record["status"] == "finished" and [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
+    first, second = record["attempts"]
+    assert first["pid"] == killed != second["pid"] and first["world_size"] == second["world_size"] == 2
     assert second["resumed_at_epoch"] >= 1  # restarted from a checkpoint, not from scratch
-    assert result.best_checkpoint and checkpoint.load(result.best_checkpoint).trainer["world_size"] == 2
+    assert checkpoint.load(out["best_checkpoint"]).trainer["world_size"] == 2

@@ -46,6 +46,7 @@ LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting 
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one process less per trial; a local machine is not preempted
 }
 DRIVER_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
@@ -227,6 +228,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0:
+            # The controller registers reports asynchronously; wait until it holds this checkpoint, so "epoch N"
+            # in events.jsonl means a restart resumes after epoch N.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             _log_event(work, "epoch", epoch=metrics["epoch"], auc=metrics["auc"], logloss=metrics["logloss"])
 
     run_worker(plan.config.dataset.path, model, train, work, report=report, resume=True)
