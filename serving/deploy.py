@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,11 @@ from filelock import FileLock
 from serving.client import Predictor
 from serving.errors import ServingError
 from serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session, read_export_metadata
-from serving.repository import (CONFIG_FILE, ONNX_FILE, DynamicBatching, ModelRepository, ServingOptions,
-                                VersionPolicy, WarmupRequest, model_config, read_signature, write_text_atomic)
+from serving.repository import (ONNX_FILE, ModelRepository, ServingOptions, VersionPolicy, model_config,
+                                read_signature, write_text_atomic)
 from serving.server import TritonServer
 from training.errors import RecopsError
 
-DEFAULT_SERVING = ServingOptions(max_batch_size=4096, warmup=(WarmupRequest(batch_size=1, data="zero"),))
 STATE_FILE = "deploy_state.json"
 LOCK_FILE = ".deploy.lock"
 HISTORY_LIMIT = 100
@@ -51,8 +50,8 @@ class DeployError(RecopsError):
 class DeployConfig:
     """How deployments check and switch versions.
 
-    ``target`` None = the repository's (the backend its config.pbtxt names); ``options`` None = the options
-    recorded by the last deployment, else ``DEFAULT_SERVING``.
+    ``target`` and ``options`` None = the model's settings in the repository (``ModelRepository.settings``:
+    what the export or the last deployment wrote); the version policy is always the deployment's own.
     """
 
     target: str | None = None
@@ -76,8 +75,6 @@ class DeployState:
     previous: int | None = None  # the production version before the last switch (rollback target)
     status: str = "empty"  # empty | serving | canary | rolled_back
     message: str = ""
-    target: str = "cpu"
-    options: dict[str, Any] = field(default_factory=dict)
     history: tuple[dict[str, Any], ...] = ()
 
     @property
@@ -124,31 +121,10 @@ def read_deploy_state(repo: ModelRepository, name: str) -> DeployState:
         raise RecopsError(f"{path} is corrupt ({exc}); fix or delete it, then deploy a version again") from exc
 
 
-def options_to_dict(options: ServingOptions) -> dict[str, Any]:
-    return asdict(options)
-
-
-def options_from_dict(data: dict[str, Any]) -> ServingOptions:
-    batching = data.get("dynamic_batching")
-    return ServingOptions(
-        max_batch_size=data["max_batch_size"],
-        dynamic_batching=DynamicBatching(tuple(batching["preferred_batch_sizes"]), batching["max_queue_delay_us"])
-        if batching is not None else None,
-        instance_count=data["instance_count"],
-        version_policy=VersionPolicy(data["version_policy"]["kind"], data["version_policy"]["latest_n"],
-                                     tuple(data["version_policy"]["versions"])),
-        warmup=tuple(WarmupRequest(**w) for w in data["warmup"]),
-        intra_op_threads=data["intra_op_threads"])
-
-
-def recorded_options(repo: ModelRepository, name: str) -> ServingOptions | None:
-    """The serving options of the last deployment, with a policy for exactly the versions it serves."""
-    state = read_deploy_state(repo, name)
-    if not state.options:
-        return None
-    options = options_from_dict(state.options)
-    policy = VersionPolicy("specific", versions=tuple(sorted(state.loaded))) if state.loaded else VersionPolicy()
-    return replace(options, version_policy=policy)
+def served_policy(repo: ModelRepository, name: str) -> VersionPolicy | None:
+    """The policy serving exactly the deployed versions, or None if nothing is deployed."""
+    loaded = read_deploy_state(repo, name).loaded
+    return VersionPolicy("specific", versions=tuple(sorted(loaded))) if loaded else None
 
 
 def in_canary(key: str, share: float) -> bool:
@@ -166,11 +142,8 @@ class Deployer:
         self.name, self.config = name, config
         if not self.repo.versions(name):
             raise RecopsError(f"model {name!r} has no version in {self.repo.root}; export one with `recops export`")
-        self.target = config.target or self._repository_target()
-
-    def _repository_target(self) -> str:
-        config = self.repo.model_dir(self.name) / CONFIG_FILE
-        return "gpu" if config.is_file() and 'platform: "onnxruntime_onnx"' in config.read_text() else "cpu"
+        stored_target, stored_options = self.repo.settings(name)
+        self.target, self.options = config.target or stored_target, config.options or stored_options
 
     # ---- public actions -------------------------------------------------------------------
     def state(self) -> DeployState:
@@ -244,17 +217,8 @@ class Deployer:
     def _onnx(self, version: int) -> Path:
         return self.repo.model_dir(self.name) / str(version) / ONNX_FILE
 
-    def _base_options(self, source: int) -> ServingOptions:
-        """Configured, else last deployed, else the options ``source`` was exported with, else the defaults."""
-        options = self.config.options or recorded_options(self.repo, self.name)
-        if options is not None:
-            return options
-        meta = read_export_metadata(self._onnx(source).parent) or {}
-        return options_from_dict(meta["serving_options"]) if meta.get("serving_options") else DEFAULT_SERVING
-
-    def _options(self, versions: tuple[int, ...], source: int) -> ServingOptions:
-        policy = VersionPolicy("specific", versions=tuple(sorted(set(versions))))
-        return replace(self._base_options(source), version_policy=policy)
+    def _options(self, versions: tuple[int, ...]) -> ServingOptions:
+        return replace(self.options, version_policy=VersionPolicy("specific", versions=tuple(sorted(set(versions)))))
 
     def _check_signature(self, version: int, production: int | None) -> None:
         try:
@@ -269,7 +233,7 @@ class Deployer:
 
     def _serve(self, versions: tuple[int, ...], source: int) -> None:
         """Write config.pbtxt for exactly ``versions`` (signature of ``source``) and (re)load the model."""
-        options = self._options(versions, source)
+        options = self._options(versions)
         self.repo.write_config(model_config(self.name, self._onnx(source), self.target, options))
         self.server.load(self.name)
         for version in versions:
@@ -331,9 +295,6 @@ class Deployer:
         return switched
 
     def _write(self, state: DeployState) -> DeployState:
-        if state.production is not None:
-            state = replace(state, options=options_to_dict(self._base_options(state.production)))
-        state = replace(state, target=self.target)
         write_text_atomic(state_path(self.repo, self.name), json.dumps(state.to_dict(), indent=1))
         return state
 

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.deploy import DEFAULT_SERVING, deploy_lock, options_to_dict, recorded_options
+from serving.deploy import deploy_lock, served_policy
 from serving.inference_module import InferenceDLRM, load_torchrec, torchrec_probabilities
 from serving.onnx_model import (EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, FeatureLayout, InputSpec,
                                 onnx_probabilities, onnx_session)
-from serving.repository import ONNX_FILE, ModelRepository, ServingOptions, write_text_atomic
+from serving.repository import (ONNX_FILE, SETTINGS_FILE, ModelRepository, ServingOptions, WarmupRequest,
+                                write_text_atomic)
 from training import checkpoint as checkpoints
 from training.errors import RecopsError
 from training.metrics import auc
@@ -32,6 +33,8 @@ from training.model import ModelConfig
 
 FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
+# a new model's serving options: batches up to 4096 rows, a zero-id warm-up request at load
+DEFAULT_SERVING = ServingOptions(max_batch_size=4096, warmup=(WarmupRequest(batch_size=1, data="zero"),))
 
 
 class ParityError(RecopsError):
@@ -108,13 +111,12 @@ class ExportedModel:
     def extra_files(self) -> list[Path]:
         return [self.directory / PREPROCESS_FILE, self.directory / EXPORT_FILE]
 
-    def metadata(self, parity: ParityReport | None = None, options: ServingOptions | None = None) -> dict[str, Any]:
-        """export.json: what was exported, the gate's report and the serving options it was published with."""
+    def metadata(self, parity: ParityReport | None = None) -> dict[str, Any]:
+        """export.json: what was exported (checkpoint, exporter, inputs, layout) and the gate's report."""
         return {"checkpoint": str(self.checkpoint), "exporter": self.exporter, "fp16": self.fp16,
                 "external_data": self.external_data, "inputs": [asdict(s) for s in self.inputs],
                 "output": OUTPUT_NAME, "layout": asdict(self.layout),
-                "parity": parity.to_dict() if parity else None,
-                "serving_options": options_to_dict(options) if options else None}
+                "parity": parity.to_dict() if parity else None}
 
 
 @dataclass(frozen=True)
@@ -255,28 +257,29 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
     return report
 
 
-def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: str = "cpu",
+def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: str | None = None,
             options: ServingOptions | None = None, dataset: Path | str | None = None,
             parity: ParityConfig = ParityConfig(), version: int | None = None) -> PublishResult:
     """Gate ``exported`` and add it as a new version of ``name``; a failed gate writes nothing.
 
-    ``options`` None = the serving options a deployment recorded for ``name``, else ``DEFAULT_SERVING``. The
-    version policy is always the deployment's (if any), so adding a version never changes what is served.
+    ``target``/``options`` None = the model's stored settings (a new model: cpu, ``DEFAULT_SERVING``). While a
+    deployment serves the model its version policy is kept, so adding a version never changes what is served.
     """
     report = check_parity(exported, dataset, parity)
+    write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report), indent=1))
     with deploy_lock(repo, name):
-        recorded = recorded_options(repo, name)
-        options = options or recorded or DEFAULT_SERVING
-        if recorded is not None:  # the deployment decides which versions are served, not the export
-            options = replace(options, version_policy=recorded.version_policy)
-        write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report, options), indent=1))
+        if options is None and not (repo.model_dir(name) / SETTINGS_FILE).is_file():
+            options = DEFAULT_SERVING
+        policy = served_policy(repo, name)
+        if options is not None and policy is not None:
+            options = replace(options, version_policy=policy)
         added = repo.add_version(name, exported.onnx_path, target=target, options=options, version=version,
                                  extra_files=exported.extra_files)
     return PublishResult(name, added, repo.model_dir(name) / str(added) / ONNX_FILE, report, exported)
 
 
 def export_to_repository(checkpoint_dir: Path | str, repo: ModelRepository | Path | str, name: str,
-                         target: str = "cpu", config: ExportConfig | None = None,
+                         target: str | None = None, config: ExportConfig | None = None,
                          options: ServingOptions | None = None, dataset: Path | str | None = None,
                          parity: ParityConfig = ParityConfig()) -> PublishResult:
     """Export ``checkpoint_dir`` into a temp dir, gate it, and add it to ``repo`` as the next version of ``name``."""

@@ -15,8 +15,7 @@ import onnx
 import pytest
 
 from serving.client import Predictor
-from serving.deploy import (DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state,
-                            recorded_options)
+from serving.deploy import DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state
 from serving.export import export_onnx, publish
 from serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
                                 read_export_metadata)
@@ -91,7 +90,10 @@ def test_served_scores_equal_local_onnxruntime(protocol, deployer, server, repo)
     inputs = probe(repo, 1, 700)
     with Predictor(url, NAME, protocol=protocol, batch_size=256) as predictor:
         result = predictor.predict(inputs, model_version=1)
-        metadata = predictor.metadata()
+        metadata, config = predictor.metadata(), predictor.config()
+    # the export's serving options survive the deployment, which only sets the version policy
+    assert int(config["max_batch_size"]) == 4096  # gRPC's JSON carries int64 as strings
+    assert [int(v) for v in config["version_policy"]["specific"]["versions"]] == [1]
     assert result.model_versions == ("1", "1", "1")  # 700 rows in three requests
     assert np.abs(result.outputs["probability"] - local_scores(repo, 1, inputs)).max() <= 1e-5
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]] == [
@@ -217,8 +219,7 @@ def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tmp_p
     exported = export_onnx_like(source, tmp_path / "export")
     model = onnx.load(str(exported / "model.onnx"))
     onnx.save_model(model, str(exported / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
-    version = repo.add_version(NAME, exported / "model.onnx", extra_files=[exported / "export.json"],
-                               options=recorded_options(repo, NAME))
+    version = repo.add_version(NAME, exported / "model.onnx", extra_files=[exported / "export.json"])
     config = (repo.model_dir(NAME) / "config.pbtxt").read_text()
     assert f"specific: {{ versions: [{before}] }}" in config  # adding a version did not change what is served
     data = repo.model_dir(NAME) / str(version) / "model.onnx.data"

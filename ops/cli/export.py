@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", required=True, help="served model name in the repository")
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
                         help="Triton model repository (default: triton_models/ at the repo root)")
-    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU")
+    parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
+                        help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU "
+                             "(default: the model's current target, cpu for a new model)")
     parser.add_argument("--fp16", action="store_true", help="FP16 weights and compute (GPU targets; gate tolerance 1e-2)")
     parser.add_argument("--external-data", action="store_true",
                         help="always store weights in model.onnx.data (default: only above 1 GiB)")
