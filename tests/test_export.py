@@ -14,7 +14,6 @@ from serving.export import ExportConfig, ParityError, check_parity, export_onnx,
 from serving.inference_module import load_torchrec, torchrec_probabilities
 from serving.onnx_model import EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, onnx_probabilities, onnx_session
 from serving.repository import ModelRepository
-from tests.conftest import recops
 from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
 from training import checkpoint
 from training.dataset import Dataset
@@ -127,21 +126,23 @@ def test_fp16_export_keeps_float32_io_within_its_tolerance(checkpoints, tiny_dat
     assert report.max_abs_diff > 0  # really computed in half precision
 
 
-def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp_path):
+def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp_path, capsys):
+    """`recops export` through the CLI framework, in this process (torch is already imported here)."""
+    from ops.cli import main
     from ops.registry import LocalRegistry
 
     registry = LocalRegistry(tmp_path / "registry")
     registered = registry.register(checkpoints["dcn"], {"auc": 0.5}, {"family": "dcn"}, tiny_dataset.version)
-    proc = recops("export", "--model-version", str(registered.version), "--registry", str(tmp_path / "registry"),
-                  "--name", "ctr", "--repo", str(tmp_path / "repo"), "--data", str(tiny_dataset.path), "--json")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    common = ["--name", "ctr", "--repo", str(tmp_path / "repo"), "--json"]
+    assert main(["export", "--model-version", str(registered.version), "--registry", str(tmp_path / "registry"),
+                 "--data", str(tiny_dataset.path), *common]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["name"] == "ctr" and out["version"] == 1 and Path(out["onnx_path"]).is_file()
     assert out["parity_max_abs_diff"] <= 1e-5
     assert round(out["parity_auc"]["torch"], 4) == round(out["parity_auc"]["onnx"], 4)
     assert out["inputs"] == [{"name": "dense", "dtype": "float32", "shape": [-1, 13]},
                              {"name": "sparse", "dtype": "int64", "shape": [-1, 26]}]
 
-    missing = recops("export", "--checkpoint", str(tmp_path / "nope"), "--name", "ctr", "--repo",
-                     str(tmp_path / "repo"), check=False)
-    assert missing.returncode == 2 and "not a checkpoint directory" in missing.stderr
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), *common]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
     assert ModelRepository(tmp_path / "repo").versions("ctr") == [1]
