@@ -54,6 +54,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.rows < 2000:
             raise RecopsError(f"demo: --rows {self.rows} is too few to train on; use at least 2000")
+        if self.stream.windows < self.stream.drift_at + 3:
+            raise RecopsError(f"demo: {self.stream.windows} windows leave no room after the drift at window "
+                              f"{self.stream.drift_at} for detection (2 windows) and a canary window; use --windows 6 or more")
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -178,12 +181,11 @@ class Demo:
         self.timed("stream", lambda: write_synthetic_stream(stream, self.workdir / "stream"))
         self.log(f"stream: {stream.windows} windows x {stream.rows} rows; from window {stream.drift_at} covariate drift "
                  f"{stream.covariate_drift} on {', '.join(stream.drift_features)} and concept drift {stream.concept_drift}")
-        loop = Loop(self.loop_config(server))
-        self.timed("loop", lambda: loop.run(on_event=self._print_event))
-        predictions = self.sample_predictions(server, loop)
-        after = loop.state.production.repo_version
-        return {"production_before": repo_version, "production_after": after, "predictions": predictions,
-                "state_dir": str(loop.state_dir), "events": loop.events()}
+        with Loop(self.loop_config(server)) as loop:
+            self.timed("loop", lambda: loop.run(on_event=self._print_event))
+            predictions = self.sample_predictions(server, loop)
+            return {"production_before": repo_version, "production_after": loop.state.production.repo_version,
+                    "predictions": predictions, "state_dir": str(loop.state_dir), "events": loop.events()}
 
     def loop_config(self, server) -> LoopConfig:
         return LoopConfig(
@@ -270,8 +272,14 @@ def leftover_processes(token: str) -> list[str]:
     return found
 
 
-def demo_config(workdir: Path | None = None, rows: int | None = None, use_sweep: bool | None = None) -> DemoConfig:
-    """The embedded defaults with the CLI's overrides."""
+def demo_config(workdir: Path | None = None, rows: int | None = None, windows: int | None = None,
+                window_rows: int | None = None, use_sweep: bool | None = None) -> DemoConfig:
+    """The embedded defaults with the CLI's overrides (drift starts at 3/8 of the windows)."""
     config = DemoConfig()
+    stream = config.stream
+    if windows is not None:
+        stream = replace(stream, windows=windows, drift_at=max(1, windows * 3 // 8))
+    if window_rows is not None:
+        stream = replace(stream, rows=window_rows)
     changes = {k: v for k, v in {"workdir": workdir, "rows": rows, "use_sweep": use_sweep}.items() if v is not None}
-    return replace(config, **changes)
+    return replace(config, stream=stream, **changes)

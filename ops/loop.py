@@ -153,16 +153,26 @@ class LoopConfig:
 
 @dataclass
 class ModelRef:
-    """A served model: its repository version, registry version, training dataset and baseline figures."""
+    """A served model: its repository version, registry version, training dataset and quality baseline.
+
+    The baseline that quality drift is measured against is online: the model's AUC/logloss in its first
+    window as production, or, for a promoted canary, over its canary windows. (Offline validation
+    figures are optimistic: the best epoch is picked on them, and they come from another sample.)
+    """
 
     repo_version: int
     registry_version: int | None
     dataset: str
     checkpoint: str
-    baseline_auc: float
-    baseline_logloss: float
     since_window: int  # first window it served as production
     since_ts: float
+    baseline_auc: float | None = None
+    baseline_logloss: float | None = None
+    baseline_source: str = ""
+
+    def set_baseline(self, auc_value: float | None, logloss_value: float | None, source: str) -> None:
+        if auc_value is not None and logloss_value is not None:
+            self.baseline_auc, self.baseline_logloss, self.baseline_source = auc_value, logloss_value, source
 
 
 @dataclass
@@ -212,6 +222,19 @@ def read_events(state_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].splitlines() if line.strip()]
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as None, numpy scalars as Python numbers and paths as strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return str(value) if isinstance(value, Path) else value
+
+
 def _finite(x: Any) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
@@ -230,13 +253,27 @@ class Loop:
     """The closed loop over ``config.stream_dir`` against the server at ``config.server_url``."""
 
     def __init__(self, config: LoopConfig):
+        from filelock import FileLock, Timeout
+
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.state_dir / CONFIG_FILE, loop_config_dict(config))
+        self._lock = FileLock(str(self.state_dir / ".loop.lock"), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise RecopsError(f"another loop runs on {self.state_dir}; stop it first (one loop per state dir)") from None
+        try:
+            self._open(config)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, config: LoopConfig) -> None:
         from ops.registry import LocalRegistry
         from serving.repository import ModelRepository
 
+        write_json_atomic(self.state_dir / CONFIG_FILE, loop_config_dict(config))
         self.repo = ModelRepository(config.repo)
         self.registry = LocalRegistry(config.registry)
         self._cache: dict[str, Any] = {}
@@ -265,12 +302,26 @@ class Loop:
             self.state.next_seq += 1
         if stamped:
             with open(self.state_dir / EVENTS_FILE, "a") as fh:
-                fh.write("".join(json.dumps(e, default=str, allow_nan=False) + "\n" for e in stamped))
+                fh.write("".join(json.dumps(jsonable(e)) + "\n" for e in stamped))
                 fh.flush()
                 os.fsync(fh.fileno())
         self.state.policy = asdict(self.policy.state)
-        write_json_atomic(self.state_dir / STATE_FILE, self.state.to_dict())
+        write_json_atomic(self.state_dir / STATE_FILE, jsonable(self.state.to_dict()))
         return stamped
+
+    def close(self) -> None:
+        """Release the state dir (another Loop may then resume it) and the server connections."""
+        for key, value in list(self._cache.items()):
+            if key == "router" or key.startswith("predictor-"):
+                value.close()
+        self._cache.clear()
+        self._lock.release()
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _drop_uncommitted_events(self) -> None:
         """Events written after the last state save belong to a step that will run again: drop them."""
@@ -282,7 +333,7 @@ class Loop:
         if raw.count(b"\n") != len(kept) or not raw.endswith(b"\n") and raw:
             fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{EVENTS_FILE}.")
             with os.fdopen(fd, "w") as fh:
-                fh.write("".join(json.dumps(e, default=str) + "\n" for e in kept))
+                fh.write("".join(json.dumps(e) + "\n" for e in kept))
             os.replace(tmp, path)
 
     def events(self) -> list[dict[str, Any]]:
@@ -310,9 +361,8 @@ class Loop:
                               "pass the dataset root the model was trained from (--datasets)")
         registered = [v.version for v in self.registry.list() if v.checkpoint == checkpoint] \
             if (Path(self.registry.root) / "index.json").is_file() else []
-        metrics = trainer["metrics"]
         return ModelRef(production, registered[0] if registered else None, str(dataset.resolve()), str(checkpoint),
-                        metrics["val_auc"], metrics["val_logloss"], 0, start_ts)
+                        0, start_ts)
 
     # ---- running -----------------------------------------------------------------------------
     def window_ts(self, index: int) -> float:
@@ -532,6 +582,8 @@ class Loop:
     def _decide(self, index: int, record: dict[str, Any]) -> list[dict[str, Any]]:
         production = self.state.production
         arm = record["arms"].get(str(production.repo_version), {})
+        if production.baseline_auc is None:
+            production.set_baseline(arm.get("auc"), arm.get("logloss"), f"online, window {index}")
         new_rows = self._rows_since(production.since_window)
         decision = self.policy.decide(Observation(
             ts=record["ts"], model_version=str(production.repo_version), model_trained_at=production.since_ts,
@@ -740,10 +792,8 @@ class Loop:
                 self.state.step, self.state.candidate = "observe", None
                 return self._commit({"kind": "rolled_back", "version": version, "reason": f"canary refused: {exc}",
                                      "production": self.state.production.repo_version})
-        metrics = candidate["metrics"]
         self.state.canary = ModelRef(version, candidate["registry_version"], candidate["dataset"], candidate["checkpoint"],
-                                     metrics["val_auc"], metrics["val_logloss"], self.state.next_window,
-                                     self.window_ts(self.state.next_window))
+                                     self.state.next_window, self.window_ts(self.state.next_window))
         self.state.canary_arms, self.state.step = [], "watch_canary"
         return self._commit({"kind": "canary_started", "version": version, "share": share,
                              "reason": f"version {version} serves {share:.0%} of keys beside production "
@@ -761,6 +811,9 @@ class Loop:
             if canary.registry_version is not None:
                 self.registry.set_alias(canary.registry_version, "production", reason=verdict["reason"])
             canary.since_window, canary.since_ts = self.state.next_window, self.window_ts(self.state.next_window)
+            first = self.state.next_window - len(self.state.canary_arms)
+            canary.set_baseline(verdict["canary"]["auc"], verdict["canary"]["logloss"],
+                                f"online, canary windows {first}..{self.state.next_window - 1}")
             self.state.production, kind = canary, "promoted"
         else:
             if deployed.canary == canary.repo_version:

@@ -14,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                         help="where everything goes (default runs/demo; a previous demo there is replaced)")
     parser.add_argument("--rows", type=int, default=None, metavar="N", help="rows of initial training data (default 20000)")
+    parser.add_argument("--windows", type=int, default=None, metavar="N", help="windows of live traffic (default 8)")
+    parser.add_argument("--window-rows", type=int, default=None, metavar="N", help="rows per window (default 4000)")
     parser.add_argument("--no-sweep", action="store_true", help="one training run instead of a Ray Tune sweep")
     add_json_flag(parser)
     parser.set_defaults(func=demo)
@@ -22,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     from ops.demo import demo_config, run_demo
 
-    config = demo_config(workdir=args.workdir, rows=args.rows, use_sweep=False if args.no_sweep else None)
+    config = demo_config(workdir=args.workdir, rows=args.rows, windows=args.windows, window_rows=args.window_rows,
+                         use_sweep=False if args.no_sweep else None)
     result = run_demo(config)
     if args.json:
         return result

@@ -1,0 +1,211 @@
+"""The closed loop on a real Triton server, real TorchRec training and a real Ray Tune sweep.
+
+One small model serves two model names in one repository (one per scenario, so the scenarios do not
+share a deployment): a drifted stream retrained, canaried and promoted across a restart of the loop,
+and a retraining that fails validation. ``recops demo --json`` runs the whole story in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, read_events
+from ops.policy import PolicyConfig
+from ops.stream import StreamConfig, write_synthetic_stream
+from serving.deploy import DeployConfig, Deployer, read_deploy_state
+from serving.repository import ModelRepository
+from serving.server import ServerConfig, TritonServer, triton_processes
+from tests.conftest import recops
+from tests.triton_fixtures import processes_mentioning
+from training.errors import RecopsError
+
+ROWS = 3000  # per window
+
+
+@dataclass
+class Served:
+    root: Path
+    repo: ModelRepository
+    server: TritonServer
+    datasets: Path
+    registry: Path
+
+    def deploy(self, name: str) -> None:
+        """``name`` version 1 = the fixture's model, in production."""
+        source = self.repo.model_dir("base") / "1"
+        self.repo.add_version(name, source / "model.onnx", extra_files=[source / "preprocess.json", source / "export.json"])
+        Deployer(self.server, self.repo, name, DeployConfig(drain_s=0.1)).deploy(1)
+
+    def config(self, name: str, stream: Path, **changes) -> LoopConfig:
+        return LoopConfig(state_dir=self.root / f"loop-{name}", stream_dir=stream, repo=self.repo.root, model_name=name,
+                          server_url=self.server.http_url, datasets_root=self.datasets, registry=self.registry,
+                          metrics_url=self.server.metrics_url, window_s=60.0, feedback_delay_s=5.0, **changes)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_dataset):
+    """A 1-epoch model on the tiny dataset, registered, exported as ``base`` v1, on a real Triton server."""
+    from ops.registry import LocalRegistry
+    from serving.export import export_to_repository
+    from training.model import ModelConfig
+    from training.train import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("loop")
+    datasets = root / "datasets"
+    shutil.copytree(tiny_dataset.path, datasets / tiny_dataset.path.name)
+    result = fit(datasets / tiny_dataset.path.name, ModelConfig(embedding_dim=8, dense_arch=(16,), over_arch=(32,)),
+                 TrainConfig(epochs=1, batch_size=512), root / "train")
+    registry = LocalRegistry(root / "registry")
+    version = registry.register(Path(result.checkpoint), {"auc": result.auc}, {}, tiny_dataset.version)
+    repo = ModelRepository(root / "triton")
+    export_to_repository(version.checkpoint, repo, "base", dataset=datasets / tiny_dataset.path.name)
+    server = TritonServer(ServerConfig(repo=repo.root)).start()
+    pid = server.pid
+    try:
+        yield Served(root, repo, server, datasets, registry.root)
+    finally:
+        server.stop()
+    assert triton_processes(pid) == [], "server or python-backend stub left running"
+
+
+def kinds(events: list[dict]) -> list[str]:
+    return [e["kind"] for e in events if e["kind"] != "window"]
+
+
+# ------------------------------------------------------------------ drift -> retrain -> (restart) -> canary -> promote
+
+
+@pytest.fixture(scope="module")
+def restarted(served):
+    """Drift from window 2; the loop stops once ``retrain_finished`` is committed, a crash leaves an uncommitted
+    event behind, and a new Loop on the same state dir finishes the stream."""
+    stream = served.root / "stream-drift"
+    write_synthetic_stream(StreamConfig(windows=6, rows=ROWS, seed=500, drift_at=2, covariate_drift=0.5,
+                                        concept_drift=0.6), stream)
+    served.deploy("drifted")
+    config = served.config("drifted", stream,
+                           policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
+                           retrain=RetrainConfig(min_windows=2), gate=GateConfig(slice_min_rows=100),
+                           canary=CanaryConfig(share=0.5, drain_s=0.1))
+    with Loop(config) as first:
+        first.run(stop_after="retrain_finished")
+        with pytest.raises(RecopsError, match="another loop runs"):
+            Loop(config)
+    before = read_events(config.state_dir)
+    with open(config.state_dir / "events.jsonl", "a") as fh:  # written by a step that never committed its state
+        fh.write(json.dumps({"seq": first.state.next_seq, "t": 0.0, "kind": "retrain_started", "reason": "uncommitted"}) + "\n")
+    with Loop(config) as second:
+        second.run()
+    return config, before, second
+
+
+def test_loop_stops_after_retraining_with_the_step_recorded(restarted):
+    config, before, _ = restarted
+    assert kinds(before) == ["drift_detected", "drift_detected", "retrain_started", "retrain_finished"]
+    started = next(e for e in before if e["kind"] == "retrain_started")
+    assert started["windows"] == [2, 3] and set(started["trigger"]) >= {"drift"}
+    finished = before[-1]
+    assert finished["kind"] == "retrain_finished" and finished["warm_start"].startswith("warm start from v1")
+
+
+def test_restart_resumes_without_a_second_retraining(restarted):
+    config, before, loop = restarted
+    events = read_events(config.state_dir)
+    assert events[:len(before)] == before, "committed events were rewritten"
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert kinds(events).count("retrain_started") == 1 and kinds(events).count("retrain_finished") == 1
+    assert all(e["reason"] != "uncommitted" for e in events)
+    assert loop.state.retrains == 1 and loop.state.step == "observe"
+
+
+def test_drifted_stream_is_retrained_canaried_and_promoted(restarted, served):
+    config, _, loop = restarted
+    events = read_events(config.state_dir)
+    order = kinds(events)
+    assert order[order.index("retrain_finished"):] == ["retrain_finished", "validation_passed", "exported",
+                                                       "canary_started", "drift_detected", "promoted"]
+    validation = next(e for e in events if e["kind"] == "validation_passed")["validation"]
+    assert validation["auc"]["candidate"] > validation["auc"]["production"]
+    assert validation["parity"]["passed"] and validation["slices"]
+    windows = {e["window"]: e for e in events if e["kind"] == "window"}
+    assert set(windows[4]["arms"]) == {"1", "2"}  # the canary window: both versions served, keyed by request id
+    assert windows[5]["production"] == 2 and set(windows[5]["arms"]) == {"2"}
+    assert not windows[5]["drifted"], "the new model's reference is the drifted data"
+    deployed = read_deploy_state(served.repo, "drifted")
+    assert (deployed.production, deployed.canary, loop.state.production.repo_version) == (2, None, 2)
+    assert served.repo.versions("drifted") == [1, 2] and served.server.model_ready("drifted", 2)
+
+
+def test_no_feedback_is_lost_across_the_restart(restarted):
+    from ops.online import read_online
+
+    config, _, loop = restarted
+    logs = config.state_dir / "logs"
+    for window in range(6):
+        report = read_online(logs / f"predictions-{window:05d}.jsonl", logs / f"feedback-{window:05d}.jsonl")
+        assert sum(w.impressions for w in report.windows) == ROWS
+        assert sum(w.feedback for w in report.windows) == ROWS and report.orphan_feedback == 0
+        assert (config.state_dir / loop.state.data_files[str(window)]).read_bytes() == \
+            (config.stream_dir / f"window-{window:05d}.tsv").read_bytes()
+    assert [e["window"] for e in read_events(config.state_dir) if e["kind"] == "window"] == list(range(6))
+
+
+# -------------------------------------------------------------------------------------- validation failure
+
+
+def test_failed_validation_leaves_production_serving(served, tmp_path):
+    """A retraining (a real Ray Tune sweep, warm-started) whose gate cannot be met changes nothing served."""
+    from ops.registry import LocalRegistry
+
+    stream = tmp_path / "stream"
+    write_synthetic_stream(StreamConfig(windows=2, rows=ROWS, seed=700, drift_at=2), stream)
+    template = tmp_path / "sweep.yaml"
+    template.write_text(json.dumps({"train": {"batch_size": 512}, "search": {"embedding_lr": {"choice": [0.05]}},
+                                    "epochs": 1, "num_samples": 1, "scheduler": "fifo", "max_failures": 0,
+                                    "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}))
+    served.deploy("gated")
+    config = served.config("gated", stream, policy=PolicyConfig(min_new_rows=ROWS, cooldown_s=0.0),
+                           retrain=RetrainConfig(use_sweep=True, sweep_config=template, min_windows=1),
+                           gate=GateConfig(auc_margin=-1.0))
+    with Loop(config) as loop:
+        loop.run()
+    events = read_events(config.state_dir)
+    assert kinds(events) == ["retrain_started", "retrain_finished", "validation_failed"]
+    finished, failed = (next(e for e in events if e["kind"] == k) for k in ("retrain_finished", "validation_failed"))
+    assert finished["method"].startswith("sweep") and finished["warm_start"].startswith("warm start")
+    assert "holdout AUC" in failed["reason"] and "production v1 keeps serving" in failed["reason"]
+    assert [e["window"] for e in events if e["kind"] == "window"] == [0, 1], "window 1 processed, no second retrain"
+    deployed = read_deploy_state(served.repo, "gated")
+    assert (deployed.production, deployed.canary, loop.state.production.repo_version) == (1, None, 1)
+    assert served.repo.versions("gated") == [1], "nothing was exported"
+    registry = LocalRegistry(served.registry)
+    rejected = registry.get_by_alias("rejected")
+    assert rejected.version == finished["registry_version"] and rejected.lineage.sweep_id
+    assert rejected.lineage.parent_version == loop.state.production.registry_version
+
+
+# -------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_json_contract(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = recops("demo", "--json", "--no-sweep", "--workdir", str(workdir), "--rows", "6000", "--windows", "6",
+                  "--window-rows", str(ROWS), timeout=900)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"events", "production_before", "production_after", "report"} <= set(result)
+    assert all({"t", "kind", "reason"} <= set(e) for e in result["events"])
+    order = [e["kind"] for e in result["events"] if e["kind"] != "window"]
+    story = ["drift_detected", "retrain_started", "retrain_finished", "validation_passed", "exported",
+             "canary_started", "promoted"]
+    positions = [order.index(k) for k in story]  # each happened, in this order
+    assert positions == sorted(positions), order
+    assert (result["production_before"], result["production_after"]) == (1, 2)
+    report = Path(result["report"])
+    assert report.is_file() and report.read_text().count("<img src='data:image/png;base64,") == 3
+    assert {p.name for p in report.parent.glob("*.png")} == {"metrics.png", "drift.png", "versions.png"}
+    assert result["leftover_processes"] == [] and processes_mentioning(str(workdir)) == []
+    assert len(result["predictions"]) == 5 and all(0 < p["score"] < 1 for p in result["predictions"])
