@@ -23,7 +23,7 @@ from training import checkpoint
 from training.dataset import ingest
 from training.errors import RecopsError
 from training.spec import PreprocessConfig
-from training.sweep_config import load_sweep_config
+from training.sweep_config import SweepConfig, load_sweep_config
 from training.synth import SynthConfig, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +133,13 @@ def test_bad_config_is_rejected_with_the_key_named(tmp_path: Path, dataset: Path
     with pytest.raises(RecopsError) as err:
         load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, **overrides))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["sweep_demo.yaml", "sweep_gpu.yaml"])
+def test_shipped_configs_are_valid(name: str, dataset: Path) -> None:
+    data = yaml.safe_load((REPO / "configs" / name).read_text())
+    config = SweepConfig.from_dict({**data, "dataset": str(dataset)}, local=False)  # their dataset paths are examples
+    assert config.search and config.scheduler.type == "asha"
 
 
 def test_missing_dataset_version_fails_in_cli_before_ray_starts(tmp_path: Path, dataset: Path, ray_env: Path,
