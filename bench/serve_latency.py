@@ -9,7 +9,9 @@ batch size and client concurrency every backend answers back-to-back requests fo
 - ``onnxruntime``: ``InferenceSession.run`` in this process (the baseline Triton is compared with)
 - ``triton_http`` / ``triton_grpc``: ``serving.client.Predictor`` against the server
 
-Latency is per request (p50/p99), throughput is rows/s over the cell's wall time. ``perf_analyzer`` (the
+Latency is per request, throughput is rows/s over a round's wall time; each cell runs in rounds that
+interleave the backends (a busy host slows them alike) and reports the median p50 and rows/s over rounds
+and the p99 over all requests. ``perf_analyzer`` (the
 C++ load generator in the tritonclient wheel) is run too when it can start: it needs ``libcudart.so.12``
 (``--cudart-dir``, or the ``nvidia-cuda-runtime-cu12`` wheel installed) even on CPU hosts.
 Writes ``serve_latency.json`` and ``serve_latency.png`` to ``--results-dir``.
@@ -47,10 +49,13 @@ class LatencyConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 64, 512, 1024, 4096)
     concurrency: tuple[int, ...] = (1, 4)
     table_size: int = 100_000
-    seconds: float = 1.0  # per (backend, batch, concurrency) cell, after warm-up
-    min_requests: int = 5
-    warmup: int = 3
-    threads: int = 0
+    seconds: float = 0.5  # per round of a (backend, batch, concurrency) cell, after warm-up
+    rounds: int = 3  # rounds interleave the backends, so a busy host slows them alike; medians are reported
+    min_requests: int = 3
+    warmup: int = 2
+    # intra-op threads of every backend (torch, onnxruntime here and in Triton). 1 by default: on a shared
+    # 2-core host onnxruntime's spinning 2-thread pool measured 2x slower at p50 than one thread.
+    threads: int = 1
     perf_analyzer: bool = True
     cudart_dir: str | None = None
 
@@ -75,10 +80,25 @@ def random_checkpoint(out: Path, table_size: int, seed: int = 0) -> Path:
 
 
 # ---- one measured cell ----------------------------------------------------------------------------
-def run_cell(make_call: Callable[[], Callable[[], Any]], concurrency: int, cfg: LatencyConfig,
-             rows: int) -> dict[str, float]:
+@dataclass
+class Cell:
+    """The requests' latencies (s) and wall seconds of each round of one (backend, batch, concurrency)."""
+
+    latencies: list[np.ndarray]
+    walls: list[float]
+
+    def summary(self, rows: int) -> dict[str, float]:
+        """p50: median of the rounds' p50s; p99 over all requests; rows/s: median of the rounds'."""
+        flat = np.concatenate(self.latencies) * 1e3
+        return {"requests": int(flat.size),
+                "p50_ms": float(np.median([np.percentile(lat * 1e3, 50) for lat in self.latencies])),
+                "p99_ms": float(np.percentile(flat, 99)), "mean_ms": float(flat.mean()),
+                "rows_per_s": float(np.median([lat.size * rows / wall for lat, wall in zip(self.latencies, self.walls)]))}
+
+
+def run_round(make_call: Callable[[], Callable[[], Any]], concurrency: int, cfg: LatencyConfig) -> tuple[np.ndarray, float]:
     """``concurrency`` threads, each with its own ``make_call()`` (made and warmed up in that thread: HTTP
-    clients are bound to it), send requests back-to-back for ``cfg.seconds``."""
+    clients are bound to it), send requests back-to-back for ``cfg.seconds``: (latencies, wall seconds)."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[BaseException] = []
     clock: dict[str, float] = {}
@@ -122,9 +142,7 @@ def run_cell(make_call: Callable[[], Callable[[], Any]], concurrency: int, cfg: 
     wall = time.perf_counter() - clock.get("begin", 0.0)
     if errors:
         raise RecopsError(f"a request failed during the measurement: {errors[0]}") from errors[0]
-    flat = np.array([x for per in latencies for x in per]) * 1e3
-    return {"requests": int(flat.size), "p50_ms": float(np.percentile(flat, 50)), "p99_ms": float(np.percentile(flat, 99)),
-            "mean_ms": float(flat.mean()), "rows_per_s": float(flat.size * rows / wall)}
+    return np.array([x for per in latencies for x in per]), wall
 
 
 class Backends:
@@ -316,10 +334,15 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
             for batch in cfg.batch_sizes:
                 inputs = layout.random_inputs(batch, np.random.default_rng(batch))
                 for conc in cfg.concurrency:
-                    for backend in BACKENDS:
-                        cell = run_cell(backends.factory(backend, inputs), conc, cfg, batch)
-                        rows.append({"backend": backend, "batch_size": batch, "concurrency": conc, **cell})
-                        backends.close()
+                    cells = {backend: Cell([], []) for backend in BACKENDS}
+                    for _ in range(cfg.rounds):
+                        for backend, cell in cells.items():
+                            latencies, wall = run_round(backends.factory(backend, inputs), conc, cfg)
+                            cell.latencies.append(latencies)
+                            cell.walls.append(wall)
+                            backends.close()
+                    rows += [{"backend": backend, "batch_size": batch, "concurrency": conc, **cell.summary(batch)}
+                             for backend, cell in cells.items()]
                 log(f"batch {batch}: done ({time.perf_counter() - t0:.0f}s)")
         finally:
             backends.close()
@@ -340,7 +363,7 @@ def run_perf_analyzer(cfg: LatencyConfig, server, layout, work: Path, rows: list
         for protocol in ("http", "grpc"):
             for batch in [b for b in (1, 1024) if b in cfg.batch_sizes]:
                 for conc in cfg.concurrency:
-                    rows.append(perf_analyzer_cell(env, server, protocol, batch, conc, data, cfg.seconds))
+                    rows.append(perf_analyzer_cell(env, server, protocol, batch, conc, data, 1.0))
     except (RecopsError, subprocess.TimeoutExpired) as exc:
         log(f"perf_analyzer failed: {exc}")
         return {"ran": False, "reason": str(exc)}
@@ -350,14 +373,17 @@ def run_perf_analyzer(cfg: LatencyConfig, server, layout, work: Path, rows: list
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--table-size", type=int, default=LatencyConfig.table_size, help="rows per embedding table")
-    parser.add_argument("--seconds", type=float, default=LatencyConfig.seconds, help="measured seconds per cell")
+    parser.add_argument("--seconds", type=float, default=LatencyConfig.seconds,
+                        help="measured seconds per round of each cell (3 rounds)")
     parser.add_argument("--batch-sizes", default=",".join(map(str, LatencyConfig.batch_sizes)))
     parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.set_defaults(threads=LatencyConfig.threads)  # 0 still means all cores
     parser.add_argument("--cudart-dir", default=None, help="directory with libcudart.so.12 (perf_analyzer needs it)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning on a shared host
     cfg = LatencyConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                         table_size=args.table_size if not args.quick else 10_000,
-                        seconds=args.seconds if not args.quick else 0.3, threads=args.threads,
+                        seconds=args.seconds if not args.quick else 0.2, threads=args.threads,
                         perf_analyzer=not args.no_perf_analyzer, cudart_dir=args.cudart_dir)
     if args.quick:
         cfg = LatencyConfig(**{**asdict(cfg), "batch_sizes": (1, 64, 1024), "warmup": 1})
@@ -373,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "log_x": True, "log_y": True},
                                {"x": "batch_size", "y": "rows_per_s", "series": "variant", "title": "throughput",
                                 "log_x": True, "log_y": True}])
-    png = plot(rows, Path(args.results_dir) / f"{NAME}.png", hardware()["label"])
+    load = max(info["load_average"]["before"][0], info["load_average"]["after"][0])
+    png = plot(rows, Path(args.results_dir) / f"{NAME}.png",
+               f"{hardware()['label']}; 1-min load average up to {load:.1f} during the run")
     print(format_table(rows, ["backend", "batch_size", "concurrency", "requests", "p50_ms", "p99_ms", "rows_per_s"]))
     print(json.dumps(goals, indent=1))
     print(f"wrote {path} and {png}")
