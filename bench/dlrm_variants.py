@@ -25,11 +25,11 @@ from training.model import DLRM, DLRMHead, ModelConfig, to_kjt
 from training.train import EMBEDDING_OPTIMIZERS
 
 Batch = tuple  # (dense [B, 13] f32, sparse ids [B, 26] i64, label [B] f32), host tensors
+Step = Callable[[Batch], torch.Tensor]  # one training step; returns the (detached) loss
 
 
 def synthetic_batches(cfg: ThroughputConfig, batch_size: int, count: int, pin: bool) -> list[Batch]:
     """``count`` random batches: log-normal dense features, Zipf(``zipf_a``) ids hashed into each table."""
-
     rng = np.random.default_rng([cfg.seed, batch_size])
     rows = np.array(list(cfg.tables().values()), dtype=np.int64)
     salt = rng.integers(0, 2**31, size=len(rows))
@@ -75,7 +75,7 @@ def _to(device, *tensors):
     return tuple(t.to(device, non_blocking=nb) for t in tensors)
 
 
-def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Callable[[Batch], Any], str]:
+def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Step, str]:
     """The model and optimizers exactly as ``training.train._Trainer`` sets them up."""
     import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
@@ -84,7 +84,6 @@ def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Callable[[Batch], Any]
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.keyed import KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
-
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -100,61 +99,56 @@ def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Callable[[Batch], Any]
     dense_opt = KeyedOptimizerWrapper(dense_params, lambda p: torch.optim.Adam(p, lr=cfg.dense_lr))
     keys = list(config.tables)
 
-    def step(batch: Batch) -> None:
+    def step(batch: Batch) -> torch.Tensor:
         dense, kjt, label = _to(device, batch[0], to_kjt(keys, batch[1]), batch[2])
         loss = F.binary_cross_entropy_with_logits(dmp(dense, kjt), label)
         dense_opt.zero_grad()
         loss.backward()
         dense_opt.step()
+        return loss.detach()
 
     return step, (f"DistributedModelParallel(world=1, table_wise) + fused in-backward {cfg.embedding_optimizer} "
                   f"(fbgemm TBE {device.type} kernels)")
 
 
-def _torchrec_unsharded(cfg: ThroughputConfig, device) -> tuple[Callable[[Batch], Any], str]:
+def _unfused_step(cfg: ThroughputConfig, model: nn.Module, embeddings: nn.Module,
+                  inputs: Callable[[Batch], tuple]) -> Callable[[Batch], torch.Tensor]:
+    """A step with separate optimizers: ``EMBEDDING_OPTIMIZERS`` on ``embeddings``, Adam on ``model.head``;
+    ``inputs(batch)`` gives the model's arguments and the label on the device."""
+    emb_opt = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer](embeddings.parameters(), lr=cfg.embedding_lr)
+    dense_opt = torch.optim.Adam(model.head.parameters(), lr=cfg.dense_lr)
+
+    def step(batch: Batch) -> torch.Tensor:
+        *args, label = inputs(batch)
+        loss = F.binary_cross_entropy_with_logits(model(*args), label)
+        emb_opt.zero_grad()
+        dense_opt.zero_grad()
+        loss.backward()
+        emb_opt.step()
+        dense_opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _torchrec_unsharded(cfg: ThroughputConfig, device) -> tuple[Step, str]:
     """TorchRec's EBC without DMP (plain torch embedding-bag kernels) and regular optimizers."""
-
-
     model = DLRM(cfg.model_config(), device=device)
-    emb_opt = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer](model.ebc.parameters(), lr=cfg.embedding_lr)
-    dense_opt = torch.optim.Adam(model.head.parameters(), lr=cfg.dense_lr)
-
-    def step(batch: Batch) -> None:
-        dense, kjt, label = _to(device, batch[0], to_kjt(model.keys, batch[1]), batch[2])
-        loss = F.binary_cross_entropy_with_logits(model(dense, kjt), label)
-        emb_opt.zero_grad()
-        dense_opt.zero_grad()
-        loss.backward()
-        emb_opt.step()
-        dense_opt.step()
-
+    step = _unfused_step(cfg, model, model.ebc, lambda b: _to(device, b[0], to_kjt(model.keys, b[1]), b[2]))
     return step, (f"unsharded torchrec.EmbeddingBagCollection (plain torch {device.type} kernels, dense gradients) "
-                  f"+ torch.optim.{type(emb_opt).__name__}: fbgemm-gpu {device.type} kernels not installed, no DMP")
+                  f"+ torch.optim.{EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer].__name__}: "
+                  f"fbgemm-gpu {device.type} kernels not installed, no DMP")
 
 
-def _plain(cfg: ThroughputConfig, device, sparse_grad: bool) -> tuple[Callable[[Batch], Any], str]:
-
-
+def _plain(cfg: ThroughputConfig, device, sparse_grad: bool) -> tuple[Step, str]:
     model = EmbeddingBagDLRM(cfg.model_config(), sparse_grad, device)
-    emb_opt = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer](model.bags.parameters(), lr=cfg.embedding_lr)
-    dense_opt = torch.optim.Adam(model.head.parameters(), lr=cfg.dense_lr)
-
-    def step(batch: Batch) -> None:
-        dense, ids, label = _to(device, *batch)
-        loss = F.binary_cross_entropy_with_logits(model(dense, ids), label)
-        emb_opt.zero_grad()
-        dense_opt.zero_grad()
-        loss.backward()
-        emb_opt.step()
-        dense_opt.step()
-
+    step = _unfused_step(cfg, model, model.bags, lambda b: _to(device, *b))
     kind = "sparse=True, sparse gradients" if sparse_grad else "dense gradients"
-    return step, f"nn.EmbeddingBag(mode='sum', {kind}) x26 + torch.optim.{type(emb_opt).__name__}"
+    return step, f"nn.EmbeddingBag(mode='sum', {kind}) x26 + torch.optim.{EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer].__name__}"
 
 
-def build_step(variant: str, cfg: ThroughputConfig) -> tuple[Callable[[Batch], Any], str]:
+def build_step(variant: str, cfg: ThroughputConfig) -> tuple[Step, str]:
     """A training-step function for ``variant`` and a description of the path it measures."""
-
     device = torch.device(cfg.device)
     if variant == "torchrec":
         path = cfg.torchrec_path
@@ -168,7 +162,6 @@ def build_step(variant: str, cfg: ThroughputConfig) -> tuple[Callable[[Batch], A
 
 def run_variant(variant: str, cfg: ThroughputConfig) -> dict[str, Any]:
     """Measure one variant at every batch size in this process."""
-
     pin_threads(cfg.threads)
     cuda = cfg.device.startswith("cuda")
     if cuda:

@@ -8,10 +8,11 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from bench.common import format_table, hardware, measure, read_result, write_result
-from bench.dlrm_variants import EmbeddingBagDLRM, synthetic_batches
+from bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
 from bench.report import render
 from bench.suite import Benchmark, run_one, run_suite
 from bench.train_throughput import VARIANTS, ThroughputConfig
@@ -37,6 +38,22 @@ def test_plain_embedding_bag_dlrm_equals_torchrec_dlrm():
         grad = plain.bags[i].weight.grad
         assert grad.is_sparse
         torch.testing.assert_close(grad.to_dense(), ref.ebc.embedding_bags[f"t_{name}"].weight.grad)
+
+
+@pytest.mark.parametrize("variant,path", [("torchrec", "unsharded"), ("plain_sparse", "auto"), ("plain_dense", "auto")])
+def test_variant_steps_fit_a_batch(variant, path):
+    # (the DMP path trains in test_quick_suite_run_writes_results_and_report, in its own process)
+    cfg = ThroughputConfig(max_rows=500, embedding_dim=4, dense_arch=(8,), over_arch=(8,), torchrec_path=path)
+    step, description = build_step(variant, cfg)
+    batch, = synthetic_batches(cfg, 256, count=1, pin=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: extra threads only spin on a busy host
+    try:
+        losses = [float(step(batch)) for _ in range(20)]
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert ("EmbeddingBagCollection" in description) == (variant == "torchrec")
 
 
 def test_synthetic_batches_are_skewed_ids_inside_each_table():
