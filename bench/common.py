@@ -144,6 +144,9 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Atomically write ``data`` as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1, default=str)
     os.replace(tmp, path)
@@ -156,8 +159,8 @@ def write_result(name: str, rows: list[dict[str, Any]], results_dir: Path | None
     """Write ``<results_dir>/<name>.json`` with the rows, the hardware label, the date and the 1-minute load
     average (a busy host slows everything: compare ratios measured in the same run); returns the path."""
     data = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "hardware": hardware(), "load_avg_1m": round(os.getloadavg()[0], 2), "baseline": baseline, "config": config or {}, "rows": rows,
-            "plots": plots or [], **extra}
+            "hardware": hardware(), "load_avg_1m": round(os.getloadavg()[0], 2), "baseline": baseline,
+            "config": config or {}, "rows": rows, "plots": plots or [], **extra}
     return write_json(Path(results_dir or RESULTS_DIR) / f"{name}.json", data)
 
 
