@@ -225,7 +225,9 @@ class TritonServer:
                f"--http-address={host}", f"--http-port={ports[0]}",
                f"--grpc-address={host}", f"--grpc-port={ports[1]}",
                f"--metrics-address={host}", f"--metrics-port={ports[2]}",
-               f"--exit-timeout-secs={self.config.exit_timeout_s}"]
+               f"--exit-timeout-secs={self.config.exit_timeout_s}",
+               # One failed version load must not mark the whole server unready (production keeps serving).
+               "--strict-readiness=false"]
         cmd += [f"--load-model={name}" for name in self.config.load_models]
         return cmd + list(self.config.extra_args)
 

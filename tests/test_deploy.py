@@ -45,7 +45,7 @@ def repo(tiny_dataset, tmp_path_factory) -> ModelRepository:
 def server(repo):
     # Strict readiness would report the whole server unready for good once any version failed to load
     # (and briefly during every unload), so a refused deploy would take a healthy server out of rotation.
-    server = TritonServer(ServerConfig(repo=repo.root, extra_args=("--strict-readiness=false",))).start()
+    server = TritonServer(ServerConfig(repo=repo.root)).start()
     pid = server.pid
     try:
         yield server
