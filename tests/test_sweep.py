@@ -179,7 +179,7 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
             if sum(bool(events(t)) for t in (tmp_path / "sweeps").glob("*/trials/*")) >= 3:
                 break
             time.sleep(0.2)
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGTERM)  # handled like Ctrl-C: Tune saves its state and stops
         _, err = first.communicate(timeout=180)
     finally:
         first.kill()

@@ -30,7 +30,9 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,7 +40,7 @@ from typing import Any, Iterator
 
 from training.environment import Environment, capture
 from training.errors import RecopsError
-from training.sweep_config import SweepConfig
+from training.sweep_config import SweepConfig, model_fields
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
 LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
@@ -306,23 +308,27 @@ def _ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         raise RecopsError("a Ray session is already running in this process; run the sweep in a fresh process")
     made_tmp = None
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-    else:
+    if not address:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         if "RAY_TMPDIR" not in os.environ:  # short (socket paths are limited) and ours to remove
             made_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="recops-ray-")
-        # One CPU beyond the machine's for the trial drivers (TRIAL_DRIVER_CPU each), so N one-CPU trials fit N cores.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, object_store_memory=100 * 1024**2,
-                 log_to_driver=False, logging_level="WARNING")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        else:  # one CPU beyond the machine's for the trial drivers (TRIAL_DRIVER_CPU each): N one-CPU trials fit N cores
+            ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, object_store_memory=100 * 1024**2,
+                     log_to_driver=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        ray.shutdown()
+        raise RecopsError(f"cannot {'attach to Ray at ' + address if address else 'start a local Ray'}: {exc}") from exc
     try:
         yield
     finally:
         ray.shutdown()
-        if made_tmp:
-            del os.environ["RAY_TMPDIR"]
-            shutil.rmtree(made_tmp, ignore_errors=True)
+    if made_tmp:  # kept (with Ray's logs) when the sweep failed
+        del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(made_tmp, ignore_errors=True)
 
 
 def _capacity(config: SweepConfig, address: str | None) -> int:
@@ -355,12 +361,16 @@ def _capacity(config: SweepConfig, address: str | None) -> int:
 
 @contextlib.contextmanager
 def _sigterm_as_sigint() -> Iterator[None]:
-    """Tune stops gracefully (saving its state) on SIGINT; give SIGTERM the same meaning while it runs."""
+    """SIGTERM means SIGINT while the sweep runs: Tune stops gracefully on it (saving its state), and outside
+    Tune the KeyboardInterrupt still shuts Ray down instead of orphaning its processes. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
@@ -398,16 +408,18 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
 def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult:
     config = plan.config
     start = time.time()
-    with _ray_session(address):
-        max_concurrent = min(config.max_concurrent_trials or math.inf, _capacity(config, address))
+    with _ray_session(address), _sigterm_as_sigint():  # after ray.init, which installs its own (aborting) SIGTERM handler
+        fits = _capacity(config, address)
+        max_concurrent = min(config.max_concurrent_trials or fits, fits)
+        if config.max_concurrent_trials > fits:
+            print(f"recops sweep: max_concurrent_trials {config.max_concurrent_trials} capped to {fits}, "
+                  "the trials the cluster holds at once", file=sys.stderr)
         if not restore:  # only once the cluster can hold a trial
             plan.experiment_dir.mkdir(parents=True)
             _write_json(plan.experiment_dir / "sweep_config.json",
                         {"config": config.to_dict(), "warm_start": str(plan.warm_start) if plan.warm_start else None})
-        tuner = _tuner(plan, int(max_concurrent), restore)
-        with _sigterm_as_sigint():
-            tuner.fit()
-    return _collect(plan, int(max_concurrent), time.time() - start)
+        _tuner(plan, max_concurrent, restore).fit()
+    return _collect(plan, max_concurrent, time.time() - start)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -478,25 +490,24 @@ def _collect(plan: TrialPlan, max_concurrent: int, wall_s: float) -> SweepResult
     return result
 
 
-def _check_warm_start(config: SweepConfig, warm_start: Path | None) -> Path | None:
+def _adopt_warm_start(config: SweepConfig, warm_start: Path | None) -> tuple[SweepConfig, Path | None]:
+    """With ``warm_start``, the trials take the parent model's architecture (which must fit the dataset's tables)."""
     if config.warm_start is None:
-        return None
+        return config, None
     if warm_start is None or not (Path(warm_start) / "trainer.json").is_file():
         raise RecopsError(f"sweep config: warm_start {config.warm_start} needs that model's checkpoint directory")
     parent = json.loads((Path(warm_start) / "trainer.json").read_text())["model"]
-    searched = sorted(set(config.search) & set(parent))
-    if searched:
-        raise RecopsError(f"sweep config: warm_start fixes the architecture to model {config.warm_start}'s; "
-                          f"remove {searched} from search:")
-    model, _ = config.configs({})
-    mine = {k: v for k, v in model.to_dict().items() if k != "tables"}
-    theirs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in parent.items() if k != "tables"}
-    diff = sorted(k for k, v in mine.items() if (list(v) if isinstance(v, tuple) else v) != theirs.get(k))
+    arch = {k: v for k, v in parent.items() if k in model_fields()}
+    searched = sorted(set(config.search) & set(arch))
+    clashing = sorted(k for k, v in config.model.items() if json.loads(json.dumps(v)) != arch.get(k))
+    if searched or clashing:
+        raise RecopsError(f"sweep config: warm_start takes model {config.warm_start}'s architecture {arch}; "
+                          f"remove {searched + clashing} from search:/model:")
     tables = json.loads((config.dataset.path / "manifest.json").read_text())["table_sizes"]
-    if diff or parent.get("tables") != tables:
-        what = f"model settings {diff}" if diff else "embedding table sizes (different dataset preprocessing)"
-        raise RecopsError(f"sweep config: warm_start model {config.warm_start} differs in {what}; match its architecture")
-    return Path(warm_start).resolve()
+    if parent.get("tables") != tables:
+        raise RecopsError(f"sweep config: warm_start model {config.warm_start} has other embedding table sizes than dataset "
+                          f"{config.dataset.version}; warm-start only on data ingested with the same preprocessing")
+    return replace(config, model=arch), Path(warm_start).resolve()
 
 
 def run_sweep(config: SweepConfig, address: str | None = None, warm_start: Path | None = None) -> SweepResult:
@@ -504,7 +515,7 @@ def run_sweep(config: SweepConfig, address: str | None = None, warm_start: Path 
 
     ``warm_start`` is the checkpoint directory of ``config.warm_start`` (the caller resolves registry versions).
     """
-    parent = _check_warm_start(config, warm_start)
+    config, parent = _adopt_warm_start(config, warm_start)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     experiment_dir = config.storage_path / f"{config.name}-{stamp}"
     suffix = 1

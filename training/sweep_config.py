@@ -42,7 +42,7 @@ RESERVED_TRAIN_FIELDS = ("epochs", "device", "threads")
 MODEL_ONLY_FIELDS = ("tables", "num_dense")
 
 
-def _model_fields() -> dict[str, Any]:
+def model_fields() -> dict[str, Any]:
     from training.model import ModelConfig
 
     return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_ONLY_FIELDS}
@@ -252,7 +252,7 @@ class SweepConfig:
         metric = data.get("metric", "auc")
         if metric not in METRICS:
             raise RecopsError(f"sweep config: metric {metric!r} not in {list(METRICS)}")
-        search = _check_keys("search", data["search"], set(_model_fields()) | set(_train_fields()))
+        search = _check_keys("search", data["search"], set(model_fields()) | set(_train_fields()))
         parsed = ("dataset", "search", "mode", "scheduler", "resources", "storage_path")
         config = cls(
             **{k: v for k, v in data.items() if k not in parsed},
@@ -267,7 +267,7 @@ class SweepConfig:
         return config
 
     def check(self, local: bool) -> None:
-        _check_keys("model", self.model, set(_model_fields()))
+        _check_keys("model", self.model, set(model_fields()))
         _check_keys("train", self.train, set(_train_fields()))
         both = sorted((set(self.model) | set(self.train)) & set(self.search))
         if both:
@@ -327,7 +327,7 @@ class SweepConfig:
         from training.train import TrainConfig
 
         merged = {**self.model, **self.train, **params}
-        model_keys = set(_model_fields())
+        model_keys = set(model_fields())
         model = ModelConfig.from_dict({k: v for k, v in merged.items() if k in model_keys})
         train = TrainConfig(**{k: v for k, v in merged.items() if k not in model_keys}, epochs=self.epochs,
                             device="cuda" if self.resources.gpus_per_worker else "cpu",
