@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +250,30 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path
     assert first["pid"] == killed != second["pid"] and first["world_size"] == second["world_size"] == 2
     assert second["resumed_at_epoch"] >= 1  # restarted from a checkpoint, not from scratch
     assert checkpoint.load(out["best_checkpoint"]).trainer["world_size"] == 2
+
+
+def test_warm_start_adopts_the_parent_and_seeds_its_weights(tmp_path: Path, dataset: Path) -> None:
+    """Without Ray: what each warm-started trial does before run_worker (adopt the architecture, seed 'latest')."""
+    import torch
+
+    from training.model import ModelConfig
+    from training.sweep import _adopt_warm_start, _prepare_work_dir
+    from training.train import TrainConfig, fit
+
+    cfg = TrainConfig(epochs=1, batch_size=256, threads=1, device="cpu")
+    parent = Path(fit(dataset, ModelConfig.from_dict(TINY_MODEL), cfg, tmp_path / "parent").checkpoint)
+    config = load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, model={}, warm_start=1))
+    with pytest.raises(RecopsError, match="warm_start takes model 1's architecture"):
+        _adopt_warm_start(load_sweep_config(sweep_yaml(tmp_path / "c.yaml", dataset, model={"embedding_dim": 16},
+                                                       warm_start=1)), parent)
+    adopted, source = _adopt_warm_start(config, parent)
+    assert source == parent.resolve() and {k: adopted.model[k] for k in TINY_MODEL} == TINY_MODEL
+
+    work = tmp_path / "trial" / "work"
+    assert _prepare_work_dir(work, None, source) == 0
+    seeded, original = checkpoint.load(work / "checkpoints" / "latest"), checkpoint.load(parent)
+    assert seeded.trainer["epoch"] == -1 and seeded.trainer["history"] == []
+    assert all(torch.equal(seeded.model[k], v) for k, v in original.model.items())
+    model, train = adopted.configs({"embedding_lr": 0.05})
+    result = fit(dataset, model, replace(train, epochs=1, threads=1), work)  # resumes from the seeded checkpoint
+    assert [h["epoch"] for h in result.history] == [1]
