@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -127,12 +128,16 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
 
 
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (its workers too)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**BENCH_ENV, **os.environ}, start_new_session=True)
     try:
-        return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout_s, env={**BENCH_ENV, **os.environ})
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
         return subprocess.CompletedProcess(cmd, 124, out + f"\n[suite] killed after {timeout_s:.0f} s", "")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
 def run_suite(benchmarks: list[Benchmark], results_dir: Path = RESULTS_DIR, quick: bool = False,
