@@ -203,6 +203,13 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
 
     records = {p.parent.name: json.loads(p.read_text()) for p in experiment.glob("trials/*/trial_record.json")}
     assert len(records) == 4 and {r["status"] for r in records.values()} <= {"finished", "stopped", "early_stopped"}
+    stopped = [t for t, r in records.items() if r["status"] == "stopped"]
+    assert stopped  # ASHA cut the weak ones (dlrm at a tiny embedding_lr) after epoch 1
+    sweep_end = max(e["time"] for t in records for e in events(experiment / "trials" / t))
+    for trial_id in stopped:  # their Train workers' placement groups were given back while the sweep went on
+        log = events(experiment / "trials" / trial_id)
+        if sweep_end - log[-1]["time"] > 15:
+            assert [e for e in log if e["event"] == "released"], log
     best_id = max(records, key=lambda t: records[t]["best"]["auc"])
     best = records[best_id]
     assert out["best_trial"] == best_id and out["best_auc"] == best["best"]["auc"]

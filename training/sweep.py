@@ -66,7 +66,19 @@ class TrialPlan:
         return self.experiment_dir / "trials" / trial_id
 
     def work_dir(self, trial_id: str) -> Path:
-        return self.trial_dir(trial_id) / "work"
+        return trial_work_dir(self.experiment_dir, trial_id)
+
+
+def trial_work_dir(experiment_dir: Path, trial_id: str) -> Path:
+    return experiment_dir / "trials" / trial_id / "work"
+
+
+def read_events(work: Path) -> list[dict[str, Any]]:
+    """A trial's events.jsonl (see ``_log_event``)."""
+    path = work / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -160,9 +172,10 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _log_event(work: Path, event: str, **fields: Any) -> None:
+def log_event(work: Path, event: str, **fields: Any) -> None:
     """Append one line to the trial's events.jsonl: "trial" (Tune started the trial), "start" (rank 0 began training,
-    once per worker-group attempt) and "epoch" (after Train holds that epoch's checkpoint)."""
+    once per worker-group attempt, with the group's placement group), "epoch" (after Train holds that epoch's
+    checkpoint) and "released" (the driver removed a placement group the trial left behind)."""
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "events.jsonl", "a") as fh:
         fh.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
@@ -223,7 +236,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         resumed_at = _prepare_work_dir(work, restored, plan.warm_start)
         _write_json(work / "environment.json", capture().to_dict())
-        _log_event(work, "start", resumed_at_epoch=resumed_at, world_size=context.get_world_size())
+        group = ray.util.get_current_placement_group()
+        log_event(work, "start", resumed_at_epoch=resumed_at, world_size=context.get_world_size(),
+                   placement_group=group.id.hex() if group else None)
     dist.barrier()
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -233,7 +248,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             # The controller registers reports asynchronously; wait until it holds this checkpoint, so "epoch N"
             # in events.jsonl means a restart resumes after epoch N.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            _log_event(work, "epoch", epoch=metrics["epoch"], auc=metrics["auc"], logloss=metrics["logloss"])
+            log_event(work, "epoch", epoch=metrics["epoch"], auc=metrics["auc"], logloss=metrics["logloss"])
 
     run_worker(plan.config.dataset.path, model, train, work, report=report, resume=True)
 
@@ -246,7 +261,7 @@ def _trial(params: dict[str, Any], plan: TrialPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    _log_event(plan.work_dir(trial_id), "trial")
+    log_event(plan.work_dir(trial_id), "trial")
     config, resources = plan.config, plan.config.resources
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}
     TorchTrainer(
@@ -378,7 +393,7 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from training.sweep_progress import LiveTable
+    from training.sweep_callbacks import LiveTable, ReleaseStoppedTrials
 
     config = plan.config
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})
@@ -400,7 +415,8 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
         ),
         run_config=tune.RunConfig(
             name=tune_dir.name, storage_path=str(plan.experiment_dir), verbose=0,
-            failure_config=tune.FailureConfig(max_failures=config.max_failures), callbacks=[LiveTable(config.metric)],
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            callbacks=[LiveTable(config.metric), ReleaseStoppedTrials()],
         ),
     )
 
@@ -422,12 +438,6 @@ def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult
     return _collect(plan, max_concurrent, time.time() - start)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _train_checkpoints(trial_dir: Path) -> list[dict[str, Any]]:
     """Complete checkpoints Ray Train kept for a trial, as their trainer.json plus "path"."""
     found = []
@@ -444,7 +454,7 @@ def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
     newest = max(checkpoints, key=lambda c: c["epoch"], default=None)
     sign = 1 if config.mode == "max" else -1
     best = max(checkpoints, key=lambda c: sign * c["metrics"][config.metric], default=None)
-    events = _read_jsonl(work / "events.jsonl")
+    events = read_events(work)
     starts = [e for e in events if e["event"] == "start"]
     history = newest["history"] if newest else []
     if trial.status == "ERROR":
