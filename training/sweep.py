@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from training.environment import Environment, capture
 from training.errors import RecopsError
@@ -181,23 +181,25 @@ def log_event(work: Path, event: str, **fields: Any) -> None:
         fh.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
 
 
-def _copy_dir(src: Path, dst: Path) -> None:
-    """Replace ``dst`` with a copy of ``src`` (copy beside it, then swap)."""
+def _copy_dir(src: Path, dst: Path, edit: Callable[[Path], None] | None = None) -> None:
+    """Replace ``dst`` with a copy of ``src``, optionally edited, built beside it and then swapped in."""
     tmp = dst.parent / f".{dst.name}.copy-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    if edit:
+        edit(tmp)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
 
 
-def _seed_warm_start(parent: Path, latest: Path) -> None:
-    """A 'latest' checkpoint holding ``parent``'s weights and optimizer state at epoch 0, so run_worker starts from it."""
-    _copy_dir(parent, latest)
-    trainer = json.loads((latest / "trainer.json").read_text())
-    trainer.update(epoch=-1, best_auc=-1.0, stale=0, history=[], warm_start_from=str(parent))
-    (latest / "trainer.json").write_text(json.dumps(trainer, indent=1))
-    sums = {name: hashlib.sha256((latest / name).read_bytes()).hexdigest() for name in ("model.pt", "optim.pt", "trainer.json")}
-    (latest / "files.json").write_text(json.dumps(sums))
+def _as_warm_start(checkpoint_dir: Path) -> None:
+    """Turn a copy of a finished model's checkpoint into one run_worker resumes at epoch 0 (weights and optimizer
+    state kept, history and early-stopping state reset), with fresh checksums."""
+    trainer = json.loads((checkpoint_dir / "trainer.json").read_text())
+    trainer.update(epoch=-1, best_auc=-1.0, stale=0, history=[])
+    (checkpoint_dir / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    sums = {name: hashlib.sha256((checkpoint_dir / name).read_bytes()).hexdigest() for name in ("model.pt", "optim.pt", "trainer.json")}
+    (checkpoint_dir / "files.json").write_text(json.dumps(sums))
 
 
 def _prepare_work_dir(work: Path, restored: Any, warm_start: Path | None) -> int:
@@ -207,7 +209,7 @@ def _prepare_work_dir(work: Path, restored: Any, warm_start: Path | None) -> int
         shutil.rmtree(checkpoints, ignore_errors=True)
         checkpoints.mkdir(parents=True)
         if warm_start is not None:
-            _seed_warm_start(warm_start, checkpoints / "latest")
+            _copy_dir(warm_start, checkpoints / "latest", edit=_as_warm_start)
         return 0
     with restored.as_directory() as src:
         _copy_dir(Path(src), checkpoints / "latest")
@@ -480,13 +482,14 @@ def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
 
 def _collect(plan: TrialPlan, max_concurrent: int, wall_s: float) -> SweepResult:
     """Read the finished experiment from disk, write each trial_record.json and sweep_summary.json."""
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis, Tuner
 
     config = plan.config
-    trials = ExperimentAnalysis(str(plan.experiment_dir / "tune")).trials
+    tune_dir = str(plan.experiment_dir / "tune")
+    trials = ExperimentAnalysis(tune_dir).trials if Tuner.can_restore(tune_dir) else []  # [] if stopped before Tune began
     summaries = [_summarize(plan, t) for t in trials]
     summaries.sort(key=lambda s: s.score(config.metric, config.mode), reverse=True)
-    unfinished = any(t.status in UNFINISHED for t in trials)
+    unfinished = not trials or any(t.status in UNFINISHED for t in trials)
     limit_hit = config.time_limit_s and wall_s >= config.time_limit_s
     status = ("time_limit" if limit_hit else "interrupted") if unfinished else "completed"
     result = SweepResult(sweep_id=plan.experiment_dir.name, experiment_dir=plan.experiment_dir, status=status,
