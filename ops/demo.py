@@ -14,6 +14,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "ctr"
 MARKER = ".recops-demo"
 RUN_TOKEN = "RECOPS_DEMO_RUN"  # a workdir holding this file is the demo's own and may be wiped
+SWEEP_TIME_LIMIT_S = 300.0  # the demo's sweep ends with the trials done by then (Tune's time budget)
 DEMO_SWEEP: dict[str, Any] = {  # used when configs/sweep_demo.yaml is missing
     "name": "demo",
     "model": {"embedding_dim": 8, "dense_arch": [32, 16], "over_arch": [64, 32]},
@@ -47,7 +49,8 @@ class DemoConfig:
     table_size: int = 1000
     stream: StreamConfig = StreamConfig(windows=8, rows=4000, seed=1000, drift_at=3, covariate_drift=0.5,
                                         concept_drift=0.5)
-    use_sweep: bool = True
+    use_sweep: bool = True  # the first model: a Ray Tune sweep (else one training run)
+    retrain_sweep: bool = False  # retraining in the loop: a sweep (else a warm-started training run, faster)
     sweep_config: Path = ROOT / "configs" / "sweep_demo.yaml"
     seed: int = 0
 
@@ -75,7 +78,7 @@ def prepare_workdir(workdir: Path) -> Path:
 class Demo:
     """Runs the story step by step; ``say`` prints the human timeline."""
 
-    def __init__(self, config: DemoConfig, say: Callable[[str], None] = print):
+    def __init__(self, config: DemoConfig, say: Callable[[str], None] = partial(print, flush=True)):
         self.config, self.say = config, say
         self.workdir = prepare_workdir(config.workdir)
         self.started = time.time()
@@ -132,7 +135,9 @@ class Demo:
 
         source = self.config.sweep_config
         template = yaml.safe_load(source.read_text()) if source.is_file() else DEMO_SWEEP
-        data = {**template, "dataset": str(dataset.path), "storage_path": str(self.workdir / "sweeps")}
+        limit = min(float(template.get("time_limit_s") or SWEEP_TIME_LIMIT_S), SWEEP_TIME_LIMIT_S)
+        data = {**template, "dataset": str(dataset.path), "storage_path": str(self.workdir / "sweeps"),
+                "time_limit_s": limit}
         data.pop("warm_start", None)
         result = run_sweep(SweepConfig.from_dict(data))
         if result.best is None:
@@ -193,7 +198,7 @@ class Demo:
             model_name=MODEL_NAME, server_url=server.http_url, datasets_root=self.workdir / "datasets",
             registry=self.workdir / "registry", metrics_url=server.metrics_url, window_s=60.0, feedback_delay_s=5.0,
             policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
-            retrain=RetrainConfig(use_sweep=self.config.use_sweep,
+            retrain=RetrainConfig(use_sweep=self.config.retrain_sweep,
                                   sweep_config=self.config.sweep_config if self.config.sweep_config.is_file() else None,
                                   min_windows=2),
             gate=GateConfig(), canary=CanaryConfig(share=0.5, windows=1, drain_s=0.2))
@@ -224,7 +229,7 @@ class Demo:
         return out
 
 
-def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(config: DemoConfig, say: Callable[[str], None] = partial(print, flush=True)) -> dict[str, Any]:
     """Run the demo and write its report; returns the JSON contract of ``recops demo --json``.
 
     Every process the demo starts (Triton server and stubs, Ray, training workers) inherits a token in
@@ -273,7 +278,8 @@ def leftover_processes(token: str) -> list[str]:
 
 
 def demo_config(workdir: Path | None = None, rows: int | None = None, windows: int | None = None,
-                window_rows: int | None = None, use_sweep: bool | None = None) -> DemoConfig:
+                window_rows: int | None = None, use_sweep: bool | None = None,
+                retrain_sweep: bool | None = None) -> DemoConfig:
     """The embedded defaults with the CLI's overrides (drift starts at 3/8 of the windows)."""
     config = DemoConfig()
     stream = config.stream
@@ -281,5 +287,6 @@ def demo_config(workdir: Path | None = None, rows: int | None = None, windows: i
         stream = replace(stream, windows=windows, drift_at=max(1, windows * 3 // 8))
     if window_rows is not None:
         stream = replace(stream, rows=window_rows)
-    changes = {k: v for k, v in {"workdir": workdir, "rows": rows, "use_sweep": use_sweep}.items() if v is not None}
+    changes = {k: v for k, v in {"workdir": workdir, "rows": rows, "use_sweep": use_sweep,
+                                 "retrain_sweep": retrain_sweep}.items() if v is not None}
     return replace(config, stream=stream, **changes)

@@ -51,6 +51,7 @@ from training.errors import RecopsError
 from training.metrics import auc
 
 if TYPE_CHECKING:
+    from ops.exposition import Exporter
     from training.train import TrainConfig
 
 STATE_FILE = "state.json"
@@ -252,10 +253,12 @@ def _weighted(rows: list[dict[str, Any]], key: str) -> float | None:
 class Loop:
     """The closed loop over ``config.stream_dir`` against the server at ``config.server_url``."""
 
-    def __init__(self, config: LoopConfig):
+    def __init__(self, config: LoopConfig, exporter: Exporter | None = None):
+        """``exporter`` (``ops.exposition.Exporter``) is fed after every window: online quality, drift,
+        policy state and the production version, for a Prometheus ``/metrics`` endpoint."""
         from filelock import FileLock, Timeout
 
-        self.config = config
+        self.config, self.exporter = config, exporter
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.state_dir / ".loop.lock"), timeout=0)
@@ -443,19 +446,20 @@ class Loop:
         except RecopsError as exc:
             self._commit({"kind": "error", "reason": f"window {index} not processed: {exc}", "window": index})
             raise
-        events = [{"kind": "window", **record}]
-        if record["drifted"]:
-            events.append({"kind": "drift_detected", "window": index,
-                           "reason": f"window {index}: data drift in {', '.join(record['drifted'])}",
-                           "features": record["drifted"]})
         self.state.next_window = index + 1
         if self.state.step == "observe":
-            events += self._decide(index, record)
+            decided = self._decide(index, record)
         else:
+            decided = []
             self.state.canary_arms.append(record["arms"])
             if len(self.state.canary_arms) >= self.config.canary.windows:
                 self.state.step = "decide_canary"
-        return self._commit(*events)
+        concept = record["concept"]["reasons"] if record["concept"] else []
+        drift = ([f"data drift in {', '.join(record['drifted'])}"] if record["drifted"] else []) + \
+            [f"concept drift: {r}" for r in concept]
+        detected = [{"kind": "drift_detected", "window": index, "features": record["drifted"],
+                     "reason": f"window {index}: {'; '.join(drift)}"}] if drift else []
+        return self._commit({"kind": "window", **record}, *detected, *decided)
 
     def _process_window(self, index: int, frame) -> dict[str, Any]:
         from ops.drift import detect_drift
@@ -483,12 +487,18 @@ class Loop:
         keep = ("impressions", "clicks", "ctr", "mean_prediction", "calibration", "auc", "logloss")
         arms = {w.model_version: {k: getattr(w, k) for k in keep} for w in online.windows}
         production = arms.get(str(self.state.production.repo_version), {})
+        concept = self._concept_drift(production)
         drift_dict = drift.to_dict()
+        if self.exporter is not None:
+            self.exporter.observe_online(online)
+            self.exporter.observe_drift(drift)
+            self.exporter.set_model(str(self.state.production.repo_version), self.state.production.since_ts)
         return {
             "window": index, "ts": ts, "rows": len(frame), "production": self.state.production.repo_version,
             "canary": self.state.canary.repo_version if self.state.canary else None,
             "arms": arms, "drifted": drift.drifted_features,
             "drift": {f: {k: v[k] for k in ("test", "value", "threshold", "drifted")} for f, v in drift_dict["features"].items()},
+            "concept": concept.to_dict() if concept else None,
             "oracle_auc": _finite(auc(labels, truth)) if truth is not None and len(truth) == len(labels) else None,
             "triton": self._triton_figures(),
             "reason": f"window {index}: {len(frame)} rows, production v{self.state.production.repo_version} "
@@ -497,6 +507,18 @@ class Loop:
                          f"{_fmt(arms.get(str(self.state.canary.repo_version), {}).get('auc'))}" if self.state.canary else "")
                       + (f"; drift in {', '.join(drift.drifted_features)}" if drift.drifted_features else "; no drift"),
         }
+
+    def _concept_drift(self, arm: dict[str, Any]):
+        """The production arm's quality vs its baseline (``ops.drift.concept_drift``, the policy's margins)."""
+        from ops.drift import concept_drift
+
+        production, policy = self.state.production, self.config.policy
+        if production.baseline_auc is None or arm.get("auc") is None or arm.get("logloss") is None:
+            return None
+        config = dataclasses.replace(self.config.drift, auc_drop_min=policy.auc_drop_margin,
+                                     logloss_rise_min=policy.logloss_rise_margin)
+        return concept_drift(arm["auc"], arm["logloss"], production.baseline_auc, production.baseline_logloss, config,
+                             arm["clicks"], arm["impressions"] - arm["clicks"])
 
     def _score(self, features, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Route each row by its id (the deployment record's canary share) and score it through Triton."""
@@ -592,6 +614,8 @@ class Loop:
             baseline_logloss=production.baseline_logloss, positives=arm.get("clicks"),
             negatives=arm["impressions"] - arm["clicks"] if arm else None, new_labelled_rows=new_rows))
         record["decision"] = {"trigger": decision.trigger, "reasons": decision.reasons}
+        if self.exporter is not None:
+            self.exporter.observe_policy(self.policy, decision)
         if not decision.trigger:
             return []
         windows = self._incident_windows(index, decision.fired)
@@ -712,9 +736,9 @@ class Loop:
                 "warm_start": self.state.production.registry_version if problem is None else None}
         result = run_sweep(SweepConfig.from_dict(data),
                            warm_start=Path(self.state.production.checkpoint) if problem is None else None)
-        if result.status != "completed" or result.best is None:
+        if result.status == "interrupted" or result.best is None:
             raise RecopsError(f"retraining sweep {result.experiment_dir} ended {result.status} with "
-                              f"{result.num_errors} failed trials and no usable checkpoint")
+                              f"{result.num_errors} failed trials" + ("" if result.best else " and no usable checkpoint"))
         version = register_best(result, self.registry, alias="candidate")
         metrics = {k: result.best_metrics[k] for k in ("val_auc", "val_logloss", "auc", "logloss") if k in result.best_metrics}
         return {"method": f"sweep of {len(result.trials)} trials", "registry_version": version.version,
@@ -831,7 +855,7 @@ DEFAULT_RETRAIN_SWEEP: dict[str, Any] = {
     "epochs": 2, "num_samples": 2, "metric": "auc",
     "scheduler": {"type": "fifo"},
     "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-    "max_failures": 0,
+    "max_failures": 0, "time_limit_s": 600,
 }
 
 

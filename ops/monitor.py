@@ -92,7 +92,10 @@ class Monitor:
 
         if not self.sources.metrics_url:
             return None
-        scrape, now = scrape_triton(self.sources.metrics_url), time.time()
+        try:
+            scrape, now = scrape_triton(self.sources.metrics_url), time.time()
+        except RecopsError as exc:  # the server may be gone while its logs remain: report the rest
+            return {"error": str(exc)}
         before, since = (self._scrape[1], now - self._scrape[0]) if self._scrape else ({}, 0.0)
         self._scrape = (now, scrape)
         return {f"{model}/{version}": stats.since(before.get((model, version)), since)
@@ -127,7 +130,9 @@ def format_report(data: dict[str, Any]) -> str:
                      f"logloss {_f(w['logloss'])}, calibration {_f(w['calibration'])}")
     lines.append(f"  pending feedback {data['online']['pending']}, orphan {data['online']['orphan_feedback']}, "
                  f"expired {data['online']['expired_feedback']}")
-    if data["triton"] is not None:
+    if data["triton"] is not None and "error" in data["triton"]:
+        lines.append(f"triton: {data['triton']['error']}")
+    elif data["triton"] is not None:
         lines.append("triton (since the previous report, or since the server started):")
         for key, t in data["triton"].items():
             lines.append(f"  {key}: {t['requests']:.0f} requests, {t['failures']:.0f} failures, mean latency "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.exposition import Exporter
 from ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, read_events
 from ops.policy import PolicyConfig
 from ops.stream import StreamConfig, write_synthetic_stream
@@ -98,13 +99,14 @@ def restarted(served):
     before = read_events(config.state_dir)
     with open(config.state_dir / "events.jsonl", "a") as fh:  # written by a step that never committed its state
         fh.write(json.dumps({"seq": first.state.next_seq, "t": 0.0, "kind": "retrain_started", "reason": "uncommitted"}) + "\n")
-    with Loop(config) as second:
+    exporter = Exporter()
+    with Loop(config, exporter) as second:
         second.run()
-    return config, before, second
+    return config, before, second, exporter
 
 
 def test_loop_stops_after_retraining_with_the_step_recorded(restarted):
-    config, before, _ = restarted
+    config, before, _, _ = restarted
     assert kinds(before) == ["drift_detected", "drift_detected", "retrain_started", "retrain_finished"]
     started = next(e for e in before if e["kind"] == "retrain_started")
     assert started["windows"] == [2, 3] and set(started["trigger"]) >= {"drift"}
@@ -113,7 +115,7 @@ def test_loop_stops_after_retraining_with_the_step_recorded(restarted):
 
 
 def test_restart_resumes_without_a_second_retraining(restarted):
-    config, before, loop = restarted
+    config, before, loop, _ = restarted
     events = read_events(config.state_dir)
     assert events[:len(before)] == before, "committed events were rewritten"
     assert [e["seq"] for e in events] == list(range(len(events)))
@@ -123,7 +125,7 @@ def test_restart_resumes_without_a_second_retraining(restarted):
 
 
 def test_drifted_stream_is_retrained_canaried_and_promoted(restarted, served):
-    config, _, loop = restarted
+    config, _, loop, _ = restarted
     events = read_events(config.state_dir)
     order = kinds(events)
     assert order[order.index("retrain_finished"):] == ["retrain_finished", "validation_passed", "exported",
@@ -140,10 +142,19 @@ def test_drifted_stream_is_retrained_canaried_and_promoted(restarted, served):
     assert served.repo.versions("drifted") == [1, 2] and served.server.model_ready("drifted", 2)
 
 
+def test_loop_feeds_the_prometheus_exporter(restarted):
+    _, _, loop, exporter = restarted
+    sample = exporter.registry.get_sample_value
+    assert sample("recops_model_info", {"version": "2"}) == 1.0
+    assert sample("recops_online_impressions", {"model_version": "2"}) == ROWS
+    assert sample("recops_drift_current_rows") == ROWS
+    assert sample("recops_policy_triggers") == 1.0, "the policy state (one trigger) survived the restart"
+
+
 def test_no_feedback_is_lost_across_the_restart(restarted):
     from ops.online import read_online
 
-    config, _, loop = restarted
+    config, _, loop, _ = restarted
     logs = config.state_dir / "logs"
     for window in range(6):
         report = read_online(logs / f"predictions-{window:05d}.jsonl", logs / f"feedback-{window:05d}.jsonl")

@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--windows", type=int, default=None, metavar="N", help="windows of live traffic (default 8)")
     parser.add_argument("--window-rows", type=int, default=None, metavar="N", help="rows per window (default 4000)")
     parser.add_argument("--no-sweep", action="store_true", help="one training run instead of a Ray Tune sweep")
+    parser.add_argument("--retrain-sweep", action="store_true",
+                        help="retrain in the loop with a Ray Tune sweep too (default: a warm-started training run)")
     add_json_flag(parser)
     parser.set_defaults(func=demo)
 
@@ -25,7 +27,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     from ops.demo import demo_config, run_demo
 
     config = demo_config(workdir=args.workdir, rows=args.rows, windows=args.windows, window_rows=args.window_rows,
-                         use_sweep=False if args.no_sweep else None)
+                         use_sweep=False if args.no_sweep else None, retrain_sweep=args.retrain_sweep or None)
     result = run_demo(config)
     if args.json:
         return result

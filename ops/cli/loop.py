@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--canary-share", type=float, default=0.1, help="share of keys the canary serves (default 0.1)")
     p.add_argument("--canary-windows", type=int, default=1, help="windows the canary runs before the decision (default 1)")
     p.add_argument("--report", action="store_true", help="write <state-dir>/report/report.html at the end")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve the loop's figures (online quality, drift, policy, model) as Prometheus /metrics on "
+                        "127.0.0.1:PORT while it runs (0 = any free port)")
     add_json_flag(p)
     p.set_defaults(func=loop_command)
 
@@ -71,6 +74,7 @@ def loop_config(args: argparse.Namespace):
 
 
 def loop_command(args: argparse.Namespace) -> dict[str, Any]:
+    from ops.exposition import Exporter, start_metrics_server
     from ops.loop import Loop
     from ops.report import write_report
     from ops.stream import StreamConfig, write_synthetic_stream
@@ -79,9 +83,17 @@ def loop_command(args: argparse.Namespace) -> dict[str, Any]:
         write_synthetic_stream(StreamConfig(windows=args.synthetic, rows=args.rows, drift_at=args.drift_at,
                                             covariate_drift=args.covariate_drift, concept_drift=args.concept_drift),
                                args.stream)
-    loop = Loop(loop_config(args))
-    state = loop.run(max_windows=args.max_windows, follow=args.follow,
-                     on_event=lambda e: print(f"{e['kind']:<18} {e['reason']}", flush=True))
+    exporter = Exporter() if args.metrics_port is not None else None
+    server = start_metrics_server(args.metrics_port, registry=exporter.registry) if exporter else None
+    if server is not None:
+        print(f"serving /metrics at {server.url}", flush=True)
+    try:
+        with Loop(loop_config(args), exporter) as loop:
+            state = loop.run(max_windows=args.max_windows, follow=args.follow,
+                             on_event=lambda e: print(f"{e['kind']:<18} {e['reason']}", flush=True))
+    finally:
+        if server is not None:
+            server.stop()
     counts: dict[str, int] = {}
     for event in loop.events():
         counts[event["kind"]] = counts.get(event["kind"], 0) + 1
