@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,17 +139,24 @@ def pivot_table(rows: list[dict[str, Any]]) -> str:
     return format_table([*table, rss])
 
 
-def run_all(cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float) -> tuple[dict[str, list], dict[str, str]]:
-    """Every variant ``cfg.rounds`` times, each run in a fresh process, rotating the order per round."""
+def _measure_variant(cfg: ThroughputConfig, variant: str, timeout_s: float) -> dict[str, Any]:
+    args = ["-m", "bench.dlrm_variants", "--variant", variant, "--config-json", json.dumps(cfg.to_dict())]
+    return run_json_subprocess(args, timeout_s, env=WORKER_ENV)
+
+
+def run_all(cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float,
+            concurrent: bool = False) -> tuple[dict[str, list], dict[str, str]]:
+    """Every variant ``cfg.rounds`` times, each run in a fresh process, rotating the order per round.
+    ``concurrent`` runs a round's processes side by side: faster, but only good for smoke tests."""
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     for r in range(cfg.rounds):
-        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
-            if variant in errors:
-                continue
-            args = ["-m", "bench.dlrm_variants", "--variant", variant, "--config-json", json.dumps(cfg.to_dict())]
+        order = [v for v in variants[r % len(variants):] + variants[:r % len(variants)] if v not in errors]
+        with ThreadPoolExecutor(max_workers=len(order) if concurrent else 1) as pool:
+            futures = {v: pool.submit(_measure_variant, cfg, v, timeout_s) for v in order}
+        for variant, future in futures.items():
             try:
-                runs[variant].append(run_json_subprocess(args, timeout_s, env=WORKER_ENV))
+                runs[variant].append(future.result())
             except RecopsError as exc:
                 errors[variant] = str(exc)
             print(f"round {r + 1}/{cfg.rounds} {variant}: {'failed' if variant in errors else 'done'}", file=sys.stderr, flush=True)
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise RecopsError(f"train_throughput: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    runs, errors = run_all(cfg, variants, args.timeout)
+    runs, errors = run_all(cfg, variants, args.timeout, concurrent=args.quick)
     rows = summarize(runs, cfg)
     paths = {v: results[0]["path"] for v, results in runs.items() if results}
     plots = [{"x": "batch_size", "y": "samples_per_s", "series": "variant", "log_x": True,
@@ -214,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     out = write_result(NAME, rows, args.results_dir, baseline=BASELINE, plots=plots, config=cfg.to_dict(),
                        variants=paths, errors=errors, device=cfg.device, best=best, runs=runs)
     print(pivot_table(rows) if rows else "no results")
+    if args.quick:
+        print("quick: variants ran concurrently on tiny tables; a smoke test, not a measurement")
     if best:
         print(f"best: {best['samples_per_s']:,.0f} samples/s ({best['variant']}, batch {best['batch_size']}, {cfg.device})")
     for v, msg in errors.items():
