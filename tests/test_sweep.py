@@ -167,6 +167,7 @@ def test_gpu_request_on_cpu_machine_fails_fast(tmp_path: Path, dataset: Path, ra
     assert list(ray_env.iterdir()) and not (tmp_path / "sweeps").exists()  # Ray ran; no experiment or trial started
 
 
+@pytest.mark.slow
 def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, dataset: Path, cluster: Any) -> None:
     address, env = cluster
     config = sweep_yaml(tmp_path / "s.yaml", dataset, num_samples=4, max_concurrent_trials=2,
@@ -228,6 +229,7 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
     assert restored.trainer["metrics"]["auc"] == out["best_auc"] and restored.trainer["model"]["family"] == best["params"]["family"]
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path, cluster: Any) -> None:
     """Two DMP workers per trial; rank 0 is SIGKILLed after epoch 1: Train restarts both from epoch 1's checkpoint."""
     address, env = cluster
