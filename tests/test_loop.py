@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.exposition import Exporter
-from ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, read_events
+from ops.loop import EVENT_KINDS, CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, read_events
 from ops.policy import PolicyConfig
 from ops.stream import StreamConfig, write_synthetic_stream
 from serving.deploy import DeployConfig, Deployer, read_deploy_state
@@ -119,6 +119,7 @@ def test_restart_resumes_without_a_second_retraining(restarted):
     events = read_events(config.state_dir)
     assert events[:len(before)] == before, "committed events were rewritten"
     assert [e["seq"] for e in events] == list(range(len(events)))
+    assert all({"t", "kind", "reason"} <= set(e) and e["kind"] in EVENT_KINDS for e in events)
     assert kinds(events).count("retrain_started") == 1 and kinds(events).count("retrain_finished") == 1
     assert all(e["reason"] != "uncommitted" for e in events)
     assert loop.state.retrains == 1 and loop.state.step == "observe"
