@@ -71,8 +71,7 @@ class DotInteraction(nn.Module):
     def __init__(self, num_features: int):
         super().__init__()
         rows, cols = torch.triu_indices(num_features + 1, num_features + 1, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("pairs", rows * (num_features + 1) + cols, persistent=False)  # flat upper triangle
 
     @staticmethod
     def output_dim(num_features: int, dim: int) -> int:
@@ -81,7 +80,7 @@ class DotInteraction(nn.Module):
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         combined = torch.cat([dense.unsqueeze(1), pooled], dim=1)
         products = torch.bmm(combined, combined.transpose(1, 2))
-        return torch.cat([dense, products[:, self.rows, self.cols]], dim=1)
+        return torch.cat([dense, products.flatten(1)[:, self.pairs]], dim=1)
 
 
 class LowRankCrossNet(nn.Module):
@@ -132,6 +131,7 @@ class DLRM(nn.Module):
             raise RecopsError("model config: no embedding tables; fill `tables` from a dataset's table sizes")
         self.config = config
         self.keys = list(config.tables)
+        self._orders: dict[tuple[str, ...], torch.Tensor] = {}
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
@@ -146,10 +146,15 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(sparse)
-        if pooled.keys() != self.keys:
-            raise RecopsError(f"embedding output keys {pooled.keys()} differ from the model's {self.keys}")
         stacked = pooled.values().view(-1, len(self.keys), self.config.embedding_dim)  # no per-key copies
+        if pooled.keys() != self.keys:  # a sharded collection may return features in plan order
+            stacked = stacked[:, self._order(tuple(pooled.keys()), stacked.device)]
         return self.head(dense, stacked)
+
+    def _order(self, keys: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        if keys not in self._orders:
+            self._orders[keys] = torch.tensor([keys.index(k) for k in self.keys], device=device)
+        return self._orders[keys]
 
 
 def to_kjt(keys: list[str], sparse: np.ndarray | torch.Tensor, multi: dict[str, Any] | None = None) -> KeyedJaggedTensor:

@@ -240,6 +240,7 @@ def run_worker(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, ou
             checkpoint.save(best_dir, model_sd, optim_sd, state)
         if report:
             report(metrics, saved)
+    dist.barrier()  # rank 0 has finished writing the best checkpoint
     trainer.restore(checkpoint.load(best_dir))
     test = trainer.evaluate(trainer.test)
     rates = [h["samples_per_s"] for h in history]
