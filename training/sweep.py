@@ -175,7 +175,7 @@ def _write_json(path: Path, data: Any) -> None:
 def log_event(work: Path, event: str, **fields: Any) -> None:
     """Append one line to the trial's events.jsonl: "trial" (Tune started the trial), "start" (rank 0 began training,
     once per worker-group attempt, with the group's placement group), "epoch" (after Train holds that epoch's
-    checkpoint) and "released" (the driver removed a placement group the trial left behind)."""
+    checkpoint) and "released" (the driver checked that a finished trial's placement group is gone, ``by`` whom)."""
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "events.jsonl", "a") as fh:
         fh.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")

@@ -76,8 +76,8 @@ class ReleaseStoppedTrials(Callback):
         for entry in [d for d in self._due if d[0] <= now]:
             self._due.remove(entry)
             for group in entry[2]:
-                if _remove_placement_group(group):
-                    log_event(entry[1], "released", placement_group=group)
+                by = "recops" if _remove_placement_group(group) else "ray"  # Ray Train sometimes frees it itself
+                log_event(entry[1], "released", placement_group=group, by=by)
 
 
 def _remove_placement_group(hex_id: str) -> bool:
