@@ -31,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from training.environment import cpu_model
 from training.errors import RecopsError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -101,16 +102,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _gpus() -> list[str]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
@@ -126,7 +117,7 @@ def hardware() -> dict[str, Any]:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = _gpus()
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "cores": cores(), "memory_gib": round(mem_gib, 1), "gpus": gpus,
+        "cpu": cpu_model(), "cores": cores(), "memory_gib": round(mem_gib, 1), "gpus": gpus,
         "python": platform.python_version(), "platform": platform.platform(),
     }
     try:
