@@ -74,7 +74,8 @@ def _session_processes() -> list[tuple[int, str]]:
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if any test left a process (Triton, stubs, Ray) behind, and clean them up."""
-    leftovers = [p for p in _session_processes() if "pytest" not in p[1]]
+    # pytest's own multiprocessing resource tracker ends with pytest; anything else is a leak.
+    leftovers = [p for p in _session_processes() if "pytest" not in p[1] and "resource_tracker" not in p[1]]
     for pid, _ in leftovers:
         try:
             os.kill(pid, signal.SIGKILL)
