@@ -193,3 +193,12 @@ def run_json_subprocess(args: list[str], timeout_s: float, env: dict[str, str] |
         tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
         raise RecopsError(f"{' '.join(args)}: exit {proc.returncode}: {tail}")
     return json.loads(lines[-1])
+
+
+def run_main(main: Callable[[], int], name: str) -> None:
+    """Exit with ``main()``'s status; a RecopsError becomes a one-line error and exit 2."""
+    try:
+        sys.exit(main())
+    except RecopsError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

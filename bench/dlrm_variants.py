@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import measure, peak_rss_mib, pin_threads
+from bench.common import measure, peak_rss_mib, pin_threads, run_main
 from bench.train_throughput import VARIANTS, ThroughputConfig
 from training.errors import RecopsError
 from training.model import DLRM, DLRMHead, ModelConfig, to_kjt
@@ -228,8 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecopsError as exc:
-        print(f"dlrm_variants: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "dlrm_variants")

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, bench_parser, format_table, pin_threads, write_result
+from bench.common import ROOT, bench_parser, format_table, pin_threads, write_result, run_main
 from training.errors import RecopsError
 
 NAME = "drift_speed"
@@ -197,8 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecopsError as exc:
-        print(f"drift_speed: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "drift_speed")

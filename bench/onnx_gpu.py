@@ -9,7 +9,6 @@ recorded under ``skipped`` with the reason.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import bench_parser, format_table, pin_threads, write_result
+from bench.common import bench_parser, format_table, pin_threads, write_result, run_main
 from bench.train_throughput import ThroughputConfig, _ints
 from training.errors import RecopsError
 
@@ -140,8 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecopsError as exc:
-        print(f"onnx_gpu: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "onnx_gpu")

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import bench_parser, format_table, run_json_subprocess, write_result
+from bench.common import bench_parser, format_table, run_json_subprocess, write_result, run_main
 from training.errors import RecopsError
 
 NAME = "train_throughput"
@@ -233,8 +233,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecopsError as exc:
-        print(f"train_throughput: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "train_throughput")

@@ -20,9 +20,10 @@ from serving.export import export_onnx, publish
 from serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
                                 read_export_metadata)
 from serving.repository import ModelRepository
-from serving.server import ServerConfig, TritonServer, triton_processes
+from serving.server import TritonServer
 from tests.conftest import recops
 from tests.model_fixtures import trained_checkpoint
+from tests.triton_fixtures import running_server
 from training.preprocess import Preprocessor
 from training.readers import read_frame
 
@@ -43,15 +44,7 @@ def repo(tiny_dataset, tmp_path_factory) -> ModelRepository:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    # Strict readiness would report the whole server unready for good once any version failed to load
-    # (and briefly during every unload), so a refused deploy would take a healthy server out of rotation.
-    server = TritonServer(ServerConfig(repo=repo.root)).start()
-    pid = server.pid
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert triton_processes(pid) == [], "server or python-backend stub left running"
+    yield from running_server(repo.root)
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,12 @@ def triton_repo(tmp_path_factory, tiny_onnx) -> ModelRepository:
 @pytest.fixture(scope="module")
 def triton_server(triton_repo):
     """A real server over ``triton_repo`` with ``tiny`` loaded; stopped, stubs included, after the module."""
-    server = TritonServer(ServerConfig(repo=triton_repo.root, load_models=(TINY,))).start()
+    yield from running_server(triton_repo.root, load_models=(TINY,))
+
+
+def running_server(repo: Path, load_models: tuple[str, ...] = ()):
+    """Fixture body: a started server, then stopped with a check that no server or stub process is left."""
+    server = TritonServer(ServerConfig(repo=repo, load_models=load_models)).start()
     pid = server.pid
     try:
         yield server
