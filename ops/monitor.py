@@ -68,16 +68,25 @@ class Monitor:
         self.spec = ColumnSpec.from_dict(json.loads(manifest.read_text())["schema"]) if manifest.is_file() \
             else self.reference.spec
         self._scrape: tuple[float, dict] | None = None
+        self._predictions, self._feedback = self._follow(sources)
+
+    def _follow(self, sources: MonitorSources):
+        """Incremental readers of both logs, keeping what the newest complete window can still need."""
+        from ops.online import LogFollower, parse_feedback, prediction_parser
+
+        keep_s = sources.max_delay_s + 2 * sources.window_s
+        return (LogFollower(sources.predictions, prediction_parser(self.spec), keep_s),
+                LogFollower(sources.feedback, parse_feedback, keep_s))
 
     def report(self) -> dict[str, Any]:
         from ops.drift import detect_drift
-        from ops.online import OnlineConfig, online_metrics, read_feedback, read_predictions
+        from ops.online import OnlineConfig, online_metrics
 
         src = self.sources
         if not src.predictions.is_file():
             raise RecopsError(f"prediction log {src.predictions} does not exist; pass the log the scorer writes")
-        predictions, torn = read_predictions(src.predictions, self.spec)
-        feedback, _ = read_feedback(src.feedback)
+        predictions, feedback = self._predictions.read(), self._feedback.read()
+        torn = self._predictions.torn_bytes
         if predictions.empty:
             raise RecopsError(f"prediction log {src.predictions} holds no complete record yet")
         online = online_metrics(predictions, feedback, OnlineConfig(src.window_s, src.max_delay_s))
@@ -101,6 +110,17 @@ class Monitor:
         return {f"{model}/{version}": stats.since(before.get((model, version)), since)
                 for (model, version), stats in scrape.items()
                 if self.sources.model_name in (None, model)}
+
+    def close(self) -> None:
+        """Close the log files being followed."""
+        self._predictions.close()
+        self._feedback.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def report_dict(report: dict[str, Any]) -> dict[str, Any]:

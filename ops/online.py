@@ -21,19 +21,21 @@ Attribution rules (``OnlineConfig``):
   calibration = mean prediction / observed CTR) are only given for complete windows, since early
   feedback is biased towards clicks.
 
-A line still being written (no trailing newline yet) is not read; ``torn_bytes`` reports it.
+A line still being written (no trailing newline yet) is not read; ``torn_bytes`` reports it. Long-running
+readers follow the logs with :class:`LogFollower` (incremental, bounded, rotation-aware).
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -96,48 +98,121 @@ def log_feedback(path: Path, request_ids: Iterable, clicked: Iterable, ts: float
     return append_jsonl(path, ({"request_id": str(r), "ts": float(ts), "clicked": int(bool(c))} for r, c in zip(request_ids, clicked)))
 
 
-def _complete_lines(path: Path) -> tuple[bytes, int]:
-    data = Path(path).read_bytes() if Path(path).is_file() else b""
+def _complete_lines(data: bytes) -> tuple[bytes, int]:
+    """The complete lines of ``data`` and the length of the torn tail after them."""
     end = data.rfind(b"\n") + 1
     return data[:end], len(data) - end
 
 
-def _read_table(path: Path, schema: pa.Schema) -> tuple[pa.Table, int]:
-    """Complete lines of a JSONL log with ``schema``'s fields (others ignored), plus torn tail bytes."""
-    data, torn = _complete_lines(path)
+def _parse_table(data: bytes, schema: pa.Schema, source: Path) -> pa.Table:
+    """Complete JSONL lines with ``schema``'s fields (others ignored)."""
     if not data.strip():
-        return schema.empty_table(), torn
+        return schema.empty_table()
     try:
         options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         table = pajson.read_json(io.BytesIO(data), parse_options=options)
     except pa.ArrowInvalid as exc:
-        raise RecopsError(f"log {path}: not valid JSONL for fields {schema.names} ({exc}); fix or move the bad lines") from exc
+        raise RecopsError(f"log {source}: not valid JSONL for fields {schema.names} ({exc}); fix or move the bad lines") from exc
     required = [n for n in schema.names if n != "features"]
     lacking = [n for n in required if table.column(n).null_count]
     if lacking:
-        raise RecopsError(f"log {path}: records lack {lacking}; every record needs {required}")
-    return table, torn
+        raise RecopsError(f"log {source}: records lack {lacking}; every record needs {required}")
+    return table
+
+
+def prediction_parser(spec: ColumnSpec | None = None) -> Callable[[bytes, Path], pd.DataFrame]:
+    """Complete prediction-log lines -> a frame; with ``spec``, the logged raw features too, as the spec's
+    columns (dense float with NaN, categorical str/None: the drift detector's input)."""
+    if spec is None:
+        return lambda data, source: _parse_table(data, PREDICTION_SCHEMA, source).to_pandas()
+    fields = [pa.field(n, pa.float64()) for n in spec.dense] + [pa.field(n, pa.string()) for n in (*spec.sparse, *spec.multi_hot)]
+    schema = PREDICTION_SCHEMA.append(pa.field("features", pa.struct(fields)))
+    categorical = [f.name for f in fields if f.type == pa.string()]
+
+    def parse(data: bytes, source: Path) -> pd.DataFrame:
+        table = _parse_table(data, schema, source).flatten()
+        frame = table.rename_columns([n.removeprefix("features.") for n in table.column_names]).to_pandas()
+        frame[categorical] = frame[categorical].astype(object).where(frame[categorical].notna(), None)
+        return frame
+
+    return parse
+
+
+def parse_feedback(data: bytes, source: Path) -> pd.DataFrame:
+    """Complete feedback-log lines -> a frame."""
+    return _parse_table(data, FEEDBACK_SCHEMA, source).to_pandas()
+
+
+def _read_log(path: Path, parse: Callable[[bytes, Path], pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    data, torn = _complete_lines(Path(path).read_bytes() if Path(path).is_file() else b"")
+    return parse(data, Path(path)), torn
 
 
 def read_predictions(path: Path, spec: ColumnSpec | None = None) -> tuple[pd.DataFrame, int]:
-    """The prediction log and its torn tail bytes; with ``spec``, the logged raw features too, as
-    the spec's columns (dense float with NaN, categorical str/None: the drift detector's input)."""
-    if spec is None:
-        table, torn = _read_table(path, PREDICTION_SCHEMA)
-        return table.to_pandas(), torn
-    fields = [pa.field(n, pa.float64()) for n in spec.dense] + [pa.field(n, pa.string()) for n in (*spec.sparse, *spec.multi_hot)]
-    table, torn = _read_table(path, PREDICTION_SCHEMA.append(pa.field("features", pa.struct(fields))))
-    table = table.flatten().rename_columns([n.removeprefix("features.") for n in table.flatten().column_names])
-    frame = table.to_pandas()
-    categorical = [f.name for f in fields if f.type == pa.string()]
-    frame[categorical] = frame[categorical].astype(object).where(frame[categorical].notna(), None)
-    return frame, torn
+    """The whole prediction log (see :func:`prediction_parser`) and its torn tail bytes."""
+    return _read_log(path, prediction_parser(spec))
 
 
 def read_feedback(path: Path) -> tuple[pd.DataFrame, int]:
-    """The feedback log and its torn tail bytes."""
-    table, torn = _read_table(path, FEEDBACK_SCHEMA)
-    return table.to_pandas(), torn
+    """The whole feedback log and its torn tail bytes."""
+    return _read_log(path, parse_feedback)
+
+
+class LogFollower:
+    """Reads a growing JSONL log incrementally, for long-running monitors: each :meth:`read` parses only the
+    lines appended since the last one and keeps the records of the last ``keep_s`` seconds (by ``ts``), so
+    time and memory per read stay bounded however long the log grows. A rotated log (the path now names
+    another file: logrotate's rename-and-create) is followed: the old file is read to its end first, then
+    the new one from its start. A truncated log is read again from its start; records already read are kept either way."""
+
+    def __init__(self, path: Path, parse: Callable[[bytes, Path], pd.DataFrame], keep_s: float):
+        self.path, self.keep_s, self._parse = Path(path), keep_s, parse
+        self._fh: BinaryIO | None = None
+        self._pending = b""  # a torn tail line, completed by a later read
+        self._frame: pd.DataFrame | None = None
+
+    @property
+    def torn_bytes(self) -> int:
+        return len(self._pending)
+
+    def read(self) -> pd.DataFrame:
+        """The records kept so far, including the ones appended since the last read."""
+        data = self._drain()
+        if self._rotated():
+            self._fh.close()
+            self._fh, self._pending = None, b""  # a line torn at rotation was never finished
+            data += self._drain()
+        buffered = self._pending + data
+        complete, _ = _complete_lines(buffered)
+        self._pending = buffered[len(complete):]
+        frames = [f for f in (self._frame, self._parse(complete, self.path)) if f is not None]
+        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        if len(frame):
+            frame = frame[frame["ts"] >= frame["ts"].max() - self.keep_s].reset_index(drop=True)
+        self._frame = frame
+        return frame
+
+    def _drain(self) -> bytes:
+        if self._fh is None:
+            try:
+                self._fh = open(self.path, "rb")
+            except FileNotFoundError:
+                return b""
+        if os.fstat(self._fh.fileno()).st_size < self._fh.tell():  # truncated in place (copytruncate): start over
+            self._fh.seek(0)
+            self._pending = b""
+        return self._fh.read()
+
+    def _rotated(self) -> bool:
+        try:
+            return self._fh is not None and os.stat(self.path).st_ino != os.fstat(self._fh.fileno()).st_ino
+        except FileNotFoundError:
+            return False  # moved away and not yet re-created: keep reading the old one
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 # ------------------------------------------------------------------------------------------ metrics

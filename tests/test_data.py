@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import recops
-from training.dataset import Dataset, SplitConfig, ingest
+from training.dataset import BottomKSample, Dataset, SplitConfig, ingest
 from training.errors import RecopsError
 from training.metrics import auc
 from training.preprocess import MISSING_ID, Preprocessor
@@ -135,3 +135,17 @@ def test_cli_synth_and_ingest_json_contract(tmp_path):
     failed = recops("data", "ingest", "--input", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "ds"), check=False)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1].startswith("recops data: error: input") and "nope.tsv" in failed.stderr
+
+
+def test_reference_sample_is_uniform_over_the_stream():
+    n, k = 100_000, 2_000
+    sample = BottomKSample(k, seed=1)
+    for start in range(0, n, 1_000):
+        sample.add(pd.DataFrame({"row": np.arange(start, start + 1_000)}))
+    rows = sample.result()["row"].to_numpy()
+    assert len(rows) == k == len(np.unique(rows)) and np.all(np.diff(rows) > 0)  # distinct, in stream order
+    # a uniform sample's mean row is n/2 with standard error n/sqrt(12 k) (~645); early-biased ones miss by far more
+    assert abs(rows.mean() - n / 2) < 4 * n / np.sqrt(12 * k)
+    counts, _ = np.histogram(rows, bins=10, range=(0, n))
+    assert counts.min() > 0.7 * k / 10 and counts.max() < 1.3 * k / 10
+    assert len(BottomKSample(k).result()) == 0

@@ -166,6 +166,18 @@ def test_no_feedback_is_lost_across_the_restart(restarted):
     assert [e["window"] for e in read_events(config.state_dir) if e["kind"] == "window"] == list(range(6))
 
 
+def test_monitor_reports_the_latest_loop_window_with_triton_figures(restarted, served):
+    config, _, _, _ = restarted
+    out = recops("monitor", "--state-dir", str(config.state_dir), "--metrics-url", served.server.metrics_url, "--json")
+    report = json.loads(out.stdout)
+    assert report["rows"] == ROWS and report["torn_bytes"] == 0 and report["reports"] == 1
+    assert set(report["online"]["latest_complete"]) == {"2"}  # window 5: only the promoted version served
+    assert report["online"]["latest_complete"]["2"]["impressions"] == ROWS
+    assert report["drift"]["drifted_features"] == [], "window 5 is compared with v2's (drifted) training data"
+    triton = report["triton"]["drifted/2"]
+    assert triton["requests"] > 0 and triton["failures"] == 0 and triton["mean_latency_ms"] > 0
+
+
 # -------------------------------------------------------------------------------------- validation failure
 
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from ops.drift import detect_drift
-from ops.online import (OnlineConfig, TritonModelStats, log_feedback, log_predictions, online_metrics,
-                        parse_triton_metrics, read_feedback, read_online, read_predictions, scrape_triton)
+from ops.online import (LogFollower, OnlineConfig, TritonModelStats, log_feedback, log_predictions, online_metrics,
+                        parse_feedback, parse_triton_metrics, read_feedback, read_online, read_predictions, scrape_triton)
 from training.errors import RecopsError
 from training.metrics import auc, logloss
 from training.spec import ColumnSpec
@@ -108,6 +108,42 @@ def test_logged_features_round_trip_into_drift_detection(tmp_path: Path) -> None
     assert logged[list(spec.dense)].equals(raw[list(spec.dense)].astype(np.float64))
     assert detect_drift(reference, logged).to_dict() == detect_drift(reference, raw).to_dict()
     assert set(detect_drift(reference, logged).drifted_features) >= {"I1", "I2", "C1", "C2", "C3"}
+
+
+def test_log_follower_parses_only_new_lines_keeps_a_bounded_window_and_follows_rotation(tmp_path: Path) -> None:
+    log, parsed = tmp_path / "fb.jsonl", []
+
+    def parse(data: bytes, source: Path) -> pd.DataFrame:
+        parsed.append(data.count(b"\n"))
+        return parse_feedback(data, source)
+
+    follower = LogFollower(log, parse, keep_s=100)
+    assert follower.read().empty  # no log yet
+    log_feedback(log, ["a", "b"], [1, 0], ts=0)
+    assert follower.read()["request_id"].tolist() == ["a", "b"]
+    log_feedback(log, ["c"], [1], ts=50)
+    with open(log, "a") as fh:
+        fh.write('{"request_id": "d", "ts": 60, ')  # a writer mid-line
+    assert follower.read()["request_id"].tolist() == ["a", "b", "c"] and follower.torn_bytes > 0
+    with open(log, "a") as fh:
+        fh.write('"clicked": 0}\n')
+    assert follower.read()["request_id"].tolist() == ["a", "b", "c", "d"] and follower.torn_bytes == 0
+    assert parsed == [0, 2, 1, 1]  # each line parsed once, never the whole file again
+
+    log_feedback(log, ["e"], [1], ts=120)  # a and b fall out of the 100 s window
+    assert follower.read()["request_id"].tolist() == ["c", "d", "e"]
+
+    log.rename(tmp_path / "fb.jsonl.1")  # logrotate: rename, then the writer creates a new file
+    with open(tmp_path / "fb.jsonl.1", "a") as fh:
+        fh.write('{"request_id": "f", "ts": 125, "clicked": 1}\n')  # written to the old file before the switch
+    log_feedback(log, ["g"], [0], ts=130)
+    assert follower.read()["request_id"].tolist() == ["c", "d", "e", "f", "g"]
+
+    log.write_text("")  # copytruncate: truncated in place, then written again
+    assert len(follower.read()) == 5
+    log_feedback(log, ["h"], [1], ts=140)
+    assert follower.read()["request_id"].tolist() == ["c", "d", "e", "f", "g", "h"]
+    follower.close()
 
 
 def test_bad_logs_raise(tmp_path: Path) -> None:

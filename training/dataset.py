@@ -133,6 +133,42 @@ class _SplitWriter:
         return rows
 
 
+class BottomKSample:
+    """A uniform sample of ``k`` rows from a stream of frames: every row draws a random key and the ``k``
+    smallest keys are kept (bottom-k), so early and late rows are equally likely to be in it."""
+
+    def __init__(self, k: int, seed: int = 0):
+        self.k = k
+        self._rng = np.random.default_rng(seed)
+        self._frames: list[pd.DataFrame] = []
+        self._keys: list[np.ndarray] = []
+        self._pending = 0
+        self._threshold = np.inf  # no row with a key at or above it can enter the sample any more
+
+    def add(self, frame: pd.DataFrame) -> None:
+        keys = self._rng.random(len(frame))
+        keep = keys < self._threshold
+        self._frames.append(frame[keep])
+        self._keys.append(keys[keep])
+        self._pending += int(keep.sum())
+        if self._pending > 2 * self.k:
+            self._trim()
+
+    def _trim(self) -> None:
+        keys = np.concatenate(self._keys) if self._keys else np.empty(0)
+        frame = pd.concat(self._frames, ignore_index=True) if self._frames else pd.DataFrame()
+        if len(keys) > self.k:
+            chosen = np.sort(np.argpartition(keys, self.k - 1)[: self.k])  # stream order kept
+            keys, frame = keys[chosen], frame.iloc[chosen].reset_index(drop=True)
+            self._threshold = keys.max()
+        self._frames, self._keys, self._pending = [frame], [keys], len(keys)
+
+    def result(self) -> pd.DataFrame:
+        """The sampled rows, in stream order."""
+        self._trim()
+        return self._frames[0]
+
+
 def _arrays(features: Features) -> dict[str, np.ndarray]:
     arrays = {"dense": features.dense, "sparse": features.sparse, "label": features.label}
     arrays.update({f"multi_{k}": v for k, v in features.multi.items()})
@@ -185,8 +221,7 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
     (tmp / "preprocessor.json").write_text(json.dumps(preprocessor.to_dict()))
     writer = _SplitWriter(tmp)
     rejected = dict.fromkeys(REASONS, 0)
-    sample: list[pd.DataFrame] = []
-    rng = np.random.default_rng(0)
+    sample = BottomKSample(split.reference_rows)
     seen = 0
     templates: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
     with open(tmp / "rejects.tsv", "w") as rejects_out:
@@ -207,17 +242,13 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
                     if len(index):
                         writer.append(name, {k: v[index] for k, v in arrays.items()})
                 seen += len(features)
-                keep = rng.random(len(chunk.frame)) < split.reference_rows / max(seen, split.reference_rows)
-                sample.append(chunk.frame[keep])
+                sample.add(chunk.frame)
                 if progress:
                     progress(seen)
     if seen == 0:
         raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {rejected}); check the data and --spec")
     rows = writer.finish(templates)
-    reference = pd.concat(sample, ignore_index=True)
-    if len(reference) > split.reference_rows:
-        reference = reference.sample(split.reference_rows, random_state=0)
-    save_reference(tmp, reference, spec)
+    save_reference(tmp, sample.result(), spec, max_rows=split.reference_rows)
     return {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

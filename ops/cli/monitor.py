@@ -63,7 +63,11 @@ def monitor_command(args: argparse.Namespace) -> dict[str, Any]:
             if not args.watch or (args.count and reports >= args.count):
                 break
             time.sleep(args.watch)
+            if args.state_dir is not None and (sources := _sources(args)) != monitor.sources:  # the loop moved on
+                monitor.close()
+                monitor = Monitor(sources)
     finally:
+        monitor.close()
         if server is not None:
             server.stop()
     return {**data, "reports": reports} if args.json else {"reports": reports}
