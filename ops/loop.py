@@ -842,6 +842,8 @@ class Loop:
         else:
             if deployed.canary == canary.repo_version:
                 deployer.rollback()
+            if canary.registry_version is not None:
+                self.registry.set_alias(canary.registry_version, "rejected", reason=verdict["reason"])
             kind = "rolled_back"
         self.state.canary, self.state.candidate, self.state.canary_arms, self.state.step = None, None, [], "observe"
         return self._commit({"kind": kind, "version": canary.repo_version, "previous": production.repo_version,

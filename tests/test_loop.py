@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.exposition import Exporter
-from ops.loop import EVENT_KINDS, CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, read_events
+from ops.loop import EVENT_KINDS, CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, compare_arms, read_events
 from ops.policy import PolicyConfig
 from ops.stream import StreamConfig, write_synthetic_stream
 from serving.deploy import DeployConfig, Deployer, read_deploy_state
@@ -176,6 +176,58 @@ def test_monitor_reports_the_latest_loop_window_with_triton_figures(restarted, s
     assert report["drift"]["drifted_features"] == [], "window 5 is compared with v2's (drifted) training data"
     triton = report["triton"]["drifted/2"]
     assert triton["requests"] > 0 and triton["failures"] == 0 and triton["mean_latency_ms"] > 0
+
+
+# ------------------------------------------------------------------------------------------- canary rollback
+
+
+def arm(impressions: int, auc: float | None, logloss: float | None) -> dict:
+    return {"impressions": impressions, "auc": auc, "logloss": logloss}
+
+
+def test_compare_arms_weighs_windows_by_impressions_and_applies_both_margins():
+    config = CanaryConfig(auc_margin=0.01, logloss_margin=0.05)
+    windows = [{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.70, 0.40)}, {"1": arm(100, 0.80, 0.40), "2": arm(300, 0.80, 0.40)}]
+    verdict = compare_arms(windows, "1", "2", config)
+    assert verdict["canary"]["auc"] == pytest.approx(0.775) and verdict["canary"]["impressions"] == 400
+    assert not verdict["promote"] and "canary AUC 0.7750 < production 0.8000 - 0.01" in verdict["reason"]
+    assert compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.795, 0.419)}], "1", "2", config)["promote"]
+    worse_logloss = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.80, 0.43)}], "1", "2", config)
+    assert not worse_logloss["promote"] and "canary logloss 0.4300 > production 0.4000 x 1.05" in worse_logloss["reason"]
+    assert compare_arms([{"1": arm(100, 0.80, 0.40)}], "1", "2", config)["failures"] == ["the canary received no traffic"]
+    one_class = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(5, None, None)}], "1", "2", config)
+    assert one_class["failures"] == ["the canary's online AUC/logloss is undefined (one class only)"]
+
+
+def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_path):
+    """A candidate that passes the offline gate but loses online (here: the canary must beat production by a
+    whole AUC point, which no model can) is rolled back; production keeps serving and the registry says why."""
+    from ops.registry import LocalRegistry
+
+    stream = tmp_path / "stream"
+    write_synthetic_stream(StreamConfig(windows=4, rows=ROWS, seed=900, drift_at=1, covariate_drift=0.5,
+                                        concept_drift=0.6), stream)
+    served.deploy("rejected")
+    config = served.config("rejected", stream,
+                           policy=PolicyConfig(drift_windows=1, quality_windows=1, min_new_rows=10**9, cooldown_s=0.0),
+                           retrain=RetrainConfig(min_windows=1), gate=GateConfig(slice_min_rows=100),
+                           canary=CanaryConfig(share=0.5, drain_s=0.1, auc_margin=-1.0))
+    with Loop(config) as loop:
+        loop.run()
+    events = read_events(config.state_dir)
+    order = kinds(events)
+    assert order[order.index("canary_started"):][:2] == ["canary_started", "rolled_back"], order
+    assert "promoted" not in order
+    rolled = next(e for e in events if e["kind"] == "rolled_back")
+    assert not rolled["comparison"]["promote"] and "rolled back" in rolled["reason"]
+    assert (rolled["version"], rolled["production"]) == (2, 1)
+    deployed = read_deploy_state(served.repo, "rejected")
+    assert (deployed.production, deployed.canary, loop.state.production.repo_version) == (1, None, 1)
+    assert served.server.model_ready("rejected", 1) and not served.server.model_ready("rejected", 2)
+    last = [e for e in events if e["kind"] == "window"][-1]
+    assert set(last["arms"]) == {"1"}, "after the rollback only production serves"
+    rejected = LocalRegistry(served.registry).get_by_alias("rejected")
+    assert rejected.version == next(e for e in events if e["kind"] == "exported")["registry_version"]
 
 
 # -------------------------------------------------------------------------------------- validation failure
