@@ -155,7 +155,7 @@ class Backends:
 
         ckpt = checkpoint.load(ckpt_dir)
         self.torch_model = load_torchrec(ckpt.trainer, ckpt.model)
-        self.session = onnx_session(onnx_path, threads=threads)
+        self.session = onnx_session(onnx_path, threads=threads, device="cpu")
         self.server = server
         self.clients: list = []
 

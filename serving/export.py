@@ -225,7 +225,7 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
 
     ckpt = _load_checkpoint(exported.checkpoint)
     reference = load_torchrec(ckpt.trainer, ckpt.model)
-    session = onnx_session(exported.onnx_path)
+    session = onnx_session(exported.onnx_path, device="cpu")  # like for like: the TorchRec reference runs on CPU
     tolerance = config.tolerance if config.tolerance is not None else FP16_TOLERANCE if exported.fp16 else FP32_TOLERANCE
     auc_tolerance = config.fp16_auc_tolerance if exported.fp16 else config.auc_tolerance
     layout = exported.layout

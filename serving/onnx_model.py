@@ -11,6 +11,7 @@ Output ``probability`` float32 [B, 1].
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,16 +92,40 @@ def read_export_metadata(version_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def onnx_session(onnx_path: Path, threads: int = 0):
-    """An onnxruntime CPU session (``threads`` 0 = onnxruntime's default)."""
+CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def onnx_providers(device: str = "auto") -> list[str]:
+    """Execution providers for ``device``: ``cpu``; ``cuda`` (CPU after it, as ONNX Runtime's fallback); ``auto``
+    = ``cuda`` where this onnxruntime has the CUDA provider (the onnxruntime-gpu wheel), else ``cpu``."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise RecopsError(f"onnxruntime device {device!r}: use auto, cpu or cuda")
+    has_cuda = CUDA_PROVIDER in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        warnings.warn(f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (install the onnxruntime-gpu "
+                      f"extra: pip install 'recops[gpu]'); running on CPU", RuntimeWarning, stacklevel=3)
+    return [CUDA_PROVIDER, CPU_PROVIDER] if has_cuda and device != "cpu" else [CPU_PROVIDER]
+
+
+def onnx_session(onnx_path: Path, threads: int = 0, device: str = "auto"):
+    """An onnxruntime session on ``device`` (see :func:`onnx_providers`; ``threads`` 0 = onnxruntime's default
+    intra-op threads). A CUDA provider that fails to start (no visible GPU, driver or cuDNN mismatch) falls
+    back to CPU with a warning."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    providers = onnx_providers(device)
     try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as exc:
         raise RecopsError(f"onnxruntime cannot load {onnx_path}: {exc}; re-export the model") from exc
+    if CUDA_PROVIDER in providers and CUDA_PROVIDER not in session.get_providers():
+        warnings.warn(f"onnxruntime could not start {CUDA_PROVIDER} for {onnx_path} (see its log above: driver, "
+                      f"cuDNN or no visible GPU); running on CPU", RuntimeWarning, stacklevel=2)
+    return session
 
 
 def onnx_probabilities(session, inputs: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 from serving.export import ExportConfig, ParityError, check_parity, export_onnx, export_to_repository, publish
@@ -17,6 +18,7 @@ from serving.repository import ModelRepository
 from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
 from training import checkpoint
 from training.dataset import Dataset
+from training.errors import RecopsError
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -64,6 +66,14 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
     expected = torchrec_probabilities(load_torchrec(ckpt.trainer, ckpt.model), inputs)
     got = onnx_probabilities(onnx_session(result.onnx_path), inputs)
     assert got.shape == (1, 1) and np.abs(got - expected).max() <= 1e-5
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # CPU hosts: CUDA falls back, warned
+        with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider .*onnxruntime-gpu.*running on CPU"):
+            session = onnx_session(result.onnx_path, device="cuda")
+        assert session.get_providers() == ["CPUExecutionProvider"]
+        assert np.array_equal(onnx_probabilities(session, inputs), got)
+    with pytest.raises(RecopsError, match="device 'gpu0': use auto, cpu or cuda"):
+        onnx_session(result.onnx_path, device="gpu0")
 
 
 def test_multi_hot_features_are_padded_inputs_with_masks(tmp_path_factory, tmp_path):
