@@ -205,12 +205,12 @@ def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_pa
     from ops.registry import LocalRegistry
 
     stream = tmp_path / "stream"
-    write_synthetic_stream(StreamConfig(windows=4, rows=ROWS, seed=900, drift_at=1, covariate_drift=0.5,
+    write_synthetic_stream(StreamConfig(windows=5, rows=ROWS, seed=900, drift_at=1, covariate_drift=0.5,
                                         concept_drift=0.6), stream)
     served.deploy("rejected")
-    config = served.config("rejected", stream,
-                           policy=PolicyConfig(drift_windows=1, quality_windows=1, min_new_rows=10**9, cooldown_s=0.0),
-                           retrain=RetrainConfig(min_windows=1), gate=GateConfig(slice_min_rows=100),
+    config = served.config("rejected", stream,  # trained on windows 1-2, canary in 3, production alone in 4
+                           policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
+                           retrain=RetrainConfig(min_windows=2), gate=GateConfig(slice_min_rows=100),
                            canary=CanaryConfig(share=0.5, drain_s=0.1, auc_margin=-1.0))
     with Loop(config) as loop:
         loop.run()
