@@ -40,6 +40,7 @@ from training.errors import RecopsError
 NAME = "serve_latency"
 MODEL = "dlrm_bench"
 BACKENDS = ("torch_eager", "onnxruntime", "triton_http", "triton_grpc")
+BASELINE = "onnxruntime"  # ratios are against this backend at the same batch size and concurrency
 PA_COMPONENTS = ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
                  "Server Compute Infer", "Server Compute Output", "Client Recv")  # they add up to the mean latency
 
@@ -276,6 +277,16 @@ def aims(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's ``variant`` label and its p50 and throughput as ratios against the in-process ONNX Runtime
+    cell of the same batch size and concurrency (the same model without a server: the serving overhead)."""
+    for row in rows:
+        row["variant"] = f"{row['backend']} c{row['concurrency']}"
+        base = _cell(rows, BASELINE, row["batch_size"], row["concurrency"])
+        row["p50_vs_onnxruntime"] = row["p50_ms"] / base["p50_ms"] if base and base["p50_ms"] else None
+        row["rows_per_s_vs_onnxruntime"] = row["rows_per_s"] / base["rows_per_s"] if base and base["rows_per_s"] else None
+
+
 def plot(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -392,17 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         rows, info = measure_all(cfg, Path(tmp), lambda m: print(f"[serve_latency] {m}", flush=True))
     goals = aims(rows)
     info["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    for row in rows:
-        row["variant"] = f"{row['backend']} c{row['concurrency']}"
-    path = write_result(NAME, rows, args.results_dir, config=asdict(cfg), aims=goals, **info,
-                        plots=[{"x": "batch_size", "y": "p50_ms", "series": "variant", "title": "p50 latency",
+    add_ratios(rows)
+    path = write_result(NAME, rows, args.results_dir, baseline=BASELINE, config=asdict(cfg), aims=goals, **info,
+                        plots=[{"x": "batch_size", "y": "p50_vs_onnxruntime", "series": "variant",
+                                "title": "p50 latency / in-process ONNX Runtime's (same batch, clients)",
+                                "log_x": True, "log_y": True},
+                               {"x": "batch_size", "y": "p50_ms", "series": "variant", "title": "p50 latency",
                                 "log_x": True, "log_y": True},
                                {"x": "batch_size", "y": "rows_per_s", "series": "variant", "title": "throughput",
                                 "log_x": True, "log_y": True}])
     load = max(info["load_average"]["before"][0], info["load_average"]["after"][0])
     png = plot(rows, Path(args.results_dir) / f"{NAME}.png",
                f"{hardware()['label']}; 1-min load average up to {load:.1f} during the run")
-    print(format_table(rows, ["backend", "batch_size", "concurrency", "requests", "p50_ms", "p99_ms", "rows_per_s"]))
+    print(format_table(rows, ["backend", "batch_size", "concurrency", "requests", "p50_ms", "p99_ms", "rows_per_s",
+                              "p50_vs_onnxruntime", "rows_per_s_vs_onnxruntime"]))
     print(json.dumps(goals, indent=1))
     print(f"wrote {path} and {png}")
     return 0

@@ -14,6 +14,7 @@ import torch
 from bench.common import format_table, hardware, measure, read_result, write_result
 from bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
 from bench.report import render
+from bench.serve_latency import add_ratios
 from bench.suite import Benchmark, run_one, run_suite
 from bench.train_throughput import VARIANTS, ThroughputConfig
 from tests.conftest import ROOT, recops
@@ -71,6 +72,18 @@ def test_measure_excludes_warmup_and_reports_the_median():
     timing = measure(lambda: calls.append(1), warmup=2, repeats=3)
     assert len(calls) == 5 and len(timing.times_s) == 3
     assert timing.min_s <= timing.median_s
+
+
+def test_serving_rows_are_ratios_against_onnxruntime_at_the_same_batch_and_concurrency():
+    cell = lambda backend, batch, conc, p50, rate: {"backend": backend, "batch_size": batch, "concurrency": conc,  # noqa: E731
+                                                   "p50_ms": p50, "rows_per_s": rate}
+    rows = [cell("onnxruntime", 1, 1, 0.02, 40_000), cell("triton_http", 1, 1, 0.7, 1_400),
+            cell("onnxruntime", 1, 4, 0.05, 60_000), cell("triton_http", 1, 4, 1.5, 2_400), cell("triton_grpc", 8, 1, 0.8, 9_000)]
+    add_ratios(rows)
+    assert [r["variant"] for r in rows] == ["onnxruntime c1", "triton_http c1", "onnxruntime c4", "triton_http c4", "triton_grpc c1"]
+    assert rows[1]["p50_vs_onnxruntime"] == pytest.approx(35) and rows[1]["rows_per_s_vs_onnxruntime"] == pytest.approx(0.035)
+    assert rows[3]["p50_vs_onnxruntime"] == pytest.approx(30) and rows[2]["p50_vs_onnxruntime"] == 1.0
+    assert rows[4]["p50_vs_onnxruntime"] is None  # no baseline cell at batch 8: no ratio rather than a wrong one
 
 
 def test_write_result_labels_hardware_and_date(tmp_path):
