@@ -119,13 +119,14 @@ def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Pat
     ratio = bool(baseline and key and baseline in groups)
     fig, axes = plt.subplots(1, 2 if ratio else 1, figsize=(12 if ratio else 7, 4.5), squeeze=False)
     ax, styles = axes[0][0], ["-", "--", ":", "-."]
+    colors = {name: f"C{n % 10}" for n, name in enumerate(groups)}  # one colour per series, one style per y
     for name, points in groups.items():
         xs = sorted(points)
         for i, y in enumerate(ys):
             vals = [points[v].get(y) for v in xs]
             label = name if len(ys) == 1 else f"{name} {y}"
             ax.plot([v for v, w in zip(xs, vals) if w is not None], [w for w in vals if w is not None],
-                    styles[i % len(styles)], marker="o", label=label)
+                    styles[i % len(styles)], marker="o", color=colors[name], label=label)
     ax.set(xlabel=x, ylabel=", ".join(ys), title=f"{spec.get('title', result['benchmark'])}\n{result['hardware']['label']}")
     if ratio:
         rax = axes[0][1]
@@ -136,7 +137,7 @@ def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Pat
                 pairs = [(v, points[v].get(y), base[v].get(y)) for v in xs]
                 pairs = [(v, a / b) for v, a, b in pairs if a is not None and b]
                 rax.plot([p[0] for p in pairs], [p[1] for p in pairs], styles[i % len(styles)], marker="o",
-                         label=name if len(ys) == 1 else f"{name} {y}")
+                         color=colors[name], label=name if len(ys) == 1 else f"{name} {y}")
         rax.axhline(1.0, color="grey", linewidth=0.8)
         rax.set(xlabel=x, ylabel=f"ratio vs {baseline}", title=f"ratio vs {baseline} (same run)")
         rax.legend(fontsize=8)
@@ -146,7 +147,8 @@ def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Pat
             a.set_xscale("log", base=2)
     if spec.get("log_y"):
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    crowded = len(groups) * len(ys) > 8  # a long legend goes beside the plot, not over the lines
+    ax.legend(fontsize=7 if crowded else 8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if crowded else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                         plots=[{"x": "batch_size", "y": "p50_vs_onnxruntime", "series": "variant",
                                 "title": "p50 latency / in-process ONNX Runtime's (same batch, clients)",
                                 "log_x": True, "log_y": True},
-                               {"x": "batch_size", "y": "p50_ms", "series": "variant", "title": "p50 latency",
+                               {"x": "batch_size", "y": ["p50_ms", "p99_ms"], "series": "variant",
+                                "title": "latency percentiles (p50 solid, p99 dashed)",
                                 "log_x": True, "log_y": True},
                                {"x": "batch_size", "y": "rows_per_s", "series": "variant", "title": "throughput",
                                 "log_x": True, "log_y": True}])
