@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import bench_parser, format_table, hardware, pin_threads, write_result
+from bench.common import bench_parser, cores, format_table, hardware, pin_threads, write_result
 from training.errors import RecopsError
 
 NAME = "serve_latency"
@@ -57,6 +57,7 @@ class LatencyConfig:
     # intra-op threads of every backend (torch, onnxruntime here and in Triton). 1 by default: on a shared
     # 2-core host onnxruntime's spinning 2-thread pool measured 2x slower at p50 than one thread.
     threads: int = 1
+    instances: int = 0  # Triton model instances; 0 = one per usable core, as in-process ONNX Runtime gets them all
     perf_analyzer: bool = True
     cudart_dir: str | None = None
 
@@ -330,13 +331,15 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
     threads = pin_threads(cfg.threads)
     t0 = time.perf_counter()
     ckpt = random_checkpoint(work / "checkpoint", cfg.table_size)
-    options = ServingOptions(max_batch_size=max(cfg.batch_sizes), intra_op_threads=threads,
+    instances = cfg.instances or cores()
+    options = ServingOptions(max_batch_size=max(cfg.batch_sizes), intra_op_threads=threads, instance_count=instances,
                              warmup=(WarmupRequest(batch_size=1, data="zero"),))
     published = export_to_repository(ckpt, work / "repo", MODEL, config=ExportConfig(), options=options)
     log(f"exported ({published.exported.exporter}, parity {published.parity.max_abs_diff:.2g}) in "
         f"{time.perf_counter() - t0:.1f}s")
     info: dict[str, Any] = {"exporter": published.exported.exporter, "parity_max_abs_diff": published.parity.max_abs_diff,
-                            "onnx_bytes": published.onnx_path.stat().st_size, "threads": threads}
+                            "onnx_bytes": published.onnx_path.stat().st_size, "threads": threads,
+                            "triton_instances": instances}
     rows: list[dict] = []
     layout = published.exported.layout
     with TritonServer(ServerConfig(repo=work / "repo", load_models=(MODEL,))) as server:
@@ -388,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured seconds per round of each cell (3 rounds)")
     parser.add_argument("--batch-sizes", default=",".join(map(str, LatencyConfig.batch_sizes)))
     parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--instances", type=int, default=LatencyConfig.instances,
+                        help="Triton model instances (0 = one per usable core)")
     parser.set_defaults(threads=LatencyConfig.threads)  # 0 still means all cores
     parser.add_argument("--cudart-dir", default=None, help="directory with libcudart.so.12 (perf_analyzer needs it)")
     args = parser.parse_args(argv)
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LatencyConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                         table_size=args.table_size if not args.quick else 10_000,
                         seconds=args.seconds if not args.quick else 0.2, threads=args.threads,
-                        perf_analyzer=not args.no_perf_analyzer, cudart_dir=args.cudart_dir)
+                        instances=args.instances, perf_analyzer=not args.no_perf_analyzer, cudart_dir=args.cudart_dir)
     if args.quick:
         cfg = LatencyConfig(**{**asdict(cfg), "batch_sizes": (1, 64, 1024), "warmup": 1})
     load_before = os.getloadavg()

@@ -155,4 +155,16 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
 
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), *common]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
-    assert ModelRepository(tmp_path / "repo").versions("ctr") == [1]
+    repo = ModelRepository(tmp_path / "repo")
+    assert repo.versions("ctr") == [1] and "count: 1 kind: KIND_CPU" in (repo.model_dir("ctr") / "config.pbtxt").read_text()
+
+    # serving settings: --instances/--threads change only what they name and stick for later versions
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--instances", "2", "--threads", "3", *common]) == 0
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), *common]) == 0
+    config = (repo.model_dir("ctr") / "config.pbtxt").read_text()
+    assert repo.versions("ctr") == [1, 2, 3] and "count: 2 kind: KIND_CPU" in config
+    assert 'key: "intra_op_threads" value: { string_value: "3" }' in config
+    assert repo.settings("ctr")[1].max_batch_size == 4096  # the rest of the stored settings kept
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--instances", "0", *common]) == 2
+    assert "--instances and --threads must be >= 1" in capsys.readouterr().err

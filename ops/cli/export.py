@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, default=None, metavar="DIR",
                         help="processed dataset whose val split the parity gate scores (AUC check); "
                              "without it only random inputs are compared")
+    parser.add_argument("--instances", type=int, default=None, metavar="N",
+                        help="Triton model instances (per GPU on the gpu target; default: the model's current "
+                             "setting, 1 for a new model). On CPU, one per core lets concurrent requests overlap")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="onnxruntime intra-op threads per instance on the cpu target (default: current, 1)")
     parser.add_argument("--registry", default=None, metavar="DIR",
                         help="registry directory (default: $RECOPS_REGISTRY or runs/registry)")
     add_json_flag(parser)
@@ -39,11 +44,30 @@ def _checkpoint(args: argparse.Namespace) -> Path:
     return LocalRegistry(args.registry).get(args.model_version).checkpoint
 
 
+def _options(args: argparse.Namespace, repo: Path):
+    """The model's serving options with --instances/--threads applied; None (keep them) when neither is given."""
+    from dataclasses import replace
+
+    from serving.export import DEFAULT_SERVING
+    from serving.repository import SETTINGS_FILE, ModelRepository
+    from training.errors import RecopsError
+
+    changes = {k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None}
+    if not changes:
+        return None
+    if min(changes.values()) < 1:
+        raise RecopsError(f"--instances and --threads must be >= 1, got {changes}")
+    repo = ModelRepository(repo)
+    current = repo.settings(args.name)[1] if (repo.model_dir(args.name) / SETTINGS_FILE).is_file() else DEFAULT_SERVING
+    return replace(current, **changes)
+
+
 def export(args: argparse.Namespace) -> dict[str, Any]:
     from serving.export import ExportConfig, export_to_repository
     from serving.server import DEFAULT_REPO
 
     config = ExportConfig(fp16=args.fp16, external_data=True if args.external_data else None)
-    result = export_to_repository(_checkpoint(args), args.repo or DEFAULT_REPO, args.name, target=args.target,
-                                  config=config, dataset=args.data)
+    repo = args.repo or DEFAULT_REPO
+    result = export_to_repository(_checkpoint(args), repo, args.name, target=args.target, config=config,
+                                  options=_options(args, repo), dataset=args.data)
     return {**result.to_dict(), "model_version": args.model_version, "parity": result.parity.to_dict()}
