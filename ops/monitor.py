@@ -116,12 +116,6 @@ class Monitor:
         self._predictions.close()
         self._feedback.close()
 
-    def __enter__(self) -> Monitor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def report_dict(report: dict[str, Any]) -> dict[str, Any]:
     """A report as JSON-able values."""

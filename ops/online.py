@@ -169,7 +169,7 @@ class LogFollower:
         self.path, self.keep_s, self._parse = Path(path), keep_s, parse
         self._fh: BinaryIO | None = None
         self._pending = b""  # a torn tail line, completed by a later read
-        self._frame: pd.DataFrame | None = None
+        self._frame: pd.DataFrame | None = None  # the records kept
 
     @property
     def torn_bytes(self) -> int:
@@ -185,8 +185,8 @@ class LogFollower:
         buffered = self._pending + data
         complete, _ = _complete_lines(buffered)
         self._pending = buffered[len(complete):]
-        frames = [f for f in (self._frame, self._parse(complete, self.path)) if f is not None]
-        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        new = self._parse(complete, self.path)
+        frame = new if self._frame is None else pd.concat([self._frame, new], ignore_index=True)
         if len(frame):
             frame = frame[frame["ts"] >= frame["ts"].max() - self.keep_s].reset_index(drop=True)
         self._frame = frame

@@ -257,6 +257,12 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
     return report
 
 
+def current_options(repo: ModelRepository, name: str) -> ServingOptions:
+    """The serving options ``name`` is published with when none are given: its stored ones, or
+    ``DEFAULT_SERVING`` for a new model."""
+    return repo.settings(name)[1] if (repo.model_dir(name) / SETTINGS_FILE).is_file() else DEFAULT_SERVING
+
+
 def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: str | None = None,
             options: ServingOptions | None = None, dataset: Path | str | None = None,
             parity: ParityConfig = ParityConfig(), version: int | None = None) -> PublishResult:

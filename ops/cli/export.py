@@ -48,8 +48,8 @@ def _options(args: argparse.Namespace, repo: Path):
     """The model's serving options with --instances/--threads applied; None (keep them) when neither is given."""
     from dataclasses import replace
 
-    from serving.export import DEFAULT_SERVING
-    from serving.repository import SETTINGS_FILE, ModelRepository
+    from serving.export import current_options
+    from serving.repository import ModelRepository
     from training.errors import RecopsError
 
     changes = {k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None}
@@ -57,9 +57,7 @@ def _options(args: argparse.Namespace, repo: Path):
         return None
     if min(changes.values()) < 1:
         raise RecopsError(f"--instances and --threads must be >= 1, got {changes}")
-    repo = ModelRepository(repo)
-    current = repo.settings(args.name)[1] if (repo.model_dir(args.name) / SETTINGS_FILE).is_file() else DEFAULT_SERVING
-    return replace(current, **changes)
+    return replace(current_options(ModelRepository(repo), args.name), **changes)
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
