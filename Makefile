@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(VENV)/bin/recops bench
+	$(VENV)/bin/recops bench --results-dir bench/results
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -31,18 +31,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from training.environment import cpu_model
-from training.errors import RecopsError
+from recops.training.environment import cpu_model
+from recops.errors import RecopsError
+from recops.settings import settings
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ROOT = RESULTS_DIR.parents[1]
+BENCH_DIR = Path(__file__).resolve().parent  # the benchmark scripts
+
+
+def default_results_dir() -> Path:
+    """Where results go by default: ``recops.settings`` bench_results ($RECOPS_BENCH_RESULTS, runs/bench).
+    `make bench` passes ``--results-dir bench/results``, the committed figures."""
+    return settings().bench_results
 
 
 def bench_parser(description: str | None) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark accepts."""
     parser = argparse.ArgumentParser(description=(description or "").splitlines()[0] if description else None)
     parser.add_argument("--quick", action="store_true", help="minimal sizes (smoke test, seconds)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON result goes")
+    parser.add_argument("--results-dir", type=Path, default=None, help="where the JSON result goes (default: $RECOPS_BENCH_RESULTS or runs/bench)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores this process may use)")
     return parser
 
@@ -152,11 +158,11 @@ def write_result(name: str, rows: list[dict[str, Any]], results_dir: Path | None
     data = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "hardware": hardware(), "load_avg_1m": round(os.getloadavg()[0], 2), "baseline": baseline,
             "config": config or {}, "rows": rows, "plots": plots or [], **extra}
-    return write_json(Path(results_dir or RESULTS_DIR) / f"{name}.json", data)
+    return write_json(Path(results_dir or default_results_dir()) / f"{name}.json", data)
 
 
 def read_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:
-    path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
+    path = Path(results_dir or default_results_dir()) / f"{name}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -181,10 +187,10 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
 
 
 def run_json_subprocess(args: list[str], timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python <args>`` from the repository root and return the JSON object on its last stdout line."""
+    """Run ``python <args>`` and return the JSON object on its last stdout line."""
     cmd = [sys.executable, *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                               stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as exc:
         raise RecopsError(f"{' '.join(args)}: still running after {timeout_s:.0f} s; use smaller sizes") from exc

@@ -1,6 +1,6 @@
 """The DLRM training variants that ``bench/train_throughput.py`` compares, and its worker process.
 
-``python -m bench.dlrm_variants --variant NAME --config-json JSON`` measures one variant at every
+``python -m recops.bench.dlrm_variants --variant NAME --config-json JSON`` measures one variant at every
 batch size and prints one JSON line (samples/s per timed repeat, peak RSS, the path measured).
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import measure, peak_rss_mib, pin_threads, run_main
-from bench.train_throughput import VARIANTS, ThroughputConfig
-from training.errors import RecopsError
-from training.model import DLRM, DLRMHead, ModelConfig, to_kjt
-from training.train import EMBEDDING_OPTIMIZERS
+from recops.bench.common import measure, peak_rss_mib, pin_threads, run_main
+from recops.bench.train_throughput import VARIANTS, ThroughputConfig
+from recops.errors import RecopsError
+from recops.training.model import DLRM, DLRMHead, ModelConfig, to_kjt
+from recops.training.train import EMBEDDING_OPTIMIZERS
 
 Batch = tuple  # (dense [B, 13] f32, sparse ids [B, 26] i64, label [B] f32), host tensors
 Step = Callable[[Batch], torch.Tensor]  # one training step; returns the (detached) loss
@@ -75,7 +75,7 @@ def _to(device, *tensors):
 
 
 def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Step, str]:
-    """The model and optimizers exactly as ``training.train._Trainer`` sets them up."""
+    """The model and optimizers exactly as ``recops.training.train._Trainer`` sets them up."""
     import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder

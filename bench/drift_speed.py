@@ -11,7 +11,7 @@ Every report runs in its own process. Memory: ``data_rss_mib`` resident once the
 ``report_peak_rss_mib`` the peak during the report (kernel peak reset after loading),
 ``peak_rss_mib`` the process's whole peak (``ru_maxrss``, loading included). Wall and CPU seconds are
 both reported (CPU time is the fairer figure on a busy host). recops runs twice per pair: with
-categoricals as Python ``str`` objects (what ``training.readers`` yields; the headline) and as pandas
+categoricals as Python ``str`` objects (what ``recops.training.readers`` yields; the headline) and as pandas
 3 reads Parquet (Arrow-backed strings). recops: the reference statistics are built once (ingest time, from a 200k-row sample,
 timed separately), then each report loads them and tests the current rows (the median of
 ``--repeats`` runs). Evidently 0.7.23 compares the full reference and current frames. Evidently
@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, bench_parser, format_table, pin_threads, write_result, run_main
-from training.errors import RecopsError
+from recops.bench.common import BENCH_DIR, bench_parser, format_table, pin_threads, write_result, run_main
+from recops.errors import RecopsError
 
 NAME = "drift_speed"
 EVIDENTLY = ("evidently==0.7.23", "pandas<3", "pyarrow")  # evidently 0.7.23 does not import under pandas 3
@@ -58,7 +58,7 @@ def _parser():
     parser.add_argument("--evidently-max-rows", type=int, default=10**9, help="run Evidently only at sizes up to this")
     parser.add_argument("--repeats", type=int, default=3, help="recops reports per pair (median reported)")
     parser.add_argument("--skip-evidently", action="store_true", help="run the recops side only")
-    parser.add_argument("--evidently-venv", type=Path, default=ROOT / ".venv-evidently", help="venv holding evidently")
+    parser.add_argument("--evidently-venv", type=Path, default=Path(".venv-evidently"), help="venv holding evidently")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "recops-drift-bench",
                         help="where the generated Parquet pairs are cached")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per report")
@@ -69,7 +69,7 @@ def _data(work: Path, name: str, rows: int, **knobs) -> Path:
     """One synth set as Parquet (cached: the generator is deterministic)."""
     import pyarrow.parquet as pq
 
-    from training.synth import SynthConfig, generate, to_table
+    from recops.training.synth import SynthConfig, generate, to_table
 
     path = work / f"{name}-{rows}.parquet"
     if not path.is_file():
@@ -81,16 +81,16 @@ def _data(work: Path, name: str, rows: int, **knobs) -> Path:
 
 
 def _columns() -> list[str]:
-    from training.spec import CRITEO_DENSE, CRITEO_SPARSE
+    from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE
 
     return ["--dense", ",".join(CRITEO_DENSE), "--categorical", ",".join(CRITEO_SPARSE)]
 
 
 def _worker(python: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
-    cmd = [str(python), "-m", "bench.drift_workers", *args, *_columns()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    cmd = [str(python), str(BENCH_DIR / "drift_workers.py"), *args, *_columns()]  # a script: the evidently venv lacks recops
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise RecopsError(f"drift_speed: {args[0]} still running after {timeout_s:.0f} s; use --rows smaller") from exc
     lines = proc.stdout.strip().splitlines()

@@ -63,8 +63,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     """recops: reference statistics of the reference file (ingest time, once per dataset)."""
     from pathlib import Path
 
-    from training.spec import ColumnSpec
-    from training.stats import save_reference
+    from recops.training.spec import ColumnSpec
+    from recops.training.stats import save_reference
 
     spec = ColumnSpec(dense=tuple(args.dense.split(",")), sparse=tuple(args.categorical.split(",")))
     frame = _read(args.reference, list(spec.sparse))
@@ -75,8 +75,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 def recops(args: argparse.Namespace) -> dict[str, Any]:
     """recops: load the stored reference and run the drift report on the current file."""
-    from ops.drift import detect_drift
-    from training.stats import load_reference
+    from recops.ops.drift import detect_drift
+    from recops.training.stats import load_reference
 
     current = _read(args.current, args.categorical.split(","), args.strings)
     memory = _reset_peak()

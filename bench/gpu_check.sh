@@ -57,7 +57,7 @@ print('fbgemm_gpu', fbgemm_gpu.__version__, fbgemm_gpu.__variant__, '| torchrec'
 print('onnxruntime', ort.__version__, ort.get_available_providers())"
 step pytest-gpu 150 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider \$(grep -l 'mark.gpu' tests/test_*.py) \
 >$OUT/pytest_gpu.txt 2>&1; rc=\$?; tail -5 $OUT/pytest_gpu.txt; exit \$rc"
-step benchmarks 420 "$PY" -m bench.suite --only train_throughput,onnx_gpu --results-dir "$RESULTS" \
+step benchmarks 420 "$PY" -m recops.bench.suite --only train_throughput,onnx_gpu --results-dir "$RESULTS" \
   --extra "train_throughput=$TRAIN_ARGS" --extra "onnx_gpu=$ONNX_ARGS"
 # Keep within 8 files: report.html embeds the plots; the PNGs and REPORT.md are re-rendered from the JSON.
 [ "$DRY" = 1 ] || rm -f "$RESULTS"/*.png "$RESULTS"/REPORT.md

@@ -1,6 +1,6 @@
 """Inference on a GPU: the exported DLRM in ONNX Runtime (CUDA EP, CPU EP) vs torch eager on the device.
 
-The module is ``serving.inference_module.InferenceDLRM`` (what ``recops export`` writes) with random
+The module is ``recops.serving.inference_module.InferenceDLRM`` (what ``recops export`` writes) with random
 weights on Criteo-shaped tables, exported with the serving exporter. Each call scores one batch of
 host (numpy) inputs and returns host probabilities, so every backend pays its own transfers.
 Latency percentiles and samples/s per batch size; ratios against ``torch_eager`` on the same device.
@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import bench_parser, format_table, pin_threads, write_result, run_main
-from bench.train_throughput import ThroughputConfig, _ints
-from training.errors import RecopsError
+from recops.bench.common import bench_parser, format_table, pin_threads, write_result, run_main
+from recops.bench.train_throughput import ThroughputConfig, _ints
+from recops.errors import RecopsError
 
 NAME = "onnx_gpu"
 BASELINE = "torch_eager"
@@ -28,9 +28,9 @@ def build_module(max_rows: int, dim: int, seed: int = 0):
     """A random-weight ``InferenceDLRM`` over the Criteo tables (capped at ``max_rows``) and its layout."""
     import torch
 
-    from serving.inference_module import InferenceDLRM
-    from serving.onnx_model import FeatureLayout
-    from training.model import DLRM
+    from recops.serving.inference_module import InferenceDLRM
+    from recops.serving.onnx_model import FeatureLayout
+    from recops.training.model import DLRM
 
     config = ThroughputConfig(max_rows=max_rows, embedding_dim=dim).model_config()
     torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RecopsError("onnx_gpu: --device cuda but torch sees no GPU; use --device cpu")
-    from serving.export import _onnx_export
+    from recops.serving.export import _onnx_export
 
     module, layout = build_module(args.max_rows, args.embedding_dim)
     specs = layout.input_specs()

@@ -1,9 +1,9 @@
 """Render the benchmark results in a directory as ``REPORT.md`` + ``report.html`` with PNG plots.
 
 Input: ``suite.json`` (statuses, logs and GPU samples written by ``bench/suite.py``; optional) and
-every other ``*.json`` result written by ``bench.common.write_result``. Each plot shows absolute
+every other ``*.json`` result written by ``recops.bench.common.write_result``. Each plot shows absolute
 numbers (titled with the hardware they were measured on) and, when the result names a baseline,
-each series as a ratio against the baseline measured in the same run. ``python -m bench.report DIR``.
+each series as a ratio against the baseline measured in the same run. ``python -m recops.bench.report DIR``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, format_cell
-from training.errors import RecopsError
+from recops.bench.catalog import BENCHMARKS
+from recops.bench.common import default_results_dir, format_cell
+from recops.errors import RecopsError
 
 MARKDOWN, HTML, GPU_PLOT = "REPORT.md", "report.html", "gpu_utilisation.png"
 
@@ -229,11 +230,9 @@ def _section(doc: Doc, name: str, result: dict[str, Any] | None, run: dict[str, 
     return plots
 
 
-def render(results_dir: Path = RESULTS_DIR) -> dict[str, Path]:
+def render(results_dir: Path | None = None) -> dict[str, Path]:
     """Write the Markdown and HTML reports (and PNGs) into ``results_dir``; returns their paths."""
-    from bench.suite import BENCHMARKS
-
-    results_dir = Path(results_dir)
+    results_dir = Path(results_dir or default_results_dir())
     if not results_dir.is_dir():
         raise RecopsError(f"report: {results_dir} is not a directory; run `recops bench` first")
     suite, results, broken = _load(results_dir)
@@ -272,7 +271,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = (argv if argv is not None else sys.argv[1:]) or [str(RESULTS_DIR)]
+    args = (argv if argv is not None else sys.argv[1:]) or [str(default_results_dir())]
     try:
         paths = render(Path(args[0]))
     except RecopsError as exc:

@@ -1,13 +1,13 @@
 """Serving latency and throughput: TorchRec eager vs in-process ONNX Runtime vs Triton (HTTP, gRPC).
 
 One DLRM (Criteo shape: 13 dense, 26 tables of ``--table-size`` rows, dim 16, random weights) is saved as
-a checkpoint, exported with ``serving.export`` (parity-gated) into a temporary model repository and served
+a checkpoint, exported with ``recops.serving.export`` (parity-gated) into a temporary model repository and served
 by a local Triton server (cpu target: python backend running the same ONNX with onnxruntime). For each
 batch size and client concurrency every backend answers back-to-back requests for ``--seconds``:
 
-- ``torch_eager``: ``training.model.DLRM`` (EmbeddingBagCollection fed a KeyedJaggedTensor built per request)
+- ``torch_eager``: ``recops.training.model.DLRM`` (EmbeddingBagCollection fed a KeyedJaggedTensor built per request)
 - ``onnxruntime``: ``InferenceSession.run`` in this process (the baseline Triton is compared with)
-- ``triton_http`` / ``triton_grpc``: ``serving.client.Predictor`` against the server
+- ``triton_http`` / ``triton_grpc``: ``recops.serving.client.Predictor`` against the server
 
 Latency is per request, throughput is rows/s over a round's wall time; each cell runs in rounds that
 interleave the backends (a busy host slows them alike) and reports the median p50 and rows/s over rounds
@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import bench_parser, cores, format_table, hardware, pin_threads, write_result
-from training.errors import RecopsError
+from recops.bench.common import bench_parser, cores, format_table, hardware, pin_threads, write_result
+from recops.errors import RecopsError
 
 NAME = "serve_latency"
 MODEL = "dlrm_bench"
@@ -66,10 +66,10 @@ def random_checkpoint(out: Path, table_size: int, seed: int = 0) -> Path:
     """A checkpoint of an untrained Criteo-shaped DLRM (latency does not depend on the weights)."""
     import torch
 
-    from training import checkpoint
-    from training.model import DLRM, ModelConfig
-    from training.preprocess import Preprocessor
-    from training.spec import ColumnSpec, PreprocessConfig
+    from recops.training import checkpoint
+    from recops.training.model import DLRM, ModelConfig
+    from recops.training.preprocess import Preprocessor
+    from recops.training.spec import ColumnSpec, PreprocessConfig
 
     preprocessor = Preprocessor(ColumnSpec.criteo(), PreprocessConfig(table_size=table_size))
     config = ModelConfig(tables=preprocessor.table_sizes)
@@ -151,9 +151,9 @@ class Backends:
     """Callables that score one batch on each backend (a fresh client per calling thread for Triton)."""
 
     def __init__(self, ckpt_dir: Path, onnx_path: Path, server, threads: int):
-        from serving.onnx_model import onnx_session
-        from serving.inference_module import load_torchrec
-        from training import checkpoint
+        from recops.serving.onnx_model import onnx_session
+        from recops.serving.inference_module import load_torchrec
+        from recops.training import checkpoint
 
         ckpt = checkpoint.load(ckpt_dir)
         self.torch_model = load_torchrec(ckpt.trainer, ckpt.model)
@@ -172,7 +172,7 @@ class Backends:
     def _torch_call(self, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
         import torch
 
-        from training.model import to_kjt
+        from recops.training.model import to_kjt
 
         model = self.torch_model
 
@@ -184,7 +184,7 @@ class Backends:
         return call
 
     def _triton_call(self, protocol: str, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
-        from serving.client import Predictor
+        from recops.serving.client import Predictor
 
         url = self.server.http_url if protocol == "http" else self.server.grpc_url
         client = Predictor(url, MODEL, protocol=protocol, batch_size=max(len(inputs["dense"]), 1), timeout_s=60)
@@ -324,9 +324,9 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 # ---- main --------------------------------------------------------------------------------------------
 def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> tuple[list[dict], dict[str, Any]]:
-    from serving.export import ExportConfig, export_to_repository
-    from serving.repository import ServingOptions, WarmupRequest
-    from serving.server import ServerConfig, TritonServer
+    from recops.serving.export import ExportConfig, export_to_repository
+    from recops.serving.repository import ServingOptions, WarmupRequest
+    from recops.serving.server import ServerConfig, TritonServer
 
     threads = pin_threads(cfg.threads)
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Run the benchmark suite: every benchmark in ``BENCHMARKS`` in its own process, GPU utilisation
-sampled meanwhile (``ops.gpu.gpu_monitor``), then one report (``bench/report.py``).
+sampled meanwhile (``recops.ops.gpu.gpu_monitor``), then one report (``bench/report.py``).
 
-``python -m bench.suite [--quick] [--only NAME,...] [--results-dir DIR] [--extra NAME="ARGS"]``; the
+``python -m recops.bench.suite [--quick] [--only NAME,...] [--results-dir DIR] [--extra NAME="ARGS"]``; the
 same as ``recops bench``. A benchmark that is missing, fails or writes no JSON is recorded as such in
 ``suite.json`` and in the report, never skipped silently.
 """
@@ -19,36 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, ROOT, hardware, write_json
-from training.errors import RecopsError
+from recops.bench.catalog import BENCHMARKS, Benchmark
+from recops.bench.common import default_results_dir, hardware, write_json
+from recops.bench.report import render
+from recops.errors import RecopsError
 
 SUITE_FILE = "suite.json"
 LOG_TAIL_CHARS = 3000
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    """A script ``bench/<name>.py`` (``main(argv)``, writes ``<results-dir>/<name>.json``) and the extra
-    arguments that size it for this 2-core, 24 GiB machine."""
-
-    name: str
-    full: tuple[str, ...] = ()
-    quick: tuple[str, ...] = ()
-    timeout_s: float = 1800
-    gpu_only: bool = False  # skipped (and reported so) where no GPU is visible
-
-    @property
-    def script(self) -> Path:
-        return ROOT / "bench" / f"{self.name}.py"
-
-
-BENCHMARKS = (
-    Benchmark("train_throughput", timeout_s=1200),
-    Benchmark("serve_latency"),
-    Benchmark("sweep_overhead"),
-    Benchmark("drift_speed", full=("--rows", "200000")),
-    Benchmark("onnx_gpu", gpu_only=True),
-)
 # Benchmarks run with passive OpenMP waiting: spinning worker threads collapse throughput ~10x on a busy host.
 BENCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
@@ -82,9 +61,9 @@ def select(only: list[str] | None) -> list[Benchmark]:
 def _monitor():
     """The NVML sampler, or None and why it is unavailable."""
     try:
-        from ops.gpu import gpu_monitor
+        from recops.ops.gpu import gpu_monitor
     except ImportError as exc:
-        return None, f"ops.gpu unavailable: {exc}"
+        return None, f"recops.ops.gpu unavailable: {exc}"
     return gpu_monitor(interval_s=0.5), None
 
 
@@ -95,7 +74,7 @@ def _series(samples, t0: float) -> list[dict[str, Any]]:
 
 def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], t0: float) -> tuple[BenchRun, list]:
     """Run one benchmark in a subprocess under the GPU monitor; returns its record and GPU samples."""
-    cmd = [sys.executable, "-m", f"bench.{bench.name}", "--results-dir", str(results_dir),
+    cmd = [sys.executable, "-m", f"recops.bench.{bench.name}", "--results-dir", str(results_dir),
            *(("--quick", *bench.quick) if quick else bench.full), *extra]
     run = BenchRun(bench.name, "missing", command=cmd[1:], start_s=round(time.time() - t0, 2))
     if not bench.script.exists():
@@ -129,7 +108,7 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
 
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (its workers too)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**BENCH_ENV, **os.environ}, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
@@ -140,10 +119,10 @@ def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def run_suite(benchmarks: list[Benchmark], results_dir: Path = RESULTS_DIR, quick: bool = False,
+def run_suite(benchmarks: list[Benchmark], results_dir: Path | None = None, quick: bool = False,
               extra: dict[str, list[str]] | None = None, echo: bool = True) -> dict[str, Any]:
     """Run ``benchmarks``, write ``suite.json`` and the report; returns the suite record."""
-    results_dir = Path(results_dir)
+    results_dir = Path(results_dir or default_results_dir())
     results_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     runs, series = [], []
@@ -158,8 +137,6 @@ def run_suite(benchmarks: list[Benchmark], results_dir: Path = RESULTS_DIR, quic
     suite = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(), "quick": quick,
              "runs": [asdict(r) for r in runs], "gpu_series": series}
     write_json(results_dir / SUITE_FILE, suite)
-    from bench.report import render
-
     suite["report"] = {k: str(v) for k, v in render(results_dir).items()}
     return suite
 
@@ -179,20 +156,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="minimal sizes (a smoke run, about a minute)")
     parser.add_argument("--only", type=lambda s: [n for n in s.split(",") if n], default=None,
                         help=f"comma-separated subset of: {', '.join(b.name for b in BENCHMARKS)}")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="JSON results, PNG plots and the report")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="JSON results, PNG plots and the report (default: $RECOPS_BENCH_RESULTS or runs/bench)")
     parser.add_argument("--extra", action="append", default=[], metavar='NAME="ARGS"',
                         help="extra arguments for one benchmark, e.g. train_throughput=\"--device cuda\"")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from existing JSON")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Shared by ``python -m bench.suite`` and ``recops bench``: a summary dict; raises if any benchmark failed."""
+    """Shared by ``python -m recops.bench.suite`` and ``recops bench``: a summary dict; raises if any benchmark failed."""
     if args.report_only:
-        from bench.report import render
-
         return {"report": {k: str(v) for k, v in render(args.results_dir).items()}}
     suite = run_suite(select(args.only), args.results_dir, args.quick, parse_extra(args.extra))
-    summary = {"results_dir": str(args.results_dir), "report": suite["report"].get("markdown"),
+    summary = {"results_dir": str(args.results_dir or default_results_dir()), "report": suite["report"].get("markdown"),
                "benchmarks": {r["name"]: r["status"] + (f" ({r['detail']})" if r["detail"] else "") for r in suite["runs"]}}
     bad = [r["name"] for r in suite["runs"] if r["status"] not in ("ok", "skipped")]
     if bad:

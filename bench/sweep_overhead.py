@@ -1,14 +1,14 @@
 """Sweep overhead: N trainings through Ray Tune (+ Ray Train workers) versus back-to-back in one process.
 
 Same dataset, same N settings (a grid over embedding_lr), same epochs and one torch thread per
-training in every variant. The baseline, ``sequential``, calls ``training.train.fit`` N times in this
-process (imports paid once, before timing). ``ray_cN`` is ``training.sweep.run_sweep`` with a FIFO
+training in every variant. The baseline, ``sequential``, calls ``recops.training.train.fit`` N times in this
+process (imports paid once, before timing). ``ray_cN`` is ``recops.training.sweep.run_sweep`` with a FIFO
 scheduler and ``max_concurrent_trials=N``, timed end to end: local Ray start, trials (each a Tune
 trial process, a Ray Train controller and a worker process that imports torch/torchrec), results,
 Ray shutdown. ``train_s`` is the time inside the trainings (first epoch start to last epoch end,
 summed over trials), so ``wall_s - train_s`` is what the orchestration costs.
 
-``python -m bench.sweep_overhead [--trials 4] [--epochs 2] [--rows 20000] [--concurrency 1,2] [--quick]``
+``python -m recops.bench.sweep_overhead [--trials 4] [--epochs 2] [--rows 20000] [--concurrency 1,2] [--quick]``
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import bench_parser, format_table, write_result
+from recops.bench.common import bench_parser, format_table, write_result
 
 NAME = "sweep_overhead"
 LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
@@ -26,9 +26,9 @@ ARCH = {"embedding_dim": 8, "dense_arch": [32, 16], "over_arch": [32, 16]}
 
 
 def make_dataset(root: Path, rows: int) -> Path:
-    from training.dataset import ingest
-    from training.spec import PreprocessConfig
-    from training.synth import SynthConfig, write
+    from recops.training.dataset import ingest
+    from recops.training.spec import PreprocessConfig
+    from recops.training.synth import SynthConfig, write
 
     write(SynthConfig(rows=rows, seed=7), root / "raw")
     return ingest([root / "raw" / "data.tsv"], root / "data", config=PreprocessConfig(table_size=2000)).path
@@ -36,8 +36,8 @@ def make_dataset(root: Path, rows: int) -> Path:
 
 def sequential(dataset: Path, rates: list[float], epochs: int, out: Path) -> dict[str, Any]:
     """The N trainings back to back in this process (world of one, like a 1-worker trial)."""
-    from training.model import ModelConfig
-    from training.train import TrainConfig, fit
+    from recops.training.model import ModelConfig
+    from recops.training.train import TrainConfig, fit
 
     arch = ModelConfig.from_dict(ARCH)
     start = time.perf_counter()
@@ -49,8 +49,8 @@ def sequential(dataset: Path, rates: list[float], epochs: int, out: Path) -> dic
 
 def through_ray(dataset: Path, rates: list[float], epochs: int, concurrency: int, out: Path) -> dict[str, Any]:
     """The same N trainings as a Ray Tune sweep on a local Ray, ``concurrency`` trials at a time."""
-    from training.sweep import run_sweep
-    from training.sweep_config import SweepConfig
+    from recops.training.sweep import run_sweep
+    from recops.training.sweep_config import SweepConfig
 
     config = SweepConfig.from_dict({
         "name": f"bench-c{concurrency}", "dataset": str(dataset), "model": ARCH, "train": {"batch_size": 512},
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         args.trials, args.epochs, args.rows = 2, 1, 6000
     rates = list(LEARNING_RATES[:args.trials])
     levels = [int(c) for c in args.concurrency.split(",")]
-    import training.train  # noqa: F401  - import torch/torchrec before any clock starts
+    import recops.training.train  # noqa: F401  - import torch/torchrec before any clock starts
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = Path(tmp)

@@ -1,10 +1,10 @@
 """DLRM training throughput: TorchRec (fused in-backward optimizer under DMP) vs plain-PyTorch EmbeddingBags.
 
-Variants, all with the same head (``training.model.DLRMHead``), the same synthetic Criteo-shaped
+Variants, all with the same head (``recops.training.model.DLRMHead``), the same synthetic Criteo-shaped
 batches (26 tables, Zipf-distributed ids) and the same optimizers (embeddings: Adagrad by default;
 MLPs: Adam):
 
-- ``torchrec``: ``training.model.DLRM`` (an ``EmbeddingBagCollection`` fed a KJT), the embedding
+- ``torchrec``: ``recops.training.model.DLRM`` (an ``EmbeddingBagCollection`` fed a KJT), the embedding
   optimizer fused into the backward (``apply_optimizer_in_backward``) and the model wrapped in
   ``DistributedModelParallel`` on a world of one: what ``training/train.py`` runs. On CUDA without
   fbgemm-gpu's CUDA kernels this becomes the unsharded EBC with a regular optimizer (``path`` in the
@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import bench_parser, format_table, run_json_subprocess, write_result, run_main
-from training.errors import RecopsError
+from recops.bench.common import bench_parser, format_table, run_json_subprocess, write_result, run_main
+from recops.errors import RecopsError
 
 NAME = "train_throughput"
 # Criteo Kaggle (Display Advertising Challenge) cardinalities of C1..C26.
@@ -48,7 +48,7 @@ class ThroughputConfig:
     """Model shape, data and measurement settings of one run."""
 
     batch_sizes: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
-    embedding_dim: int = 16  # dim and arches: recops' default architecture (training.model.ModelConfig)
+    embedding_dim: int = 16  # dim and arches: recops' default architecture (recops.training.model.ModelConfig)
     max_rows: int = 1_000_000  # cap on each table's Criteo cardinality (0 = full size)
     dense_arch: tuple[int, ...] = (64, 32)
     over_arch: tuple[int, ...] = (128, 64)
@@ -77,7 +77,7 @@ class ThroughputConfig:
                 for i, rows in enumerate(CRITEO_KAGGLE_ROWS)}
 
     def model_config(self):
-        from training.model import ModelConfig
+        from recops.training.model import ModelConfig
 
         return ModelConfig(tables=self.tables(), embedding_dim=self.embedding_dim,
                            dense_arch=self.dense_arch, over_arch=self.over_arch)
@@ -140,7 +140,7 @@ def pivot_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _measure_variant(cfg: ThroughputConfig, variant: str, timeout_s: float) -> dict[str, Any]:
-    args = ["-m", "bench.dlrm_variants", "--variant", variant, "--config-json", json.dumps(cfg.to_dict())]
+    args = ["-m", "recops.bench.dlrm_variants", "--variant", variant, "--config-json", json.dumps(cfg.to_dict())]
     return run_json_subprocess(args, timeout_s, env=WORKER_ENV)
 
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         import subprocess
 
-        worker = ["-m", "bench.dlrm_variants", "--variant", args.profile, "--config-json", json.dumps(cfg.to_dict()),
+        worker = ["-m", "recops.bench.dlrm_variants", "--variant", args.profile, "--config-json", json.dumps(cfg.to_dict()),
                   "--profile-batch", str(args.profile_batch)]
         return subprocess.run([sys.executable, *worker], env={**os.environ, **WORKER_ENV}).returncode
     variants = tuple(v for v in args.variants.split(",") if v)

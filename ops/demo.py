@@ -13,45 +13,37 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig
-from ops.policy import PolicyConfig
-from ops.stream import StreamConfig
-from training.errors import RecopsError
+from recops.ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig
+from recops.ops.policy import PolicyConfig
+from recops.ops.stream import StreamConfig
+from recops.configs import config_path
+from recops.errors import RecopsError
+from recops.settings import settings
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "ctr"
 MARKER = ".recops-demo"
 RUN_TOKEN = "RECOPS_DEMO_RUN"  # a workdir holding this file is the demo's own and may be wiped
 SWEEP_TIME_LIMIT_S = 300.0  # the demo's sweep ends with the trials done by then (Tune's time budget)
-DEMO_SWEEP: dict[str, Any] = {  # used when configs/sweep_demo.yaml is missing
-    "name": "demo",
-    "model": {"embedding_dim": 8, "dense_arch": [32, 16], "over_arch": [64, 32]},
-    "train": {"batch_size": 512},
-    "search": {"embedding_lr": {"choice": [0.03, 0.1]}},
-    "epochs": 2, "num_samples": 2, "metric": "auc",
-    "scheduler": {"type": "fifo"},
-    "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-    "max_failures": 0,
-}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """The demo's data sizes, drift and training choices."""
 
-    workdir: Path = Path("runs/demo")
+    workdir: Path = field(default_factory=lambda: settings().runs / "demo")
+    datasets: Path = field(default_factory=lambda: settings().datasets)
     rows: int = 20_000  # initial training data
     table_size: int = 1000
     stream: StreamConfig = StreamConfig(windows=8, rows=4000, seed=1000, drift_at=3, covariate_drift=0.5,
                                         concept_drift=0.5)
     use_sweep: bool = True  # the first model: a Ray Tune sweep (else one training run)
     retrain_sweep: bool = False  # retraining in the loop: a sweep (else a warm-started training run, faster)
-    sweep_config: Path = ROOT / "configs" / "sweep_demo.yaml"
+    sweep_config: Path = field(default_factory=lambda: config_path("sweep_demo.yaml"))
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,13 +87,13 @@ class Demo:
 
     # ---- the first model -----------------------------------------------------------------------
     def dataset(self):
-        from training.dataset import ingest
-        from training.spec import PreprocessConfig
-        from training.synth import SynthConfig, write
+        from recops.training.dataset import ingest
+        from recops.training.spec import PreprocessConfig
+        from recops.training.synth import SynthConfig, write
 
         summary = write(SynthConfig(rows=self.config.rows, seed=self.config.seed,
                                     world_seed=self.config.stream.world_seed), self.workdir / "synth")
-        dataset = ingest([self.workdir / "synth" / "data.tsv"], self.workdir / "datasets",
+        dataset = ingest([self.workdir / "synth" / "data.tsv"], self.config.datasets,
                          config=PreprocessConfig(table_size=self.config.table_size))
         self.log(f"data: {self.config.rows} synthetic rows (oracle AUC {summary['oracle_auc']:.4f}) -> dataset "
                  f"{dataset.version} ({dataset.manifest['rows']})")
@@ -111,13 +103,13 @@ class Demo:
         """Sweep (Ray Tune) or one training run; registered, returns the ModelVersion."""
         if self.config.use_sweep:
             return self._sweep(dataset, registry)
-        from ops.registry import Lineage
-        from training.model import ModelConfig
-        from training.train import TrainConfig, fit
+        from recops.ops.registry import Lineage
+        from recops.training.model import ModelConfig
+        from recops.training.train import TrainConfig, fit
 
-        model = DEMO_SWEEP["model"]
-        arch = ModelConfig(embedding_dim=model["embedding_dim"], dense_arch=tuple(model["dense_arch"]),
-                           over_arch=tuple(model["over_arch"]))
+        import yaml
+
+        arch = ModelConfig.from_dict(yaml.safe_load(self.config.sweep_config.read_text()).get("model", {}))
         result = fit(dataset.path, arch, TrainConfig(epochs=2, batch_size=512), self.workdir / "train")
         best = max(result.history, key=lambda h: h["val_auc"])
         version = registry.register(Path(result.checkpoint), {"val_auc": best["val_auc"], "val_logloss": best["val_logloss"],
@@ -129,12 +121,12 @@ class Demo:
     def _sweep(self, dataset, registry):
         import yaml
 
-        from ops.experiments import register_best
-        from training.sweep import run_sweep
-        from training.sweep_config import SweepConfig
+        from recops.ops.experiments import register_best
+        from recops.training.sweep import run_sweep
+        from recops.training.sweep_config import SweepConfig
 
         source = self.config.sweep_config
-        template = yaml.safe_load(source.read_text()) if source.is_file() else DEMO_SWEEP
+        template = yaml.safe_load(source.read_text())
         limit = min(float(template.get("time_limit_s") or SWEEP_TIME_LIMIT_S), SWEEP_TIME_LIMIT_S)
         data = {**template, "dataset": str(dataset.path), "storage_path": str(self.workdir / "sweeps"),
                 "time_limit_s": limit}
@@ -144,17 +136,17 @@ class Demo:
             raise RecopsError(f"demo sweep {result.experiment_dir} produced no checkpoint ({result.num_errors} failed "
                               "trials); see its trial records")
         version = register_best(result, registry, alias="candidate")
-        self.log(f"sweep: {len(result.trials)} trials ({source.name if source.is_file() else 'built-in demo sweep'}) "
+        self.log(f"sweep: {len(result.trials)} trials ({source.name}) "
                  f"in {result.wall_s:.0f}s, best {result.best_trial} val AUC {result.best_metrics.get('val_auc', 0):.4f} "
                  f"-> registry v{version.version} (alias candidate)")
         return version
 
     # ---- the story ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from ops.registry import LocalRegistry
-        from serving.export import export_to_repository
-        from serving.repository import ModelRepository
-        from serving.server import ServerConfig, TritonServer
+        from recops.ops.registry import LocalRegistry
+        from recops.serving.export import export_to_repository
+        from recops.serving.repository import ModelRepository
+        from recops.serving.server import ServerConfig, TritonServer
 
         registry = LocalRegistry(self.workdir / "registry")
         dataset = self.timed("data", self.dataset)
@@ -176,8 +168,8 @@ class Demo:
             self.log("triton: stopped")
 
     def _serve(self, server, repo, registry, repo_version: int, registry_version: int) -> dict[str, Any]:
-        from ops.stream import write_synthetic_stream
-        from serving.deploy import DeployConfig, Deployer
+        from recops.ops.stream import write_synthetic_stream
+        from recops.serving.deploy import DeployConfig, Deployer
 
         Deployer(server, repo, MODEL_NAME, DeployConfig(drain_s=0.2)).deploy(repo_version)
         registry.set_alias(registry_version, "production", reason="demo: first deployment")
@@ -195,11 +187,11 @@ class Demo:
     def loop_config(self, server) -> LoopConfig:
         return LoopConfig(
             state_dir=self.workdir / "loop", stream_dir=self.workdir / "stream", repo=self.workdir / "triton",
-            model_name=MODEL_NAME, server_url=server.http_url, datasets_root=self.workdir / "datasets",
+            model_name=MODEL_NAME, server_url=server.http_url, datasets_root=self.config.datasets,
             registry=self.workdir / "registry", metrics_url=server.metrics_url, window_s=60.0, feedback_delay_s=5.0,
             policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
             retrain=RetrainConfig(use_sweep=self.config.retrain_sweep,
-                                  sweep_config=self.config.sweep_config if self.config.sweep_config.is_file() else None,
+                                  sweep_config=self.config.sweep_config,
                                   min_windows=2),
             gate=GateConfig(), canary=CanaryConfig(share=0.5, windows=1, drain_s=0.2))
 
@@ -208,10 +200,10 @@ class Demo:
 
     def sample_predictions(self, server, loop: Loop, rows: int = 5) -> list[dict[str, Any]]:
         """A few rows of the last window scored by the production version through tritonclient (gRPC)."""
-        from ops.stream import read_truth, read_window
-        from serving.client import Predictor
-        from serving.onnx_model import PREPROCESS_FILE
-        from training.preprocess import Preprocessor
+        from recops.ops.stream import read_truth, read_window
+        from recops.serving.client import Predictor
+        from recops.serving.onnx_model import PREPROCESS_FILE
+        from recops.training.preprocess import Preprocessor
 
         index = loop.state.next_window - 1
         spec, version = loop.spec, loop.state.production.repo_version
@@ -235,7 +227,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = partial(print, flu
     Every process the demo starts (Triton server and stubs, Ray, training workers) inherits a token in
     its environment; ``leftover_processes`` finds any that outlive the demo.
     """
-    from ops.report import write_report
+    from recops.ops.report import write_report
 
     token = uuid.uuid4().hex
     os.environ[RUN_TOKEN] = token

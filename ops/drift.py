@@ -33,8 +33,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import chdtri, ndtri
 from scipy.stats import binom
 
-from training.errors import RecopsError
-from training.stats import Reference, categorical_values, dense_matrix
+from recops.errors import RecopsError
+from recops.training.stats import Reference, categorical_values, dense_matrix
 
 
 @dataclass(frozen=True)

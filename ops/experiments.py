@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ops.registry import CodeVersion, Lineage, ModelRegistry, ModelVersion
-from training.errors import RecopsError
-from training.sweep import SweepResult
+from recops.ops.registry import CodeVersion, Lineage, ModelRegistry, ModelVersion
+from recops.errors import RecopsError
+from recops.training.sweep import SweepResult
 
 REGISTRATION_FILE = "registration.json"  # in the experiment dir: the version this sweep registered (no duplicates on resume)
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from ops.drift import DriftReport
-from ops.gpu import GpuMonitor
-from ops.online import OnlineReport
-from ops.policy import CONDITIONS, Decision, RetrainPolicy
-from training.errors import RecopsError
+from recops.ops.drift import DriftReport
+from recops.ops.gpu import GpuMonitor
+from recops.ops.online import OnlineReport
+from recops.ops.policy import CONDITIONS, Decision, RetrainPolicy
+from recops.errors import RecopsError
 
 _WINDOW_FIGURES = {  # WindowMetrics field -> (metric, help)
     "ctr": ("recops_online_ctr", "observed click-through rate of the latest complete window"),

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 log = logging.getLogger(__name__)
 

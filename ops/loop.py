@@ -1,6 +1,6 @@
 """The closed MLOps loop: watch live windows, retrain on drift, gate, canary, promote or roll back.
 
-``Loop`` is a persisted state machine over a stream directory (``ops.stream``) and a running Triton
+``Loop`` is a persisted state machine over a stream directory (``recops.ops.stream``) and a running Triton
 server. Steps::
 
     observe ──trigger──> retrain ──> validate ──pass──> export ──> canary ──> watch_canary ──> decide_canary
@@ -8,14 +8,14 @@ server. Steps::
        └────────────────────────────────┴──────────────────────────────────────────────────────────┘
 
 * ``observe`` / ``watch_canary`` process one window: each row is routed by its request id to the
-  production or canary version (``serving.deploy.Router``) and scored through Triton; predictions
+  production or canary version (``recops.serving.deploy.Router``) and scored through Triton; predictions
   (with the raw features) and feedback (the window's labels) are logged per window under
-  ``logs/`` (``ops.online``), the labelled rows are kept as ``data/window-*.tsv``; online metrics per
-  arm, drift against the production model's dataset reference (``ops.drift``) and Triton's latency
+  ``logs/`` (``recops.ops.online``), the labelled rows are kept as ``data/window-*.tsv``; online metrics per
+  arm, drift against the production model's dataset reference (``recops.ops.drift``) and Triton's latency
   and failures feed the ``RetrainPolicy`` (observe only: during a canary the incident is being handled).
-* ``retrain`` ingests the incident's windows (``training.dataset.ingest``, the production dataset's
-  preprocessing) and trains: a small Ray Tune sweep (``training.sweep``, registered by
-  ``ops.experiments.register_best``) when ``RetrainConfig.use_sweep``, else ``training.train.fit``;
+* ``retrain`` ingests the incident's windows (``recops.training.dataset.ingest``, the production dataset's
+  preprocessing) and trains: a small Ray Tune sweep (``recops.training.sweep``, registered by
+  ``recops.ops.experiments.register_best``) when ``RetrainConfig.use_sweep``, else ``recops.training.train.fit``;
   both warm-start from the production checkpoint when the tables match (else from scratch, recorded).
 * ``validate`` exports ONNX and runs the gates: export parity, no NaN, holdout AUC on the NEW data not
   worse than production's by more than ``GateConfig.auc_margin``, per-slice AUC not collapsing.
@@ -44,15 +44,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ops.drift import DriftConfig
-from ops.policy import Observation, PolicyConfig, PolicyState, RetrainPolicy
-from ops.stream import read_truth, read_window, window_path
-from training.errors import RecopsError
-from training.metrics import auc
+from recops.ops.drift import DriftConfig
+from recops.ops.policy import Observation, PolicyConfig, PolicyState, RetrainPolicy
+from recops.ops.stream import read_truth, read_window, window_path
+from recops.errors import RecopsError
+from recops.training.metrics import auc
 
 if TYPE_CHECKING:
-    from ops.exposition import Exporter
-    from training.train import TrainConfig
+    from recops.ops.exposition import Exporter
+    from recops.training.train import TrainConfig
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "loop_config.json"  # the configuration of the latest start (read by `recops monitor`)
@@ -91,7 +91,7 @@ class CanaryConfig:
 
 
 def _train_config(**kwargs: Any) -> TrainConfig:
-    from training.train import TrainConfig  # torch: imported only when a loop is configured
+    from recops.training.train import TrainConfig  # torch: imported only when a loop is configured
 
     return TrainConfig(**kwargs)
 
@@ -102,7 +102,7 @@ class RetrainConfig:
 
     The incident's windows are the training data: the windows of the streak that fired (drift/quality),
     else those since the production model took over, clamped to ``[min_windows, max_windows]``.
-    ``sweep_config`` (YAML, ``training.sweep_config``) is the sweep template: its dataset, storage path,
+    ``sweep_config`` (YAML, ``recops.training.sweep_config``) is the sweep template: its dataset, storage path,
     warm start and architecture are set per retraining. Without it a built-in small sweep is used.
     """
 
@@ -254,7 +254,7 @@ class Loop:
     """The closed loop over ``config.stream_dir`` against the server at ``config.server_url``."""
 
     def __init__(self, config: LoopConfig, exporter: Exporter | None = None):
-        """``exporter`` (``ops.exposition.Exporter``) is fed after every window: online quality, drift,
+        """``exporter`` (``recops.ops.exposition.Exporter``) is fed after every window: online quality, drift,
         policy state and the production version, for a Prometheus ``/metrics`` endpoint."""
         from filelock import FileLock, Timeout
 
@@ -273,8 +273,8 @@ class Loop:
             raise
 
     def _open(self, config: LoopConfig) -> None:
-        from ops.registry import LocalRegistry
-        from serving.repository import ModelRepository
+        from recops.ops.registry import LocalRegistry
+        from recops.serving.repository import ModelRepository
 
         write_json_atomic(self.state_dir / CONFIG_FILE, loop_config_dict(config))
         self.repo = ModelRepository(config.repo)
@@ -345,8 +345,8 @@ class Loop:
     # ---- bootstrapping -----------------------------------------------------------------------
     def _production_ref(self, start_ts: float) -> ModelRef:
         """The model the deployment record calls production, traced to its checkpoint and dataset."""
-        from serving.deploy import read_deploy_state
-        from serving.onnx_model import read_export_metadata
+        from recops.serving.deploy import read_deploy_state
+        from recops.serving.onnx_model import read_export_metadata
 
         name = self.config.model_name
         production = read_deploy_state(self.repo, name).production
@@ -429,7 +429,7 @@ class Loop:
     @property
     def spec(self):
         """The raw-data schema (the production dataset's)."""
-        from training.spec import ColumnSpec
+        from recops.training.spec import ColumnSpec
 
         if "spec" not in self._cache:
             manifest = json.loads((Path(self.state.production.dataset) / "manifest.json").read_text())
@@ -462,8 +462,8 @@ class Loop:
         return self._commit({"kind": "window", **record}, *detected, *decided)
 
     def _process_window(self, index: int, frame) -> dict[str, Any]:
-        from ops.drift import detect_drift
-        from ops.online import OnlineConfig, log_feedback, log_predictions, read_online
+        from recops.ops.drift import detect_drift
+        from recops.ops.online import OnlineConfig, log_feedback, log_predictions, read_online
 
         spec, ts = self.spec, self.window_ts(index)
         ids = np.array([f"w{index:05d}-{row:06d}" for row in range(len(frame))])
@@ -509,8 +509,8 @@ class Loop:
         }
 
     def _concept_drift(self, arm: dict[str, Any]):
-        """The production arm's quality vs its baseline (``ops.drift.concept_drift``, the policy's margins)."""
-        from ops.drift import concept_drift
+        """The production arm's quality vs its baseline (``recops.ops.drift.concept_drift``, the policy's margins)."""
+        from recops.ops.drift import concept_drift
 
         production, policy = self.state.production, self.config.policy
         if production.baseline_auc is None or arm.get("auc") is None or arm.get("logloss") is None:
@@ -538,7 +538,7 @@ class Loop:
         return probs, versions
 
     def _router(self):
-        from serving.deploy import Router
+        from recops.serving.deploy import Router
 
         if "router" not in self._cache:
             self._cache["router"] = Router(self.config.server_url, self.repo, self.config.model_name)
@@ -546,9 +546,9 @@ class Loop:
 
     def _predictor(self, version: int):
         """A client whose preprocessing is the one shipped with ``version`` (its preprocess.json)."""
-        from serving.client import Predictor
-        from serving.onnx_model import PREPROCESS_FILE
-        from training.preprocess import Preprocessor
+        from recops.serving.client import Predictor
+        from recops.serving.onnx_model import PREPROCESS_FILE
+        from recops.training.preprocess import Preprocessor
 
         key = f"predictor-{version}"
         if key not in self._cache:
@@ -558,7 +558,7 @@ class Loop:
         return self._cache[key]
 
     def _reference(self):
-        from training.stats import load_reference
+        from recops.training.stats import load_reference
 
         key = f"reference-{self.state.production.dataset}"
         if key not in self._cache:
@@ -576,7 +576,7 @@ class Loop:
         self.state.data_files[str(index)] = str(target.relative_to(self.state_dir))
 
     def _metrics_url(self) -> str | None:
-        from serving.server import read_state
+        from recops.serving.server import read_state
 
         if self.config.metrics_url:
             return self.config.metrics_url
@@ -585,7 +585,7 @@ class Loop:
 
     def _triton_figures(self) -> dict[str, Any] | None:
         """Requests, failures and mean latency per served version since the previous window (None without metrics)."""
-        from ops.online import scrape_triton
+        from recops.ops.online import scrape_triton
 
         url = self._metrics_url()
         if not url:
@@ -646,8 +646,8 @@ class Loop:
 
     # ---- retrain -----------------------------------------------------------------------------
     def _retrain(self) -> list[dict[str, Any]]:
-        from training.dataset import ingest
-        from training.spec import PreprocessConfig
+        from recops.training.dataset import ingest
+        from recops.training.spec import PreprocessConfig
 
         candidate = self.state.candidate
         production = self.state.production
@@ -684,12 +684,12 @@ class Loop:
         return None
 
     def _fit(self, dataset, run_dir: Path) -> dict[str, Any]:
-        """``training.train.fit``, seeded with the production weights and optimizer state when compatible."""
-        from ops.registry import CodeVersion, Lineage
-        from training import checkpoint
-        from training.environment import capture
-        from training.model import ModelConfig
-        from training.train import fit
+        """``recops.training.train.fit``, seeded with the production weights and optimizer state when compatible."""
+        from recops.ops.registry import CodeVersion, Lineage
+        from recops.training import checkpoint
+        from recops.training.environment import capture
+        from recops.training.model import ModelConfig
+        from recops.training.train import fit
 
         trainer = self._production_trainer()
         problem = self._warm_start_problem(dataset)
@@ -720,9 +720,9 @@ class Loop:
         """A small Ray Tune sweep over the production architecture, warm-started when compatible."""
         import yaml
 
-        from ops.experiments import register_best
-        from training.sweep import run_sweep
-        from training.sweep_config import SweepConfig
+        from recops.ops.experiments import register_best
+        from recops.training.sweep import run_sweep
+        from recops.training.sweep_config import SweepConfig
 
         template = self.config.retrain.sweep_config
         base = yaml.safe_load(Path(template).read_text()) if template else DEFAULT_RETRAIN_SWEEP
@@ -748,7 +748,7 @@ class Loop:
 
     # ---- validate / export -------------------------------------------------------------------
     def _validate(self) -> list[dict[str, Any]]:
-        from serving.export import ParityError
+        from recops.serving.export import ParityError
 
         candidate = self.state.candidate
         try:
@@ -772,7 +772,7 @@ class Loop:
 
     def _exported(self):
         """The candidate's ONNX export (made once per process; again after a restart)."""
-        from serving.export import export_onnx
+        from recops.serving.export import export_onnx
 
         key = f"exported-{self.state.candidate['id']}"
         if key not in self._cache:
@@ -780,7 +780,7 @@ class Loop:
         return self._cache[key]
 
     def _export(self) -> list[dict[str, Any]]:
-        from serving.export import publish
+        from recops.serving.export import publish
 
         candidate = self.state.candidate
         if "repo_version" not in candidate:
@@ -797,14 +797,14 @@ class Loop:
 
     # ---- canary ------------------------------------------------------------------------------
     def _deployer(self):
-        from serving.deploy import DeployConfig, Deployer
-        from serving.server import TritonServer
+        from recops.serving.deploy import DeployConfig, Deployer
+        from recops.serving.server import TritonServer
 
         return Deployer(TritonServer.attach(self.config.server_url), self.repo, self.config.model_name,
                         DeployConfig(drain_s=self.config.canary.drain_s))
 
     def _canary(self) -> list[dict[str, Any]]:
-        from serving.deploy import DeployError
+        from recops.serving.deploy import DeployError
 
         candidate, share = self.state.candidate, self.config.canary.share
         version = candidate["repo_version"]
@@ -893,14 +893,14 @@ def compare_arms(windows: list[dict[str, Any]], production: str, canary: str, co
 def validate_candidate(exported, dataset_dir: str | Path, production_onnx: Path, production_trainer: dict[str, Any],
                        gate: GateConfig) -> dict[str, Any]:
     """The validation gate on the holdout of the candidate's NEW dataset: ONNX parity of ``exported``
-    (``serving.export.ExportedModel``), finite scores, AUC and slice AUC vs the served production ONNX
-    (``production_trainer``: its checkpoint's trainer.json). Raises ``serving.export.ParityError`` when the
+    (``recops.serving.export.ExportedModel``), finite scores, AUC and slice AUC vs the served production ONNX
+    (``production_trainer``: its checkpoint's trainer.json). Raises ``recops.serving.export.ParityError`` when the
     export does not reproduce the checkpoint.
     """
-    from serving.export import check_parity
-    from serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session
-    from training.dataset import Dataset
-    from training.metrics import logloss
+    from recops.serving.export import check_parity
+    from recops.serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session
+    from recops.training.dataset import Dataset
+    from recops.training.metrics import logloss
 
     dataset = Dataset.open(dataset_dir)
     parity = check_parity(exported, dataset.path)

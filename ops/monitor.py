@@ -1,7 +1,7 @@
 """One window report of a served model: drift per feature, online quality per version, Triton figures.
 
-Sources are a prediction log and a feedback log (``ops.online`` JSONL; the prediction log carries the raw
-features) and the production dataset's reference statistics; with a loop state dir (``ops.loop``) the
+Sources are a prediction log and a feedback log (``recops.ops.online`` JSONL; the prediction log carries the raw
+features) and the production dataset's reference statistics; with a loop state dir (``recops.ops.loop``) the
 latest processed window's logs and the production dataset are taken from the loop. Triton's
 ``/metrics`` adds request rates, failures and latency per served version.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class MonitorSources:
     @classmethod
     def from_loop(cls, state_dir: Path, metrics_url: str | None = None) -> MonitorSources:
         """The latest window a loop processed, against its production model's dataset."""
-        from ops.loop import CONFIG_FILE, STATE_FILE
+        from recops.ops.loop import CONFIG_FILE, STATE_FILE
 
         state_dir = Path(state_dir)
         try:
@@ -49,7 +49,7 @@ class MonitorSources:
 
 
 def _server_metrics(config: dict[str, Any]) -> str | None:
-    from serving.server import read_state
+    from recops.serving.server import read_state
 
     running = read_state(Path(config["repo"]))
     return running.metrics_url if running else None
@@ -59,8 +59,8 @@ class Monitor:
     """Builds window reports; keeps the previous Triton scrape so rates cover the time between reports."""
 
     def __init__(self, sources: MonitorSources):
-        from training.spec import ColumnSpec
-        from training.stats import load_reference
+        from recops.training.spec import ColumnSpec
+        from recops.training.stats import load_reference
 
         self.sources = sources
         self.reference = load_reference(sources.reference)
@@ -72,15 +72,15 @@ class Monitor:
 
     def _follow(self, sources: MonitorSources):
         """Incremental readers of both logs, keeping what the newest complete window can still need."""
-        from ops.online import LogFollower, parse_feedback, prediction_parser
+        from recops.ops.online import LogFollower, parse_feedback, prediction_parser
 
         keep_s = sources.max_delay_s + 2 * sources.window_s
         return (LogFollower(sources.predictions, prediction_parser(self.spec), keep_s),
                 LogFollower(sources.feedback, parse_feedback, keep_s))
 
     def report(self) -> dict[str, Any]:
-        from ops.drift import detect_drift
-        from ops.online import OnlineConfig, online_metrics
+        from recops.ops.drift import detect_drift
+        from recops.ops.online import OnlineConfig, online_metrics
 
         src = self.sources
         if not src.predictions.is_file():
@@ -97,7 +97,7 @@ class Monitor:
                 "torn_bytes": torn, "online": online, "drift": drift, "triton": self._triton()}
 
     def _triton(self) -> dict[str, Any] | None:
-        from ops.online import scrape_triton
+        from recops.ops.online import scrape_triton
 
         if not self.sources.metrics_url:
             return None

@@ -43,9 +43,9 @@ import pyarrow as pa
 import pyarrow.json as pajson
 from filelock import FileLock
 
-from training.errors import RecopsError
-from training.metrics import auc, logloss
-from training.spec import ColumnSpec
+from recops.errors import RecopsError
+from recops.training.metrics import auc, logloss
+from recops.training.spec import ColumnSpec
 
 PREDICTION_SCHEMA = pa.schema([("request_id", pa.string()), ("ts", pa.float64()), ("model_version", pa.string()), ("prob", pa.float64())])
 FEEDBACK_SCHEMA = pa.schema([("request_id", pa.string()), ("ts", pa.float64()), ("clicked", pa.int8())])

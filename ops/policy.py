@@ -4,7 +4,7 @@ Each observation (one evaluation window of the serving model) updates four condi
 
 - ``drift``: at least ``drift_min_features`` features drifted in ``drift_windows`` consecutive windows;
 - ``quality``: concept drift (AUC drop beyond ``auc_drop_margin`` — sample-size aware — or logloss
-  rise beyond ``logloss_rise_margin``, see :func:`ops.drift.concept_drift`) in ``quality_windows``
+  rise beyond ``logloss_rise_margin``, see :func:`recops.ops.drift.concept_drift`) in ``quality_windows``
   consecutive windows;
 - ``rows``: at least ``min_new_rows`` labelled rows accumulated since the model's training data;
 - ``age``: the model is at least ``max_model_age_s`` old.
@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.drift import DriftConfig, concept_drift
-from ops.online import append_jsonl
-from training.errors import RecopsError
+from recops.ops.drift import DriftConfig, concept_drift
+from recops.ops.online import append_jsonl
+from recops.errors import RecopsError
 
 CONDITIONS = ("drift", "quality", "rows", "age")
 

@@ -28,15 +28,11 @@ from typing import Any
 
 from filelock import FileLock
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
+from recops.settings import settings
 
 ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 INDEX_FORMAT = 1
-
-
-def default_registry_root() -> Path:
-    """The registry directory: ``$RECOPS_REGISTRY`` if set, else ``runs/registry``."""
-    return Path(os.environ.get("RECOPS_REGISTRY") or "runs/registry")
 
 
 @dataclass(frozen=True)
@@ -180,7 +176,7 @@ class LocalRegistry(ModelRegistry):
     """A registry in a local (or shared-filesystem) directory; safe across processes."""
 
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else default_registry_root()
+        self.root = Path(root) if root is not None else settings().registry
 
     @property
     def _index_path(self) -> Path:

@@ -1,6 +1,6 @@
 """An HTML report of a loop's events: online metrics over time, drift per feature, model versions.
 
-``write_report(state_dir, out_dir)`` reads ``events.jsonl`` (``ops.loop``), draws three PNGs with
+``write_report(state_dir, out_dir)`` reads ``events.jsonl`` (``recops.ops.loop``), draws three PNGs with
 matplotlib's Agg backend (``metrics.png``, ``drift.png``, ``versions.png``) into ``out_dir`` and writes
 ``report.html`` there, with the PNGs embedded (the file stands alone) and the event timeline.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ops.loop import read_events, write_json_atomic
-from training.errors import RecopsError
+from recops.ops.loop import read_events, write_json_atomic
+from recops.errors import RecopsError
 
 MARKERS = {  # kind -> colour, legend label, offset after its window (events of one window stay apart)
     "retrain_started": ("tab:orange", "retrain", 0.3), "validation_failed": ("tab:red", "validation failed", 0.5),

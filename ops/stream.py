@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.csv as pacsv
 
-from training.errors import RecopsError
-from training.spec import ColumnSpec
+from recops.errors import RecopsError
+from recops.training.spec import ColumnSpec
 
 WINDOW_NAME = "window-{:05d}.tsv"
 
@@ -32,7 +32,7 @@ def truth_path(stream_dir: Path, index: int) -> Path:
 
 def read_window(stream_dir: Path, index: int, spec: ColumnSpec) -> pd.DataFrame | None:
     """The labelled raw rows of window ``index``, or None while it has not arrived."""
-    from training.readers import read_frame
+    from recops.training.readers import read_frame
 
     path = window_path(stream_dir, index)
     if not path.is_file():
@@ -51,7 +51,7 @@ def read_truth(stream_dir: Path, index: int) -> np.ndarray | None:
 @dataclass(frozen=True)
 class StreamConfig:
     """A synthetic stream: ``windows`` windows of ``rows`` rows of one synthetic world; from window
-    ``drift_at`` on, covariate and/or concept drift of the given strength (``training.synth`` knobs)."""
+    ``drift_at`` on, covariate and/or concept drift of the given strength (``recops.training.synth`` knobs)."""
 
     windows: int = 10
     rows: int = 4000
@@ -84,7 +84,7 @@ def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]
     The windows before ``drift_at`` and those from it on are sampled as two runs of the generator
     (one world set-up each) and cut into windows.
     """
-    from training.synth import SynthConfig, generate
+    from recops.training.synth import SynthConfig, generate
 
     stream_dir = Path(stream_dir)
     stream_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]
 
 def _write_window(stream_dir: Path, index: int, data, part: slice) -> None:
     """One window of generated rows (and their planted probabilities), each file appearing whole."""
-    from training.synth import SynthData, to_table
+    from recops.training.synth import SynthData, to_table
 
     rows = SynthData(dense=data.dense[part], ranks=data.ranks[part], vocab=data.vocab, label=data.label[part],
                      truth=data.truth[part])

@@ -1,6 +1,6 @@
 """Score through Triton over HTTP or gRPC with one API; every failure is a ServingError.
 
-``Predictor.predict_frame`` runs the shared preprocessing (``training.preprocess.Preprocessor.transform``
+``Predictor.predict_frame`` runs the shared preprocessing (``recops.training.preprocess.Preprocessor.transform``
 or any callable returning an object with ``.dense``, ``.sparse``, ``.multi``) and maps the features to the
 model's inputs by name: ``dense``, ``sparse``, and for each multi-hot feature ``multi_<name>`` (ids, -1
 padded) with ``mask_<name>`` (ids >= 0, cast to the dtype the model declares).
@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving.errors import ServingError
-from serving.server import http_address
+from recops.serving.errors import ServingError
+from recops.serving.server import http_address
 
 PROTOCOLS = ("http", "grpc")
 

@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-from serving.client import Predictor
-from serving.errors import ServingError
-from serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session, read_export_metadata
-from serving.repository import (ONNX_FILE, ModelRepository, ServingOptions, VersionPolicy, model_config,
+from recops.serving.client import Predictor
+from recops.serving.errors import ServingError
+from recops.serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session, read_export_metadata
+from recops.serving.repository import (ONNX_FILE, ModelRepository, ServingOptions, VersionPolicy, model_config,
                                 read_signature, write_text_atomic)
-from serving.server import TritonServer
-from training.errors import RecopsError
+from recops.serving.server import TritonServer
+from recops.errors import RecopsError
 
 STATE_FILE = "deploy_state.json"
 LOCK_FILE = ".deploy.lock"

@@ -1,5 +1,5 @@
 """The serving layer's exception: every client/server failure, carrying the server's own message."""
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 
 class ServingError(RecopsError):

@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.deploy import deploy_lock, served_policy
-from serving.inference_module import InferenceDLRM, load_torchrec, torchrec_probabilities
-from serving.onnx_model import (EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, FeatureLayout, InputSpec,
+from recops.serving.deploy import deploy_lock, served_policy
+from recops.serving.inference_module import InferenceDLRM, load_torchrec, torchrec_probabilities
+from recops.serving.onnx_model import (EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, FeatureLayout, InputSpec,
                                 onnx_probabilities, onnx_session)
-from serving.repository import (ONNX_FILE, SETTINGS_FILE, ModelRepository, ServingOptions, WarmupRequest,
+from recops.serving.repository import (ONNX_FILE, SETTINGS_FILE, ModelRepository, ServingOptions, WarmupRequest,
                                 write_text_atomic)
-from training import checkpoint as checkpoints
-from training.errors import RecopsError
-from training.metrics import auc
-from training.model import ModelConfig
+from recops.training import checkpoint as checkpoints
+from recops.errors import RecopsError
+from recops.training.metrics import auc
+from recops.training.model import ModelConfig
 
 FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
@@ -221,7 +221,7 @@ def _max_diff(torch_p: np.ndarray, onnx_p: np.ndarray, what: str) -> tuple[float
 def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
                  config: ParityConfig = ParityConfig()) -> ParityReport:
     """Compare ONNX Runtime on ``exported`` with the checkpoint's TorchRec model; raise ParityError on failure."""
-    from training.dataset import Dataset
+    from recops.training.dataset import Dataset
 
     ckpt = _load_checkpoint(exported.checkpoint)
     reference = load_torchrec(ckpt.trainer, ckpt.model)

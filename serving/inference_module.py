@@ -1,8 +1,8 @@
-"""The exportable twin of ``training.model.DLRM``: plain tensor inputs, stacked-table gathers, the trained head.
+"""The exportable twin of ``recops.training.model.DLRM``: plain tensor inputs, stacked-table gathers, the trained head.
 
-Inputs and output follow the contract in ``serving.onnx_model``. All embedding tables are one concatenated
+Inputs and output follow the contract in ``recops.serving.onnx_model``. All embedding tables are one concatenated
 matrix; a feature's ids are shifted by its row offset and looked up with one ``Gather`` (no EmbeddingBag,
-no jagged tensors, no Loop). Ids must lie in [0, table rows), as ``training.preprocess.Preprocessor`` guarantees.
+no jagged tensors, no Loop). Ids must lie in [0, table rows), as ``recops.training.preprocess.Preprocessor`` guarantees.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.onnx_model import FeatureLayout
-from training.errors import RecopsError
-from training.model import DLRM, DLRMHead, ModelConfig, to_kjt
+from recops.serving.onnx_model import FeatureLayout
+from recops.errors import RecopsError
+from recops.training.model import DLRM, DLRMHead, ModelConfig, to_kjt
 
 TABLE_PREFIX = "ebc.embedding_bags.t_"
 

@@ -1,6 +1,6 @@
 """An exported model without torch: its input layout, its ``export.json``, and scoring it with ONNX Runtime.
 
-Input contract (shared with ``serving.client.features_to_inputs``), B = batch:
+Input contract (shared with ``recops.serving.client.features_to_inputs``), B = batch:
 
 - ``dense``  float32 [B, num_dense]
 - ``sparse`` int64 [B, S]: one id per categorical feature, in ``ModelConfig.tables`` order
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 OUTPUT_NAME = "probability"
 PREPROCESS_FILE = "preprocess.json"  # the name `recops predict` looks for in a version directory

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import onnx
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 TARGETS = ("cpu", "gpu")
 CONFIG_FILE = "config.pbtxt"

@@ -22,14 +22,14 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from serving.errors import ServingError
-from serving.repository import write_text_atomic
-from training.errors import RecopsError
+from recops.serving.errors import ServingError
+from recops.serving.repository import write_text_atomic
+from recops.errors import RecopsError
+from recops.settings import settings
 
-DEFAULT_REPO = Path(__file__).resolve().parents[1] / "triton_models"
 STATE_FILE = ".recops-server.json"
 LOG_FILE = ".recops-server.log"
 
@@ -38,7 +38,7 @@ LOG_FILE = ".recops-server.log"
 class ServerConfig:
     """How to run one server; a port of 0 means 'pick a free one'."""
 
-    repo: Path = DEFAULT_REPO
+    repo: Path = field(default_factory=lambda: settings().model_repository)
     host: str = "127.0.0.1"
     http_port: int = 0
     grpc_port: int = 0
@@ -198,9 +198,10 @@ class TritonServer:
         return server
 
     @classmethod
-    def from_state(cls, repo: Path | str = DEFAULT_REPO) -> TritonServer:
+    def from_state(cls, repo: Path | str | None = None) -> TritonServer:
         """The server recorded in ``<repo>/.recops-server.json`` by the process that started it."""
-        state = read_state(Path(repo))
+        repo = Path(repo) if repo is not None else settings().model_repository
+        state = read_state(repo)
         if state is None:
             raise RecopsError(f"no server recorded for {repo}: start one with `recops serve start --repo {repo}`")
         server = cls(ServerConfig(repo=Path(state.repo), log_file=Path(state.log_file)))

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def recops(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (`python -m ops.cli ...`)."""
-    proc = subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True,
+    """Run the real CLI in a subprocess (`python -m recops.cli ...`)."""
+    proc = subprocess.run([sys.executable, "-m", "recops.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"recops {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -42,7 +42,7 @@ def recops(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """20k synthetic Criteo rows with their true probabilities."""
-    from training.synth import SynthConfig, write
+    from recops.training.synth import SynthConfig, write
 
     out = tmp_path_factory.mktemp("synth")
     write(SynthConfig(rows=20_000, seed=0), out)
@@ -52,8 +52,8 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(synth_dir, tmp_path_factory):
     """The 20k rows ingested with 1000-bucket tables (a few seconds)."""
-    from training.dataset import ingest
-    from training.spec import PreprocessConfig
+    from recops.training.dataset import ingest
+    from recops.training.spec import PreprocessConfig
 
     return ingest([synth_dir / "data.tsv"], tmp_path_factory.mktemp("datasets"), config=PreprocessConfig(table_size=1000))
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.common import format_table, hardware, measure, read_result, write_result
-from bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
-from bench.report import render
-from bench.serve_latency import add_ratios
-from bench.suite import Benchmark, run_one, run_suite
-from bench.train_throughput import VARIANTS, ThroughputConfig
+from recops.bench.common import format_table, hardware, measure, read_result, write_result
+from recops.bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
+from recops.bench.report import render
+from recops.bench.serve_latency import add_ratios
+from recops.bench.suite import Benchmark, run_one, run_suite
+from recops.bench.train_throughput import VARIANTS, ThroughputConfig
 from tests.conftest import ROOT, recops
-from training.model import DLRM, ModelConfig, to_kjt
+from recops.training.model import DLRM, ModelConfig, to_kjt
 
 
 def test_plain_embedding_bag_dlrm_equals_torchrec_dlrm():

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import tritonclient.http as httpclient
 
-from serving.client import Predictor, features_to_inputs
-from serving.errors import ServingError
-from serving.repository import DynamicBatching, ServingOptions
-from serving.server import free_port
+from recops.serving.client import Predictor, features_to_inputs
+from recops.serving.errors import ServingError
+from recops.serving.repository import DynamicBatching, ServingOptions
+from recops.serving.server import free_port
 from tests.triton_fixtures import (TABLE_SIZE, TINY, onnx_outputs, tiny_inputs, tiny_onnx,  # noqa: F401
                                    triton_repo, triton_server)
-from training.preprocess import Preprocessor
-from training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
+from recops.training.preprocess import Preprocessor
+from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
 
 BATCHED = "tiny_batched"  # dispatches once 4 rows are queued, so 4 concurrent 1-row requests run as one batch
 

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import recops
-from training.dataset import BottomKSample, Dataset, SplitConfig, ingest
-from training.errors import RecopsError
-from training.metrics import auc
-from training.preprocess import MISSING_ID, Preprocessor
-from training.readers import read_frame
-from training.spec import ColumnSpec, PreprocessConfig
-from training.synth import SynthConfig, generate, write
+from recops.training.dataset import BottomKSample, Dataset, SplitConfig, ingest
+from recops.errors import RecopsError
+from recops.training.metrics import auc
+from recops.training.preprocess import MISSING_ID, Preprocessor
+from recops.training.readers import read_frame
+from recops.training.spec import ColumnSpec, PreprocessConfig
+from recops.training.synth import SynthConfig, generate, write
 
 
 def test_synth_plants_a_learnable_signal_and_is_seeded(tmp_path):

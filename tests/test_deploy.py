@@ -14,18 +14,18 @@ import numpy as np
 import onnx
 import pytest
 
-from serving.client import Predictor
-from serving.deploy import DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state
-from serving.export import export_onnx, publish
-from serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
+from recops.serving.client import Predictor
+from recops.serving.deploy import DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state
+from recops.serving.export import export_onnx, publish
+from recops.serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
                                 read_export_metadata)
-from serving.repository import ModelRepository
-from serving.server import TritonServer
+from recops.serving.repository import ModelRepository
+from recops.serving.server import TritonServer
 from tests.conftest import recops
 from tests.model_fixtures import trained_checkpoint
 from tests.triton_fixtures import running_server
-from training.preprocess import Preprocessor
-from training.readers import read_frame
+from recops.training.preprocess import Preprocessor
+from recops.training.readers import read_frame
 
 NAME = "ctr"
 FAST = DeployConfig(drain_s=0.5, warmup_requests=1)

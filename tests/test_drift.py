@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ops.cli import main as cli
-from ops.drift import DriftConfig, concept_drift, detect_drift
-from training.errors import RecopsError
-from training.metrics import auc, logloss
-from training.spec import ColumnSpec
-from training.stats import load_reference, reference_stats, save_reference
-from training.synth import SynthConfig, World, generate, to_table, write
+from recops.cli import main as cli
+from recops.ops.drift import DriftConfig, concept_drift, detect_drift
+from recops.errors import RecopsError
+from recops.training.metrics import auc, logloss
+from recops.training.spec import ColumnSpec
+from recops.training.stats import load_reference, reference_stats, save_reference
+from recops.training.synth import SynthConfig, World, generate, to_table, write
 
 PLANTED = set(SynthConfig().drift_features)  # I1, I2, C1, C2, C3
 

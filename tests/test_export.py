@@ -11,14 +11,14 @@ import onnx
 import onnxruntime
 import pytest
 
-from serving.export import ExportConfig, ParityError, check_parity, export_onnx, export_to_repository, publish
-from serving.inference_module import load_torchrec, torchrec_probabilities
-from serving.onnx_model import EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, onnx_probabilities, onnx_session
-from serving.repository import ModelRepository
+from recops.serving.export import ExportConfig, ParityError, check_parity, export_onnx, export_to_repository, publish
+from recops.serving.inference_module import load_torchrec, torchrec_probabilities
+from recops.serving.onnx_model import EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, onnx_probabilities, onnx_session
+from recops.serving.repository import ModelRepository
 from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
-from training import checkpoint
-from training.dataset import Dataset
-from training.errors import RecopsError
+from recops.training import checkpoint
+from recops.training.dataset import Dataset
+from recops.errors import RecopsError
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -138,8 +138,8 @@ def test_fp16_export_keeps_float32_io_within_its_tolerance(checkpoints, tiny_dat
 
 def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp_path, capsys):
     """`recops export` through the CLI framework, in this process (torch is already imported here)."""
-    from ops.cli import main
-    from ops.registry import LocalRegistry
+    from recops.cli import main
+    from recops.ops.registry import LocalRegistry
 
     registry = LocalRegistry(tmp_path / "registry")
     registered = registry.register(checkpoints["dcn"], {"auc": 0.5}, {"family": "dcn"}, tiny_dataset.version)

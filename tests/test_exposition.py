@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.drift import detect_drift
-from ops.exposition import Exporter, start_metrics_server
-from ops.gpu import GpuMonitor
-from ops.online import OnlineConfig, online_metrics
-from ops.policy import Observation, PolicyConfig, RetrainPolicy
-from training.errors import RecopsError
-from training.spec import ColumnSpec
-from training.stats import load_reference, save_reference
-from training.synth import SynthConfig, generate, to_table
+from recops.ops.drift import detect_drift
+from recops.ops.exposition import Exporter, start_metrics_server
+from recops.ops.gpu import GpuMonitor
+from recops.ops.online import OnlineConfig, online_metrics
+from recops.ops.policy import Observation, PolicyConfig, RetrainPolicy
+from recops.errors import RecopsError
+from recops.training.spec import ColumnSpec
+from recops.training.stats import load_reference, save_reference
+from recops.training.synth import SynthConfig, generate, to_table
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "ops" / "dashboards" / "recops_grafana.json"
 TRITON_TEXT = (Path(__file__).parent / "data" / "triton_metrics.txt").read_text()

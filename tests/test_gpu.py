@@ -9,10 +9,10 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ops import gpu
-from ops.cli import main as cli
-from ops.gpu import GpuMonitor, GpuReading, GpuSample, gpu_monitor, read_gpus
-from training.errors import RecopsError
+from recops.ops import gpu
+from recops.cli import main as cli
+from recops.ops.gpu import GpuMonitor, GpuReading, GpuSample, gpu_monitor, read_gpus
+from recops.errors import RecopsError
 
 HAS_GPU = bool(read_gpus().gpus)
 
@@ -28,7 +28,7 @@ def monitor_threads() -> list[threading.Thread]:
 @pytest.mark.skipif(HAS_GPU, reason="this host has a GPU")
 def test_without_nvml_readings_are_empty_and_logged_once(caplog) -> None:
     gpu._nvml.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="ops.gpu"):
+    with caplog.at_level(logging.WARNING, logger="recops.ops.gpu"):
         first, second = read_gpus(), read_gpus()
     assert first.gpus == [] and first.reason and first == second
     assert [r.getMessage() for r in caplog.records] == [f"no GPU: NVML unavailable ({first.reason})"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.dlrm_variants import build_step, synthetic_batches
-from bench.train_throughput import VARIANTS, ThroughputConfig
-from training.model import DLRM, ModelConfig, to_kjt
+from recops.bench.dlrm_variants import build_step, synthetic_batches
+from recops.bench.train_throughput import VARIANTS, ThroughputConfig
+from recops.training.model import DLRM, ModelConfig, to_kjt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from ops.exposition import Exporter
-from ops.loop import EVENT_KINDS, CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, compare_arms, read_events
-from ops.policy import PolicyConfig
-from ops.stream import StreamConfig, write_synthetic_stream
-from serving.deploy import DeployConfig, Deployer, read_deploy_state
-from serving.repository import ModelRepository
-from serving.server import ServerConfig, TritonServer, triton_processes
+from recops.ops.exposition import Exporter
+from recops.ops.loop import EVENT_KINDS, CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, compare_arms, read_events
+from recops.ops.policy import PolicyConfig
+from recops.ops.stream import StreamConfig, write_synthetic_stream
+from recops.serving.deploy import DeployConfig, Deployer, read_deploy_state
+from recops.serving.repository import ModelRepository
+from recops.serving.server import ServerConfig, TritonServer, triton_processes
 from tests.conftest import recops
 from tests.triton_fixtures import processes_mentioning
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 ROWS = 3000  # per window
 
@@ -50,10 +50,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_dataset):
     """A 1-epoch model on the tiny dataset, registered, exported as ``base`` v1, on a real Triton server."""
-    from ops.registry import LocalRegistry
-    from serving.export import export_to_repository
-    from training.model import ModelConfig
-    from training.train import TrainConfig, fit
+    from recops.ops.registry import LocalRegistry
+    from recops.serving.export import export_to_repository
+    from recops.training.model import ModelConfig
+    from recops.training.train import TrainConfig, fit
 
     root = tmp_path_factory.mktemp("loop")
     datasets = root / "datasets"
@@ -153,7 +153,7 @@ def test_loop_feeds_the_prometheus_exporter(restarted):
 
 
 def test_no_feedback_is_lost_across_the_restart(restarted):
-    from ops.online import read_online
+    from recops.ops.online import read_online
 
     config, _, loop, _ = restarted
     logs = config.state_dir / "logs"
@@ -202,7 +202,7 @@ def test_compare_arms_weighs_windows_by_impressions_and_applies_both_margins():
 def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_path):
     """A candidate that passes the offline gate but loses online (here: the canary must beat production by a
     whole AUC point, which no model can) is rolled back; production keeps serving and the registry says why."""
-    from ops.registry import LocalRegistry
+    from recops.ops.registry import LocalRegistry
 
     stream = tmp_path / "stream"
     write_synthetic_stream(StreamConfig(windows=5, rows=ROWS, seed=900, drift_at=1, covariate_drift=0.5,
@@ -236,7 +236,7 @@ def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_pa
 
 def test_failed_validation_leaves_production_serving(served, tmp_path):
     """A retraining (a real Ray Tune sweep, warm-started) whose gate cannot be met changes nothing served."""
-    from ops.registry import LocalRegistry
+    from recops.ops.registry import LocalRegistry
 
     stream = tmp_path / "stream"
     write_synthetic_stream(StreamConfig(windows=2, rows=ROWS, seed=700, drift_at=2), stream)

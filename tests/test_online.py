@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ops.drift import detect_drift
-from ops.online import (LogFollower, OnlineConfig, TritonModelStats, log_feedback, log_predictions, online_metrics,
+from recops.ops.drift import detect_drift
+from recops.ops.online import (LogFollower, OnlineConfig, TritonModelStats, log_feedback, log_predictions, online_metrics,
                         parse_feedback, parse_triton_metrics, read_feedback, read_online, read_predictions, scrape_triton)
-from training.errors import RecopsError
-from training.metrics import auc, logloss
-from training.spec import ColumnSpec
-from training.stats import load_reference, save_reference
-from training.synth import SynthConfig, generate, to_table
+from recops.errors import RecopsError
+from recops.training.metrics import auc, logloss
+from recops.training.spec import ColumnSpec
+from recops.training.stats import load_reference, save_reference
+from recops.training.synth import SynthConfig, generate, to_table
 
 TRITON_TEXT = (Path(__file__).parent / "data" / "triton_metrics.txt").read_text()  # captured from a real tritonserver
 CONFIG = OnlineConfig(window_s=60, max_delay_s=100)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ops.drift import detect_drift
-from ops.policy import Observation, PolicyConfig, RetrainPolicy
-from training.errors import RecopsError
-from training.spec import ColumnSpec
-from training.stats import load_reference, save_reference
-from training.synth import SynthConfig, generate, to_table
+from recops.ops.drift import detect_drift
+from recops.ops.policy import Observation, PolicyConfig, RetrainPolicy
+from recops.errors import RecopsError
+from recops.training.spec import ColumnSpec
+from recops.training.stats import load_reference, save_reference
+from recops.training.synth import SynthConfig, generate, to_table
 
 DAY = 86_400.0
 CONFIG = PolicyConfig(drift_windows=3, quality_windows=2, min_new_rows=1_000, max_model_age_s=7 * DAY,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.registry import CodeVersion, Lineage, LocalRegistry, default_registry_root
-from training.errors import RecopsError
+from recops.ops.registry import CodeVersion, Lineage, LocalRegistry, default_registry_root
+from recops.errors import RecopsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_version_dir_left_by_a_crash_is_never_reused(tmp_path: Path) -> None:
 REGISTER_MANY = """
 import sys
 from pathlib import Path
-from ops.registry import Lineage, LocalRegistry
+from recops.ops.registry import Lineage, LocalRegistry
 registry, checkpoint, tag = LocalRegistry(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 for trial in range(6):
     registry.register(checkpoint, {"trial": trial}, {"proc": tag}, "ds", Lineage(trial_id=f"{tag}-{trial}"))
@@ -165,7 +165,7 @@ def test_default_root_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def recops(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops.cli", "models", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "recops.cli", "models", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

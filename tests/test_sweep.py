@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import yaml
 
-from ops.cli import main as cli_main
-from ops.registry import LocalRegistry
-from training import checkpoint
-from training.dataset import ingest
-from training.errors import RecopsError
-from training.spec import PreprocessConfig
-from training.sweep_config import SweepConfig, load_sweep_config
-from training.synth import SynthConfig, write
+from recops.cli import main as cli_main
+from recops.ops.registry import LocalRegistry
+from recops.training import checkpoint
+from recops.training.dataset import ingest
+from recops.errors import RecopsError
+from recops.training.spec import PreprocessConfig
+from recops.training.sweep_config import SweepConfig, load_sweep_config
+from recops.training.synth import SynthConfig, write
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"embedding_dim": 8, "dense_arch": [16], "over_arch": [16]}
@@ -153,7 +153,7 @@ def test_missing_dataset_version_fails_in_cli_before_ray_starts(tmp_path: Path, 
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ops.cli", "sweep", *args], cwd=REPO, env={**os.environ, **(env or {})},
+    return subprocess.Popen([sys.executable, "-m", "recops.cli", "sweep", *args], cwd=REPO, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -266,9 +266,9 @@ def test_warm_start_adopts_the_parent_and_seeds_its_weights(tmp_path: Path, data
     """Without Ray: what each warm-started trial does before run_worker (adopt the architecture, seed 'latest')."""
     import torch
 
-    from training.model import ModelConfig
-    from training.sweep import _adopt_warm_start, _prepare_work_dir
-    from training.train import TrainConfig, fit
+    from recops.training.model import ModelConfig
+    from recops.training.sweep import _adopt_warm_start, _prepare_work_dir
+    from recops.training.train import TrainConfig, fit
 
     cfg = TrainConfig(epochs=1, batch_size=256, threads=1, device="cpu")
     parent = Path(fit(dataset, ModelConfig.from_dict(TINY_MODEL), cfg, tmp_path / "parent").checkpoint)

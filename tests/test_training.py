@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from tests.conftest import recops
-from training import checkpoint
-from training.dataset import SplitConfig, ingest
-from training.errors import RecopsError
-from training.metrics import auc
-from training.model import ModelConfig
-from training.spec import ColumnSpec, PreprocessConfig
-from training.synth import SynthConfig, write
-from training.train import TrainConfig, fit
+from recops.training import checkpoint
+from recops.training.dataset import SplitConfig, ingest
+from recops.errors import RecopsError
+from recops.training.metrics import auc
+from recops.training.model import ModelConfig
+from recops.training.spec import ColumnSpec, PreprocessConfig
+from recops.training.synth import SynthConfig, write
+from recops.training.train import TrainConfig, fit
 
 FAST = TrainConfig(epochs=2, batch_size=1024, threads=1)
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from serving.client import Predictor
-from serving.errors import ServingError
-from serving.repository import ModelRepository, ServingOptions, VersionPolicy
-from serving.server import STATE_FILE, ServerConfig, TritonServer, free_port, read_state
+from recops.serving.client import Predictor
+from recops.serving.errors import ServingError
+from recops.serving.repository import ModelRepository, ServingOptions, VersionPolicy
+from recops.serving.server import STATE_FILE, ServerConfig, TritonServer, free_port, read_state
 from tests.triton_fixtures import (TABLE_SIZE, TINY, onnx_outputs, processes_mentioning, tiny_inputs,  # noqa: F401
                                    tiny_onnx, tiny_onnx_file, triton_repo, triton_server)
-from training.errors import RecopsError
-from training.preprocess import Preprocessor
-from training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
+from recops.errors import RecopsError
+from recops.training.preprocess import Preprocessor
+from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,14 +125,14 @@ def _criteo_rows(path: Path, rows: int) -> None:
 
 
 def _recops(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "ops.cli", *args, "--json"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "recops.cli", *args, "--json"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_cli_start_status_predict_stop(tmp_path, tiny_onnx):
-    from training.readers import read_frame
+    from recops.training.readers import read_frame
 
     preprocessor = Preprocessor(ColumnSpec.criteo(), PreprocessConfig(table_size=TABLE_SIZE))
     (tmp_path / "preprocess.json").write_text(json.dumps(preprocessor.to_dict()))

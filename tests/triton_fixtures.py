@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.repository import DynamicBatching, ModelRepository, ServingOptions, VersionPolicy, WarmupRequest
-from serving.server import ServerConfig, TritonServer, triton_processes
+from recops.serving.repository import DynamicBatching, ModelRepository, ServingOptions, VersionPolicy, WarmupRequest
+from recops.serving.server import ServerConfig, TritonServer, triton_processes
 
 TINY = "tiny"
 TABLE_SIZE = 1000  # ids the tiny model accepts: [0, TABLE_SIZE)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 FILES = ("model.pt", "optim.pt", "trainer.json")
 

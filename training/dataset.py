@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from training.errors import RecopsError
-from training.preprocess import Features, Preprocessor
-from training.readers import REASONS, read_chunks
-from training.spec import ColumnSpec, PreprocessConfig, canonical_json
+from recops.errors import RecopsError
+from recops.training.preprocess import Features, Preprocessor
+from recops.training.readers import REASONS, read_chunks
+from recops.training.spec import ColumnSpec, PreprocessConfig, canonical_json
 
 SPLITS = ("train", "val", "test")
 _MULT = 2654435761
@@ -184,7 +184,7 @@ def ingest(
     progress: Callable[[int], None] | None = None,
 ) -> Dataset:
     """Raw files -> a versioned processed dataset under ``out_root`` (reused if it already exists)."""
-    from training.stats import save_reference
+    from recops.training.stats import save_reference
 
     spec, config, split = spec or ColumnSpec.criteo(), config or PreprocessConfig(), split or SplitConfig()
     paths = [Path(p) for p in inputs]

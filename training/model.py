@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 FAMILIES = ("dlrm", "dcn")
 

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.errors import RecopsError
-from training.spec import ColumnSpec, PreprocessConfig
+from recops.errors import RecopsError
+from recops.training.spec import ColumnSpec, PreprocessConfig
 
 MISSING_ID = 0
 OOV_ID = 1

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from training.errors import RecopsError
-from training.spec import ColumnSpec
+from recops.errors import RecopsError
+from recops.training.spec import ColumnSpec
 
 REASONS = ("field_count", "non_numeric_dense", "bad_label")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))

@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.errors import RecopsError
-from training.preprocess import transform_dense
-from training.spec import ColumnSpec
+from recops.errors import RecopsError
+from recops.training.preprocess import transform_dense
+from recops.training.spec import ColumnSpec
 
 STATS_FILE = "stats.json"
 SAMPLE_FILE = "reference_sample.npz"

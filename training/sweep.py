@@ -1,7 +1,7 @@
 """Ray Tune sweeps of sharded TorchRec training.
 
 Each trial is a Tune function trainable that runs a Ray Train ``TorchTrainer``: its workers form a
-torch.distributed group and run ``training.train.run_worker``, the same DMP training as
+torch.distributed group and run ``recops.training.train.run_worker``, the same DMP training as
 ``recops train --nproc``. Every epoch reports auc/logloss/samples_per_s and a checkpoint through
 Train; ``TuneReportCallback`` forwards the metrics so ASHA can stop a trial early. Fault tolerance:
 
@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from training.environment import Environment, capture
-from training.errors import RecopsError
-from training.sweep_config import SweepConfig, model_fields
+from recops.training.environment import Environment, capture
+from recops.errors import RecopsError
+from recops.training.sweep_config import SweepConfig, model_fields
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
 LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
@@ -223,7 +223,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from training.train import run_worker
+    from recops.training.train import run_worker
 
     plan: TrialPlan = loop_config["plan"]
     work = plan.work_dir(loop_config["trial_id"])
@@ -395,7 +395,7 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from training.sweep_callbacks import LiveTable, ReleaseStoppedTrials
+    from recops.training.sweep_callbacks import LiveTable, ReleaseStoppedTrials
 
     config = plan.config
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})

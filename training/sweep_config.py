@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.errors import RecopsError
+from recops.errors import RecopsError
+from recops.settings import settings
 
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
 METRICS = {"auc": "max", "logloss": "min"}
@@ -43,13 +44,13 @@ MODEL_ONLY_FIELDS = ("tables", "num_dense")
 
 
 def model_fields() -> dict[str, Any]:
-    from training.model import ModelConfig
+    from recops.training.model import ModelConfig
 
     return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_ONLY_FIELDS}
 
 
 def _train_fields() -> dict[str, Any]:
-    from training.train import TrainConfig
+    from recops.training.train import TrainConfig
 
     return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in RESERVED_TRAIN_FIELDS}
 
@@ -127,7 +128,7 @@ class DatasetRef:
 
     @classmethod
     def parse(cls, spec: Any) -> "DatasetRef":
-        from training.dataset import Dataset
+        from recops.training.dataset import Dataset
 
         if isinstance(spec, str):
             path = Path(spec)
@@ -229,7 +230,7 @@ class SweepConfig:
     resources: TrialResources = field(default_factory=TrialResources)
     max_concurrent_trials: int = 0  # 0 = as many as the cluster fits
     max_failures: int = 1
-    storage_path: Path = Path("runs/sweeps")
+    storage_path: Path = field(default_factory=lambda: settings().sweeps)
     time_limit_s: float = 0.0
     seed: int = 0
     warm_start: int | None = None  # registry version the trials start from
@@ -261,7 +262,7 @@ class SweepConfig:
             mode=data.get("mode", METRICS[metric]),
             scheduler=SchedulerConfig.parse(data.get("scheduler", "asha"), epochs),
             resources=TrialResources.parse(data.get("resources", {})),
-            storage_path=Path(data.get("storage_path", "runs/sweeps")).expanduser().resolve(),
+            storage_path=Path(data.get("storage_path") or settings().sweeps).expanduser().resolve(),
         )
         config.check(local)
         return config
@@ -304,7 +305,7 @@ class SweepConfig:
             self._check_trial(where, model, train)
 
     def _check_trial(self, where: str, model: Any, train: Any) -> None:
-        from training.train import CPU_SHARDING_TYPES
+        from recops.training.train import CPU_SHARDING_TYPES
 
         ints = [("embedding_dim", model.embedding_dim), ("batch_size", train.batch_size), ("dcn_layers", model.dcn_layers),
                 ("dcn_low_rank", model.dcn_low_rank), ("patience", train.patience), ("max_train_rows", train.max_train_rows)]
@@ -323,8 +324,8 @@ class SweepConfig:
 
     def configs(self, params: dict[str, Any]) -> tuple[Any, Any]:
         """The ModelConfig and TrainConfig of one trial: fixed settings overlaid with the trial's sampled ``params``."""
-        from training.model import ModelConfig
-        from training.train import TrainConfig
+        from recops.training.model import ModelConfig
+        from recops.training.train import TrainConfig
 
         merged = {**self.model, **self.train, **params}
         model_keys = set(model_fields())

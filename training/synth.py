@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from training.errors import RecopsError
-from training.metrics import auc
-from training.spec import CRITEO_DENSE, CRITEO_SPARSE
+from recops.errors import RecopsError
+from recops.training.metrics import auc
+from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE
 
 CARDINALITIES = (8, 12, 30, 60, 100, 200, 400, 1000, 2000, 5000, 10, 20, 50,
                  150, 300, 600, 3000, 10_000, 30_000, 100_000, 15, 25, 80, 250, 800, 50_000)

@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training import checkpoint
-from training.dataset import Dataset
-from training.errors import RecopsError
-from training.metrics import auc, logloss
-from training.model import DLRM, ModelConfig, to_kjt
-from training.preprocess import Features
+from recops.training import checkpoint
+from recops.training.dataset import Dataset
+from recops.errors import RecopsError
+from recops.training.metrics import auc, logloss
+from recops.training.model import DLRM, ModelConfig, to_kjt
+from recops.training.preprocess import Features
 
 EMBEDDING_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 # Sharding types TorchRec 1.8's planner offers for CPU (fbgemm-gpu-cpu); row_wise and table_row_wise need CUDA.

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sources(args: argparse.Namespace):
-    from ops.monitor import MonitorSources
-    from training.errors import RecopsError
+    from recops.ops.monitor import MonitorSources
+    from recops.errors import RecopsError
 
     if args.state_dir is not None:
         sources = MonitorSources.from_loop(args.state_dir, args.metrics_url)
@@ -42,8 +42,8 @@ def _sources(args: argparse.Namespace):
 
 
 def monitor_command(args: argparse.Namespace) -> dict[str, Any]:
-    from ops.exposition import Exporter, start_metrics_server
-    from ops.monitor import Monitor, format_report, report_dict
+    from recops.ops.exposition import Exporter, start_metrics_server
+    from recops.ops.monitor import Monitor, format_report, report_dict
 
     monitor = Monitor(_sources(args))
     exporter = Exporter()

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.model import ModelConfig
-    from training.train import TrainConfig, fit
+    from recops.training.model import ModelConfig
+    from recops.training.train import TrainConfig, fit
 
     arch = ModelConfig(family=args.model, embedding_dim=args.embedding_dim,
                        dense_arch=args.dense_arch, over_arch=args.over_arch)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any, Callable
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, REGISTRY_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,13 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], Any]) -> None:
     parser.add_argument("--registry", default=None, metavar="DIR",
-                        help="registry directory (default: $RECOPS_REGISTRY or runs/registry)")
+                        help=REGISTRY_HELP)
     add_json_flag(parser)
     parser.set_defaults(func=handler)
 
 
 def _registry(args: argparse.Namespace):
-    from ops.registry import LocalRegistry
+    from recops.ops.registry import LocalRegistry
 
     return LocalRegistry(args.registry)
 

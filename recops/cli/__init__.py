@@ -12,12 +12,14 @@ import importlib
 import pkgutil
 import sys
 
-from training.errors import RecopsError
-from ops.cli.common import emit
+from recops import __version__
+from recops.cli.common import emit
+from recops.errors import RecopsError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recops", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"recops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_") or info.name == "common":

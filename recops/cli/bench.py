@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (JSON, plots, Markdown + HTML report in bench/results/)")
-    from bench.suite import add_arguments
+    from recops.bench.suite import add_arguments
 
     add_arguments(p)
     add_json_flag(p)
@@ -17,6 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_command(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.suite import run_from_args
+    from recops.bench.suite import run_from_args
 
     return run_from_args(args)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, model_repository, REPO_HELP
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--url", default=None, help="server URL for --protocol (default: --repo's running server)")
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help="model repository (default: triton_models/ at the repo root)")
+                        help=REPO_HELP)
     parser.add_argument("--version", type=int, default=None, help="model version to ask for (default: the server's latest)")
     parser.add_argument("--preprocess", type=Path, default=None, metavar="FILE",
                         help=f"preprocessor JSON (Preprocessor.to_dict); default: {PREPROCESS_FILE} in the "
@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _preprocess_file(args: argparse.Namespace, repo: Path) -> Path:
-    from serving.repository import ModelRepository
-    from training.errors import RecopsError
+    from recops.serving.repository import ModelRepository
+    from recops.errors import RecopsError
 
     if args.preprocess is not None:
         return args.preprocess
@@ -47,7 +47,7 @@ def _preprocess_file(args: argparse.Namespace, repo: Path) -> Path:
 
 
 def _url(args: argparse.Namespace, repo: Path) -> str:
-    from serving.server import TritonServer
+    from recops.serving.server import TritonServer
 
     if args.url:
         return args.url
@@ -56,13 +56,12 @@ def _url(args: argparse.Namespace, repo: Path) -> str:
 
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.client import Predictor
-    from serving.server import DEFAULT_REPO
-    from training.errors import RecopsError
-    from training.preprocess import Preprocessor
-    from training.readers import read_frame
+    from recops.serving.client import Predictor
+    from recops.errors import RecopsError
+    from recops.training.preprocess import Preprocessor
+    from recops.training.readers import read_frame
 
-    repo = args.repo or DEFAULT_REPO
+    repo = model_repository(args)
     path = _preprocess_file(args, repo)
     try:
         preprocessor = Preprocessor.from_dict(json.loads(path.read_text()))

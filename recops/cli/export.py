@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, model_repository, REGISTRY_HELP, REPO_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", type=Path, metavar="DIR", help="checkpoint directory (e.g. <run>/checkpoints/best)")
     parser.add_argument("--name", required=True, help="served model name in the repository")
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help="Triton model repository (default: triton_models/ at the repo root)")
+                        help=REPO_HELP)
     parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
                         help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU "
                              "(default: the model's current target, cpu for a new model)")
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="onnxruntime intra-op threads per instance on the cpu target (default: current, 1)")
     parser.add_argument("--registry", default=None, metavar="DIR",
-                        help="registry directory (default: $RECOPS_REGISTRY or runs/registry)")
+                        help=REGISTRY_HELP)
     add_json_flag(parser)
     parser.set_defaults(func=export)
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _checkpoint(args: argparse.Namespace) -> Path:
     if args.checkpoint is not None:
         return args.checkpoint
-    from ops.registry import LocalRegistry
+    from recops.ops.registry import LocalRegistry
 
     return LocalRegistry(args.registry).get(args.model_version).checkpoint
 
@@ -48,9 +48,9 @@ def _options(args: argparse.Namespace, repo: Path):
     """The model's serving options with --instances/--threads applied; None (keep them) when neither is given."""
     from dataclasses import replace
 
-    from serving.export import current_options
-    from serving.repository import ModelRepository
-    from training.errors import RecopsError
+    from recops.serving.export import current_options
+    from recops.serving.repository import ModelRepository
+    from recops.errors import RecopsError
 
     changes = {k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None}
     if not changes:
@@ -61,11 +61,10 @@ def _options(args: argparse.Namespace, repo: Path):
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.export import ExportConfig, export_to_repository
-    from serving.server import DEFAULT_REPO
+    from recops.serving.export import ExportConfig, export_to_repository
 
     config = ExportConfig(fp16=args.fp16, external_data=True if args.external_data else None)
-    repo = args.repo or DEFAULT_REPO
+    repo = model_repository(args)
     result = export_to_repository(_checkpoint(args), repo, args.name, target=args.target, config=config,
                                   options=_options(args, repo), dataset=args.data)
     return {**result.to_dict(), "model_version": args.model_version, "parity": result.parity.to_dict()}

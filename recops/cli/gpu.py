@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     import time
 
-    from ops.gpu import gpu_monitor, read_gpus
-    from training.errors import RecopsError
+    from recops.ops.gpu import gpu_monitor, read_gpus
+    from recops.errors import RecopsError
 
     if args.interval is None:
         return read_gpus().to_dict()

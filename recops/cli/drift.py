@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _spec(dataset_dir: Path, reference):
     """The raw-data schema: the manifest's when there is one, else the reference's own."""
-    from training.errors import RecopsError
-    from training.spec import ColumnSpec
+    from recops.errors import RecopsError
+    from recops.training.spec import ColumnSpec
 
     manifest = dataset_dir / "manifest.json"
     if not manifest.is_file():
@@ -37,10 +37,10 @@ def _spec(dataset_dir: Path, reference):
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
 
-    from ops.drift import DriftConfig, detect_drift
-    from training.errors import RecopsError
-    from training.readers import read_chunks
-    from training.stats import load_reference
+    from recops.ops.drift import DriftConfig, detect_drift
+    from recops.errors import RecopsError
+    from recops.training.readers import read_chunks
+    from recops.training.stats import load_reference
 
     dataset_dir = Path(args.reference)
     reference = load_reference(dataset_dir)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, REGISTRY_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--config", type=Path, help="sweep YAML (see docs/sweeps.md)")
     what.add_argument("--resume", type=Path, metavar="DIR", help="experiment directory of an interrupted sweep")
     p.add_argument("--address", help="Ray cluster to attach to (auto, HOST:PORT or ray://HOST:10001); default: a local Ray")
-    p.add_argument("--registry", type=Path, help="model registry directory (default: $RECOPS_REGISTRY or runs/registry)")
+    p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
     p.add_argument("--alias", default="candidate", help="alias for the registered best model (default: candidate)")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
     add_json_flag(p)
@@ -23,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
-    from ops.experiments import register_best, warm_start_checkpoint
-    from ops.registry import LocalRegistry
-    from training.sweep import ranking_table, resume_sweep, run_sweep
-    from training.sweep_config import load_sweep_config
+    from recops.ops.experiments import register_best, warm_start_checkpoint
+    from recops.ops.registry import LocalRegistry
+    from recops.training.sweep import ranking_table, resume_sweep, run_sweep
+    from recops.training.sweep_config import load_sweep_config
 
     registry = LocalRegistry(args.registry)
     if args.resume:

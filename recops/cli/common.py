@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+from recops.settings import settings
+
+REPO_HELP = "Triton model repository (default: $RECOPS_MODEL_REPOSITORY or triton_models)"
+REGISTRY_HELP = "model registry directory (default: $RECOPS_REGISTRY or runs/registry)"
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -20,3 +26,8 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
         if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str)
         print(f"{key:<{width}}  {value}")
+
+
+def model_repository(args: argparse.Namespace) -> Path:
+    """``--repo``, else the settings' model repository."""
+    return args.repo or settings().model_repository

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, model_repository, REPO_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--canary", type=float, default=None, metavar="F",
                         help="with --version: serve it to this share of traffic (0..1) beside production")
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help="model repository (default: triton_models/ at the repo root)")
+                        help=REPO_HELP)
     parser.add_argument("--url", default=None, help="HTTP URL of the server (default: --repo's running server)")
     parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
                         help="serving target (default: the one the model's config.pbtxt uses)")
@@ -31,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.deploy import DeployConfig, Deployer, read_deploy_state
-    from serving.repository import ModelRepository
-    from serving.server import DEFAULT_REPO, TritonServer
-    from training.errors import RecopsError
+    from recops.serving.deploy import DeployConfig, Deployer, read_deploy_state
+    from recops.serving.repository import ModelRepository
+    from recops.serving.server import TritonServer
+    from recops.errors import RecopsError
 
-    repo = ModelRepository(args.repo or DEFAULT_REPO)
+    repo = ModelRepository(model_repository(args))
     if args.canary is not None and args.version is None:
         raise RecopsError("--canary F needs --version V (the version to run as a canary)")
     if args.status:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, model_repository, REPO_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], Any],
             url: bool = False) -> None:
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help="model repository (default: triton_models/ at the repo root)")
+                        help=REPO_HELP)
     if url:
         parser.add_argument("--url", default=None, help="HTTP URL of a running server (instead of --repo's)")
     add_json_flag(parser)
@@ -43,13 +43,11 @@ def _common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespa
 
 
 def _repo(args: argparse.Namespace) -> Path:
-    from serving.server import DEFAULT_REPO
-
-    return args.repo or DEFAULT_REPO
+    return model_repository(args)
 
 
 def _server(args: argparse.Namespace):
-    from serving.server import TritonServer
+    from recops.serving.server import TritonServer
 
     return TritonServer.attach(args.url) if args.url else TritonServer.from_state(_repo(args))
 
@@ -57,7 +55,7 @@ def _server(args: argparse.Namespace):
 def start_server(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from serving.server import ServerConfig, TritonServer
+    from recops.serving.server import ServerConfig, TritonServer
 
     config = ServerConfig(repo=_repo(args), http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, startup_timeout_s=args.timeout,
@@ -66,7 +64,7 @@ def start_server(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stop_server(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.server import TritonServer
+    from recops.serving.server import TritonServer
 
     server = TritonServer.from_state(_repo(args))
     pid = server.pid
@@ -75,7 +73,7 @@ def stop_server(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def server_status(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.server import read_state
+    from recops.serving.server import read_state
 
     if args.url is None and read_state(_repo(args)) is None:
         return {"running": False, "repo": str(_repo(args).resolve())}

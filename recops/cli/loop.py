@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag, model_repository, REGISTRY_HELP, REPO_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,14 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", type=Path, required=True, metavar="DIR",
                    help="directory of window-00000.tsv, window-00001.tsv, ... (Criteo rows, label = feedback)")
     p.add_argument("--name", required=True, help="served model name")
-    p.add_argument("--repo", type=Path, default=None, metavar="DIR", help="Triton model repository (default triton_models/)")
+    p.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
     p.add_argument("--url", default=None, help="server HTTP URL (default: the server recorded for --repo)")
     p.add_argument("--metrics-url", default=None, help="Triton /metrics URL (default: the server recorded for --repo)")
     p.add_argument("--datasets", type=Path, default=None, metavar="DIR",
                    help="dataset root holding the production model's dataset; new datasets go here too "
                         "(default <state-dir>/datasets)")
     p.add_argument("--registry", type=Path, default=None, metavar="DIR",
-                   help="model registry (default $RECOPS_REGISTRY or runs/registry)")
+                   help=REGISTRY_HELP)
     p.add_argument("--window-s", type=float, default=300.0, help="seconds of stream time per window (default 300)")
     p.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="first write N synthetic windows into --stream (missing ones only)")
@@ -53,12 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def loop_config(args: argparse.Namespace):
     from dataclasses import replace
 
-    from ops.loop import CanaryConfig, GateConfig, LoopConfig, RetrainConfig
-    from ops.policy import PolicyConfig
-    from serving.server import DEFAULT_REPO, TritonServer
-    from training.errors import RecopsError
+    from recops.ops.loop import CanaryConfig, GateConfig, LoopConfig, RetrainConfig
+    from recops.ops.policy import PolicyConfig
+    from recops.serving.server import TritonServer
+    from recops.errors import RecopsError
 
-    repo = args.repo or DEFAULT_REPO
+    repo = model_repository(args)
     server = TritonServer.attach(args.url) if args.url else TritonServer.from_state(repo)
     if args.sweep_config is not None and not args.sweep_config.is_file():
         raise RecopsError(f"--sweep-config {args.sweep_config} does not exist; pass a sweep YAML")
@@ -74,10 +74,10 @@ def loop_config(args: argparse.Namespace):
 
 
 def loop_command(args: argparse.Namespace) -> dict[str, Any]:
-    from ops.exposition import Exporter, start_metrics_server
-    from ops.loop import Loop
-    from ops.report import write_report
-    from ops.stream import StreamConfig, write_synthetic_stream
+    from recops.ops.exposition import Exporter, start_metrics_server
+    from recops.ops.loop import Loop
+    from recops.ops.report import write_report
+    from recops.ops.stream import StreamConfig, write_synthetic_stream
 
     if args.synthetic:
         write_synthetic_stream(StreamConfig(windows=args.synthetic, rows=args.rows, drift_at=args.drift_at,

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def demo(args: argparse.Namespace) -> dict[str, Any]:
-    from ops.demo import demo_config, run_demo
+    from recops.ops.demo import demo_config, run_demo
 
     config = demo_config(workdir=args.workdir, rows=args.rows, windows=args.windows, window_rows=args.window_rows,
                          use_sweep=False if args.no_sweep else None, retrain_sweep=args.retrain_sweep or None)

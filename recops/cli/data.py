@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ops.cli.common import add_json_flag
+from recops.cli.common import add_json_flag
+from recops.settings import settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ingest = data_sub.add_parser("ingest", help="raw file(s) -> versioned processed dataset under --out")
     ingest.add_argument("--input", type=Path, nargs="+", required=True, help="Criteo TSV, CSV or Parquet file(s)")
-    ingest.add_argument("--out", type=Path, required=True, help="dataset root; the version becomes a sub-directory")
+    ingest.add_argument("--out", type=Path, default=None,
+                        help="dataset root; the version becomes a sub-directory (default: $RECOPS_DATASETS or runs/datasets)")
     ingest.add_argument("--spec", type=Path, help="column spec YAML (default: Criteo TSV)")
     ingest.add_argument("--table-size", type=int, default=100_000, help="hash buckets per categorical feature")
     ingest.add_argument("--min-frequency", type=int, default=0, help=">0: vocabulary of values seen this often")
@@ -36,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def synth_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.synth import SynthConfig, write
+    from recops.training.synth import SynthConfig, write
 
     cfg = SynthConfig(rows=args.rows, seed=args.seed, world_seed=args.world_seed, covariate_drift=args.covariate_drift,
                       concept_drift=args.concept_drift, drift_features=tuple(f for f in args.drift_features.split(",") if f))
@@ -48,13 +50,13 @@ def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    from training.dataset import SplitConfig, ingest
-    from training.spec import ColumnSpec, PreprocessConfig
+    from recops.training.dataset import SplitConfig, ingest
+    from recops.training.spec import ColumnSpec, PreprocessConfig
 
     spec = ColumnSpec.load(args.spec) if args.spec else ColumnSpec.criteo()
     config = PreprocessConfig(table_size=args.table_size, min_frequency=args.min_frequency)
     split = SplitConfig(val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="ingest") as bar:
-        dataset = ingest(args.input, args.out, spec, config, split, progress=lambda n: bar.update(n - bar.n))
+        dataset = ingest(args.input, args.out or settings().datasets, spec, config, split, progress=lambda n: bar.update(n - bar.n))
     m = dataset.manifest
     return {"version": m["version"], "rows": m["rows"], "rejected": m["rejected"], "path": str(dataset.path)}
