@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recops.ops.registry import CodeVersion, Lineage, LocalRegistry, default_registry_root
+from recops.ops.registry import CodeVersion, Lineage, LocalRegistry
 from recops.errors import RecopsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_concurrent_registrations_from_two_processes(tmp_path: Path) -> None:
 
 def test_default_root_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("RECOPS_REGISTRY", raising=False)
-    assert default_registry_root() == Path("runs/registry")
+    assert LocalRegistry().root == Path("runs/registry")
     monkeypatch.setenv("RECOPS_REGISTRY", str(tmp_path / "r"))
     assert LocalRegistry().root == tmp_path / "r"
 
