@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 PIN    := -c requirements/constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install lint demo test bench clean
 
 install: $(STAMP)
 
@@ -26,7 +26,10 @@ $(STAMP): setup.cfg requirements/constraints.txt Makefile
 demo: install
 	$(VENV)/bin/recops demo
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 bench: install

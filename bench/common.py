@@ -23,17 +23,18 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from recops.training.environment import cpu_model
 from recops.errors import RecopsError
+from recops.files import write_json_atomic
 from recops.settings import settings
+from recops.training.environment import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parent  # the benchmark scripts
 
@@ -137,28 +138,15 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Atomically write ``data`` as indented JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
-    os.replace(tmp, path)
-    return path
-
-
 def write_result(name: str, rows: list[dict[str, Any]], results_dir: Path | None = None, *,
                  baseline: str | None = None, plots: list[dict[str, Any]] | None = None,
                  config: dict[str, Any] | None = None, **extra: Any) -> Path:
     """Write ``<results_dir>/<name>.json`` with the rows, the hardware label, the date and the 1-minute load
     average (a busy host slows everything: compare ratios measured in the same run); returns the path."""
-    data = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    data = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "hardware": hardware(), "load_avg_1m": round(os.getloadavg()[0], 2), "baseline": baseline,
             "config": config or {}, "rows": rows, "plots": plots or [], **extra}
-    return write_json(Path(results_dir or default_results_dir()) / f"{name}.json", data)
+    return write_json_atomic(Path(results_dir or default_results_dir()) / f"{name}.json", data)
 
 
 def read_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +21,9 @@ from torch import nn
 from recops.bench.common import measure, peak_rss_mib, pin_threads, run_main
 from recops.bench.train_throughput import VARIANTS, ThroughputConfig
 from recops.errors import RecopsError
-from recops.training.model import DLRM, DLRMHead, ModelConfig, to_kjt
-from recops.training.train import EMBEDDING_OPTIMIZERS
+from recops.training.config import ModelConfig
+from recops.training.model import DLRM, DLRMHead, to_kjt
+from recops.training.train import OPTIMIZER_CLASSES
 
 Batch = tuple  # (dense [B, 13] f32, sparse ids [B, 26] i64, label [B] f32), host tensors
 Step = Callable[[Batch], torch.Tensor]  # one training step; returns the (detached) loss
@@ -88,7 +90,7 @@ def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Step, str]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     config = cfg.model_config()
     model = DLRM(config, device="cpu")
-    apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr})
+    apply_optimizer_in_backward(OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr})
     sharders = [EmbeddingBagCollectionSharder()]
     constraints = {f"t_{k}": ParameterConstraints(sharding_types=["table_wise"]) for k in config.tables}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device=device.type), constraints=constraints)
@@ -112,9 +114,9 @@ def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Step, str]:
 
 def _unfused_step(cfg: ThroughputConfig, model: nn.Module, embeddings: nn.Module,
                   inputs: Callable[[Batch], tuple]) -> Callable[[Batch], torch.Tensor]:
-    """A step with separate optimizers: ``EMBEDDING_OPTIMIZERS`` on ``embeddings``, Adam on ``model.head``;
+    """A step with separate optimizers: ``OPTIMIZER_CLASSES`` on ``embeddings``, Adam on ``model.head``;
     ``inputs(batch)`` gives the model's arguments and the label on the device."""
-    emb_opt = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer](embeddings.parameters(), lr=cfg.embedding_lr)
+    emb_opt = OPTIMIZER_CLASSES[cfg.embedding_optimizer](embeddings.parameters(), lr=cfg.embedding_lr)
     dense_opt = torch.optim.Adam(model.head.parameters(), lr=cfg.dense_lr)
 
     def step(batch: Batch) -> torch.Tensor:
@@ -135,7 +137,7 @@ def _torchrec_unsharded(cfg: ThroughputConfig, device) -> tuple[Step, str]:
     model = DLRM(cfg.model_config(), device=device)
     step = _unfused_step(cfg, model, model.ebc, lambda b: _to(device, b[0], to_kjt(model.keys, b[1]), b[2]))
     return step, (f"unsharded torchrec.EmbeddingBagCollection (plain torch {device.type} kernels, dense gradients) "
-                  f"+ torch.optim.{EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer].__name__}: "
+                  f"+ torch.optim.{OPTIMIZER_CLASSES[cfg.embedding_optimizer].__name__}: "
                   f"fbgemm-gpu {device.type} kernels not installed, no DMP")
 
 
@@ -143,7 +145,7 @@ def _plain(cfg: ThroughputConfig, device, sparse_grad: bool) -> tuple[Step, str]
     model = EmbeddingBagDLRM(cfg.model_config(), sparse_grad, device)
     step = _unfused_step(cfg, model, model.bags, lambda b: _to(device, *b))
     kind = "sparse=True, sparse gradients" if sparse_grad else "dense gradients"
-    return step, f"nn.EmbeddingBag(mode='sum', {kind}) x26 + torch.optim.{EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer].__name__}"
+    return step, f"nn.EmbeddingBag(mode='sum', {kind}) x26 + torch.optim.{OPTIMIZER_CLASSES[cfg.embedding_optimizer].__name__}"
 
 
 def build_step(variant: str, cfg: ThroughputConfig) -> tuple[Step, str]:
@@ -177,13 +179,13 @@ def run_variant(variant: str, cfg: ThroughputConfig) -> dict[str, Any]:
         batches = synthetic_batches(cfg, bs, count=4, pin=cuda)
         cursor = iter(range(10**12))
 
-        def one() -> None:
+        def one(batches=batches, cursor=cursor) -> None:
             step(batches[next(cursor) % len(batches)])
 
         per_step = measure(one, warmup=cfg.warmup_steps, repeats=1, sync=sync).median_s
         steps = max(1, math.ceil(cfg.min_seconds / max(per_step, 1e-6)))
         cpu_start = time.process_time()
-        timing = measure(lambda: [one() for _ in range(steps)], warmup=0, repeats=cfg.repeats, sync=sync)
+        timing = measure(lambda steps=steps: [one() for _ in range(steps)], warmup=0, repeats=cfg.repeats, sync=sync)
         cpu_per_step = (time.process_time() - cpu_start) / (steps * cfg.repeats)
         points.append({"batch_size": bs, "steps": steps, "samples_per_s": [steps * bs / t for t in timing.times_s],
                        "samples_per_cpu_s": bs / max(cpu_per_step, 1e-9)})
@@ -197,7 +199,8 @@ def run_variant(variant: str, cfg: ThroughputConfig) -> dict[str, Any]:
 
 def profile(variant: str, cfg: ThroughputConfig, batch_size: int, steps: int = 10) -> str:
     """torch.profiler's top operators (by self CPU time) for ``steps`` training steps of one variant."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     pin_threads(cfg.threads)
     step, path = build_step(variant, cfg)

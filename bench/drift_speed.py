@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from recops.bench.common import BENCH_DIR, bench_parser, format_table, pin_threads, write_result, run_main
+from recops.bench.common import BENCH_DIR, bench_parser, format_table, pin_threads, run_main, write_result
 from recops.errors import RecopsError
 
 NAME = "drift_speed"

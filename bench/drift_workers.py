@@ -22,9 +22,10 @@ def _peak_rss_mib() -> float:
 def _status_mib(key: str) -> float | None:
     """VmRSS / VmHWM of this process from /proc (None where unavailable)."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from recops.bench.common import bench_parser, format_table, pin_threads, write_result, run_main
+from recops.bench.common import bench_parser, format_table, pin_threads, run_main, write_result
 from recops.bench.train_throughput import ThroughputConfig, _ints
 from recops.errors import RecopsError
 

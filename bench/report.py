@@ -18,6 +18,7 @@ from typing import Any
 from recops.bench.catalog import BENCHMARKS
 from recops.bench.common import default_results_dir, format_cell
 from recops.errors import RecopsError
+from recops.files import write_text_atomic
 
 MARKDOWN, HTML, GPU_PLOT = "REPORT.md", "report.html", "gpu_utilisation.png"
 
@@ -258,16 +259,12 @@ def render(results_dir: Path | None = None) -> dict[str, Path]:
     for name in names:
         plots += _section(doc, name, results.get(name), runs.get(name), results_dir)
     md = results_dir / MARKDOWN
-    write_text(md, doc.markdown())
+    write_text_atomic(md, doc.markdown())
     page = results_dir / HTML
-    write_text(page, doc.html("recops benchmark report"))
+    write_text_atomic(page, doc.html("recops benchmark report"))
     return {"markdown": md, "html": page, **{p.stem: p for p in plots}}
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,9 +28,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -67,17 +68,19 @@ def random_checkpoint(out: Path, table_size: int, seed: int = 0) -> Path:
     import torch
 
     from recops.training import checkpoint
-    from recops.training.model import DLRM, ModelConfig
+    from recops.training.config import ModelConfig, TrainConfig
+    from recops.training.dataset import DatasetRef
+    from recops.training.model import DLRM
     from recops.training.preprocess import Preprocessor
     from recops.training.spec import ColumnSpec, PreprocessConfig
 
     preprocessor = Preprocessor(ColumnSpec.criteo(), PreprocessConfig(table_size=table_size))
-    config = ModelConfig(tables=preprocessor.table_sizes)
+    config = ModelConfig(tables=preprocessor.table_sizes, num_dense=13)
     torch.manual_seed(seed)
     model = DLRM(config)
-    trainer = {"model": config.to_dict(), "preprocessor": preprocessor.to_dict(), "dataset_version": "random",
-               "train": {}, "metrics": {}, "history": [], "epoch": 0}
-    checkpoint.save(out, {k: v.detach() for k, v in model.state_dict().items()}, {"dense": {}, "fused": {}}, trainer)
+    meta = checkpoint.CheckpointMeta(model=config, train=TrainConfig(), dataset=DatasetRef(out, "random"),
+                                     preprocessor=preprocessor.to_dict())
+    checkpoint.save(out, {k: v.detach() for k, v in model.state_dict().items()}, {"dense": {}, "fused": {}}, meta)
     return out
 
 
@@ -151,12 +154,11 @@ class Backends:
     """Callables that score one batch on each backend (a fresh client per calling thread for Triton)."""
 
     def __init__(self, ckpt_dir: Path, onnx_path: Path, server, threads: int):
-        from recops.serving.onnx_model import onnx_session
         from recops.serving.inference_module import load_torchrec
-        from recops.training import checkpoint
+        from recops.serving.onnx_model import onnx_session
+        from recops.training.checkpoint import Checkpoint
 
-        ckpt = checkpoint.load(ckpt_dir)
-        self.torch_model = load_torchrec(ckpt.trainer, ckpt.model)
+        self.torch_model = load_torchrec(Checkpoint.open(ckpt_dir))
         self.session = onnx_session(onnx_path, threads=threads, device="cpu")
         self.server = server
         self.clients: list = []
@@ -335,13 +337,13 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
     options = ServingOptions(max_batch_size=max(cfg.batch_sizes), intra_op_threads=threads, instance_count=instances,
                              warmup=(WarmupRequest(batch_size=1, data="zero"),))
     published = export_to_repository(ckpt, work / "repo", MODEL, config=ExportConfig(), options=options)
-    log(f"exported ({published.exported.exporter}, parity {published.parity.max_abs_diff:.2g}) in "
+    log(f"exported ({published.record.exporter}, parity {published.parity.max_abs_diff:.2g}) in "
         f"{time.perf_counter() - t0:.1f}s")
-    info: dict[str, Any] = {"exporter": published.exported.exporter, "parity_max_abs_diff": published.parity.max_abs_diff,
+    info: dict[str, Any] = {"exporter": published.record.exporter, "parity_max_abs_diff": published.parity.max_abs_diff,
                             "onnx_bytes": published.onnx_path.stat().st_size, "threads": threads,
                             "triton_instances": instances}
     rows: list[dict] = []
-    layout = published.exported.layout
+    layout = published.record.layout
     with TritonServer(ServerConfig(repo=work / "repo", load_models=(MODEL,))) as server:
         backends = Backends(ckpt, published.onnx_path, server, threads)
         try:

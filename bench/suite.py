@@ -15,14 +15,15 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from recops.bench.catalog import BENCHMARKS, Benchmark
-from recops.bench.common import default_results_dir, hardware, write_json
+from recops.bench.common import default_results_dir, hardware
 from recops.bench.report import render
 from recops.errors import RecopsError
+from recops.files import write_json_atomic
 
 SUITE_FILE = "suite.json"
 LOG_TAIL_CHARS = 3000
@@ -134,9 +135,9 @@ def run_suite(benchmarks: list[Benchmark], results_dir: Path | None = None, quic
         series += [{**s, "benchmark": bench.name} for s in samples]
         if echo:
             print(f"[suite] {bench.name}: {run.status} {run.detail} ({run.seconds:.0f} s)", file=sys.stderr, flush=True)
-    suite = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(), "quick": quick,
+    suite = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "hardware": hardware(), "quick": quick,
              "runs": [asdict(r) for r in runs], "gpu_series": series}
-    write_json(results_dir / SUITE_FILE, suite)
+    write_json_atomic(results_dir / SUITE_FILE, suite)
     suite["report"] = {k: str(v) for k, v in render(results_dir).items()}
     return suite
 

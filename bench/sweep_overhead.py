@@ -36,8 +36,8 @@ def make_dataset(root: Path, rows: int) -> Path:
 
 def sequential(dataset: Path, rates: list[float], epochs: int, out: Path) -> dict[str, Any]:
     """The N trainings back to back in this process (world of one, like a 1-worker trial)."""
-    from recops.training.model import ModelConfig
-    from recops.training.train import TrainConfig, fit
+    from recops.training.config import ModelConfig, TrainConfig
+    from recops.training.train import fit
 
     arch = ModelConfig.from_dict(ARCH)
     start = time.perf_counter()

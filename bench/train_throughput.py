@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from recops.bench.common import bench_parser, format_table, run_json_subprocess, write_result, run_main
+from recops.bench.common import bench_parser, format_table, run_json_subprocess, run_main, write_result
 from recops.errors import RecopsError
 
 NAME = "train_throughput"
@@ -77,16 +77,16 @@ class ThroughputConfig:
                 for i, rows in enumerate(CRITEO_KAGGLE_ROWS)}
 
     def model_config(self):
-        from recops.training.model import ModelConfig
+        from recops.training.config import ModelConfig
 
-        return ModelConfig(tables=self.tables(), embedding_dim=self.embedding_dim,
+        return ModelConfig(tables=self.tables(), num_dense=13, embedding_dim=self.embedding_dim,
                            dense_arch=self.dense_arch, over_arch=self.over_arch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ThroughputConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ThroughputConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 

@@ -8,22 +8,42 @@ always stopped at the end.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from recops.ops.loop import CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig
-from recops.ops.policy import PolicyConfig
-from recops.ops.stream import StreamConfig
+import yaml
+
 from recops.configs import config_path
 from recops.errors import RecopsError
+from recops.ops.canary import CanaryConfig, Rollout
+from recops.ops.gate import GateConfig
+from recops.ops.loop import Loop
+from recops.ops.loop_config import LoopConfig
+from recops.ops.policy import PolicyConfig
+from recops.ops.publish import publish_model
+from recops.ops.registry import LocalRegistry, ModelVersion
+from recops.ops.report import write_report
+from recops.ops.retrain import RetrainConfig, register_run, sweep_and_register
+from recops.ops.stream import StreamConfig, read_truth, read_window, write_synthetic_stream
+from recops.serving.client import Predictor
+from recops.serving.deploy import DeployConfig, Deployer
+from recops.serving.onnx_model import read_preprocessor
+from recops.serving.repository import ModelRepository
+from recops.serving.server import ServerConfig, TritonServer
 from recops.settings import settings
+from recops.training.config import ModelConfig, TrainConfig
+from recops.training.dataset import Dataset, ingest
+from recops.training.spec import PreprocessConfig
+from recops.training.sweep_config import SweepConfig
+from recops.training.synth import SynthConfig, write
+from recops.training.train import fit
 
 MODEL_NAME = "ctr"
 MARKER = ".recops-demo"
@@ -39,8 +59,8 @@ class DemoConfig:
     datasets: Path = field(default_factory=lambda: settings().datasets)
     rows: int = 20_000  # initial training data
     table_size: int = 1000
-    stream: StreamConfig = StreamConfig(windows=8, rows=4000, seed=1000, drift_at=3, covariate_drift=0.5,
-                                        concept_drift=0.5)
+    stream: StreamConfig = StreamConfig(windows=8, rows=4000, drift_at=3,
+                                        synth=SynthConfig(seed=1000, covariate_drift=0.5, concept_drift=0.5))
     use_sweep: bool = True  # the first model: a Ray Tune sweep (else one training run)
     retrain_sweep: bool = False  # retraining in the loop: a sweep (else a warm-started training run, faster)
     sweep_config: Path = field(default_factory=lambda: config_path("sweep_demo.yaml"))
@@ -86,75 +106,44 @@ class Demo:
         self.say(f"[{time.time() - self.started:6.1f}s] {message}")
 
     # ---- the first model -----------------------------------------------------------------------
-    def dataset(self):
-        from recops.training.dataset import ingest
-        from recops.training.spec import PreprocessConfig
-        from recops.training.synth import SynthConfig, write
-
-        summary = write(SynthConfig(rows=self.config.rows, seed=self.config.seed,
-                                    world_seed=self.config.stream.world_seed), self.workdir / "synth")
+    def dataset(self) -> Dataset:
+        summary = write(replace(self.config.stream.synth, rows=self.config.rows, seed=self.config.seed,
+                                covariate_drift=0.0, concept_drift=0.0), self.workdir / "synth")
         dataset = ingest([self.workdir / "synth" / "data.tsv"], self.config.datasets,
                          config=PreprocessConfig(table_size=self.config.table_size))
         self.log(f"data: {self.config.rows} synthetic rows (oracle AUC {summary['oracle_auc']:.4f}) -> dataset "
-                 f"{dataset.version} ({dataset.manifest['rows']})")
+                 f"{dataset.version} ({dataset.rows})")
         return dataset
 
-    def first_model(self, dataset, registry):
-        """Sweep (Ray Tune) or one training run; registered, returns the ModelVersion."""
-        if self.config.use_sweep:
-            return self._sweep(dataset, registry)
-        from recops.ops.registry import Lineage
-        from recops.training.model import ModelConfig
-        from recops.training.train import TrainConfig, fit
-
-        import yaml
-
-        arch = ModelConfig.from_dict(yaml.safe_load(self.config.sweep_config.read_text()).get("model", {}))
-        result = fit(dataset.path, arch, TrainConfig(epochs=2, batch_size=512), self.workdir / "train")
-        best = max(result.history, key=lambda h: h["val_auc"])
-        version = registry.register(Path(result.checkpoint), {"val_auc": best["val_auc"], "val_logloss": best["val_logloss"],
-                                                              "auc": result.auc}, {"model": arch.to_dict()},
-                                    dataset.version, Lineage())
-        self.log(f"train: one run (sweep disabled), test AUC {result.auc:.4f} -> registry v{version.version}")
-        return version
-
-    def _sweep(self, dataset, registry):
-        import yaml
-
-        from recops.ops.experiments import register_best
-        from recops.training.sweep import run_sweep
-        from recops.training.sweep_config import SweepConfig
-
-        source = self.config.sweep_config
-        template = yaml.safe_load(source.read_text())
+    def first_model(self, dataset: Dataset, registry: LocalRegistry) -> ModelVersion:
+        """A Ray Tune sweep (or one training run) on ``configs/sweep_demo.yaml``, registered as ``candidate``."""
+        template = yaml.safe_load(self.config.sweep_config.read_text())
+        if not self.config.use_sweep:
+            arch = ModelConfig.from_dict(template.get("model", {}))
+            result = fit(dataset.path, arch, TrainConfig(epochs=2, batch_size=512), self.workdir / "train")
+            version = register_run(registry, result, alias="candidate", reason="demo: first model")
+            self.log(f"train: one run (sweep disabled), val AUC {result.val_auc:.4f} -> registry v{version.version}")
+            return version
         limit = min(float(template.get("time_limit_s") or SWEEP_TIME_LIMIT_S), SWEEP_TIME_LIMIT_S)
         data = {**template, "dataset": str(dataset.path), "storage_path": str(self.workdir / "sweeps"),
-                "time_limit_s": limit}
-        data.pop("warm_start", None)
-        result = run_sweep(SweepConfig.from_dict(data))
-        if result.best is None:
-            raise RecopsError(f"demo sweep {result.experiment_dir} produced no checkpoint ({result.num_errors} failed "
-                              "trials); see its trial records")
-        version = register_best(result, registry, alias="candidate")
-        self.log(f"sweep: {len(result.trials)} trials ({source.name}) "
-                 f"in {result.wall_s:.0f}s, best {result.best_trial} val AUC {result.best_metrics.get('val_auc', 0):.4f} "
-                 f"-> registry v{version.version} (alias candidate)")
+                "time_limit_s": limit, "warm_start": None}
+        result, version = sweep_and_register(SweepConfig.from_dict(data), registry)
+        if version is None:
+            raise RecopsError(f"demo sweep {result.experiment_dir} was interrupted; run the demo again")
+        self.log(f"sweep: {len(result.trials)} trials ({self.config.sweep_config.name}) in {result.wall_s:.0f}s, best "
+                 f"{result.best_trial} val AUC {result.best_metrics.get('val_auc', 0):.4f} -> registry "
+                 f"v{version.version} (alias candidate)")
         return version
 
     # ---- the story ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from recops.ops.registry import LocalRegistry
-        from recops.serving.export import export_to_repository
-        from recops.serving.repository import ModelRepository
-        from recops.serving.server import ServerConfig, TritonServer
-
         registry = LocalRegistry(self.workdir / "registry")
         dataset = self.timed("data", self.dataset)
         version = self.timed("train", lambda: self.first_model(dataset, registry))
         repo = ModelRepository(self.workdir / "triton")
-        published = self.timed("export", lambda: export_to_repository(version.checkpoint, repo, MODEL_NAME,
-                                                                         dataset=dataset.path))
-        self.log(f"export: registry v{version.version} -> ONNX ({published.exported.exporter}), parity max |diff| "
+        published = self.timed("export", lambda: publish_model(registry, version, repo, MODEL_NAME,
+                                                                dataset=dataset.path))
+        self.log(f"export: registry v{version.version} -> ONNX ({published.record.exporter}), parity max |diff| "
                  f"{published.parity.max_abs_diff:.2g}, val AUC torch {published.parity.auc_torch:.4f} / onnx "
                  f"{published.parity.auc_onnx:.4f} -> {MODEL_NAME} version {published.version}")
         server = TritonServer(ServerConfig(repo=repo.root))
@@ -167,31 +156,29 @@ class Demo:
                 server.stop()
             self.log("triton: stopped")
 
-    def _serve(self, server, repo, registry, repo_version: int, registry_version: int) -> dict[str, Any]:
-        from recops.ops.stream import write_synthetic_stream
-        from recops.serving.deploy import DeployConfig, Deployer
-
-        Deployer(server, repo, MODEL_NAME, DeployConfig(drain_s=0.2)).deploy(repo_version)
-        registry.set_alias(registry_version, "production", reason="demo: first deployment")
+    def _serve(self, server: TritonServer, repo: ModelRepository, registry: LocalRegistry, repo_version: int,
+               registry_version: int) -> dict[str, Any]:
+        deployer = Deployer(server, repo, MODEL_NAME, DeployConfig(drain_s=0.2))
+        Rollout(deployer, registry, repo).deploy(repo_version, registry_version, "demo: first deployment")
         self.log(f"deploy: {MODEL_NAME} version {repo_version} (registry v{registry_version}) is production")
         stream = self.config.stream
         self.timed("stream", lambda: write_synthetic_stream(stream, self.workdir / "stream"))
         self.log(f"stream: {stream.windows} windows x {stream.rows} rows; from window {stream.drift_at} covariate drift "
-                 f"{stream.covariate_drift} on {', '.join(stream.drift_features)} and concept drift {stream.concept_drift}")
+                 f"{stream.synth.covariate_drift} on {', '.join(stream.synth.drift_features)} and concept drift "
+                 f"{stream.synth.concept_drift}")
         with Loop(self.loop_config(server)) as loop:
             self.timed("loop", lambda: loop.run(on_event=self._print_event))
             predictions = self.sample_predictions(server, loop)
             return {"production_before": repo_version, "production_after": loop.state.production.repo_version,
                     "predictions": predictions, "state_dir": str(loop.state_dir), "events": loop.events()}
 
-    def loop_config(self, server) -> LoopConfig:
+    def loop_config(self, server: TritonServer) -> LoopConfig:
         return LoopConfig(
             state_dir=self.workdir / "loop", stream_dir=self.workdir / "stream", repo=self.workdir / "triton",
             model_name=MODEL_NAME, server_url=server.http_url, datasets_root=self.config.datasets,
             registry=self.workdir / "registry", metrics_url=server.metrics_url, window_s=60.0, feedback_delay_s=5.0,
             policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
-            retrain=RetrainConfig(use_sweep=self.config.retrain_sweep,
-                                  sweep_config=self.config.sweep_config,
+            retrain=RetrainConfig(use_sweep=self.config.retrain_sweep, sweep_config=self.config.sweep_config,
                                   min_windows=2),
             gate=GateConfig(), canary=CanaryConfig(share=0.5, windows=1, drain_s=0.2))
 
@@ -200,17 +187,11 @@ class Demo:
 
     def sample_predictions(self, server, loop: Loop, rows: int = 5) -> list[dict[str, Any]]:
         """A few rows of the last window scored by the production version through tritonclient (gRPC)."""
-        from recops.ops.stream import read_truth, read_window
-        from recops.serving.client import Predictor
-        from recops.serving.onnx_model import PREPROCESS_FILE
-        from recops.training.preprocess import Preprocessor
-
-        index = loop.state.next_window - 1
-        spec, version = loop.spec, loop.state.production.repo_version
+        index, version = loop.state.next_window - 1, loop.state.production.repo_version
+        spec = Dataset.open(loop.state.production.dataset).spec
         frame = read_window(loop.config.stream_dir, index, spec).head(rows)
         truth = read_truth(loop.config.stream_dir, index)
-        preprocessor = Preprocessor.from_dict(json.loads(
-            (loop.repo.model_dir(MODEL_NAME) / str(version) / PREPROCESS_FILE).read_text()))
+        preprocessor = read_preprocessor(loop.repo.model_dir(MODEL_NAME) / str(version))
         with Predictor(server.grpc_url, MODEL_NAME, protocol="grpc", preprocess=preprocessor.transform) as predictor:
             scores = predictor.predict_frame(frame.drop(columns=[spec.label]), model_version=version).ravel()
         out = [{"row": i, "version": version, "score": round(float(s), 4), "planted": round(float(truth[i]), 4)
@@ -227,8 +208,6 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = partial(print, flu
     Every process the demo starts (Triton server and stubs, Ray, training workers) inherits a token in
     its environment; ``leftover_processes`` finds any that outlive the demo.
     """
-    from recops.ops.report import write_report
-
     token = uuid.uuid4().hex
     os.environ[RUN_TOKEN] = token
     try:

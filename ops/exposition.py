@@ -12,11 +12,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from recops.errors import RecopsError
+from recops.ops.decision import Decision
 from recops.ops.drift import DriftReport
 from recops.ops.gpu import GpuMonitor
 from recops.ops.online import OnlineReport
-from recops.ops.policy import CONDITIONS, Decision, RetrainPolicy
-from recops.errors import RecopsError
+from recops.ops.policy import CONDITIONS, RetrainPolicy
 
 _WINDOW_FIGURES = {  # WindowMetrics field -> (metric, help)
     "ctr": ("recops_online_ctr", "observed click-through rate of the latest complete window"),
@@ -95,7 +96,7 @@ class Exporter:
         if state.last_trigger_ts is not None:
             self.last_trigger.set(state.last_trigger_ts)
         if decision is not None:
-            self.last_decision.set(float(decision.trigger))
+            self.last_decision.set(float(decision.verdict == "retrain"))
 
     def set_model(self, version: str, trained_at: float) -> None:
         self.model.clear()

@@ -12,8 +12,9 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -192,7 +193,7 @@ class GpuMonitor:
             if self._stop.wait(self.interval_s):
                 return
 
-    def start(self) -> "GpuMonitor":
+    def start(self) -> GpuMonitor:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="recops-gpu-monitor", daemon=True)
@@ -205,7 +206,7 @@ class GpuMonitor:
             self._thread.join()
             self._thread = None
 
-    def __enter__(self) -> "GpuMonitor":
+    def __enter__(self) -> GpuMonitor:
         return self.start()
 
     def __exit__(self, *exc) -> None:

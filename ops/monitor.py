@@ -22,7 +22,7 @@ class MonitorSources:
 
     predictions: Path
     feedback: Path
-    reference: Path  # processed dataset directory (stats.json, reference_sample.npz, manifest.json)
+    reference: Path  # processed dataset directory (its reference statistics)
     metrics_url: str | None = None
     model_name: str | None = None  # filter Triton's figures; None = every model
     window_s: float = 300.0
@@ -31,7 +31,7 @@ class MonitorSources:
     @classmethod
     def from_loop(cls, state_dir: Path, metrics_url: str | None = None) -> MonitorSources:
         """The latest window a loop processed, against its production model's dataset."""
-        from recops.ops.loop import CONFIG_FILE, STATE_FILE
+        from recops.ops.loop_state import CONFIG_FILE, STATE_FILE
 
         state_dir = Path(state_dir)
         try:
@@ -59,14 +59,11 @@ class Monitor:
     """Builds window reports; keeps the previous Triton scrape so rates cover the time between reports."""
 
     def __init__(self, sources: MonitorSources):
-        from recops.training.spec import ColumnSpec
         from recops.training.stats import load_reference
 
         self.sources = sources
         self.reference = load_reference(sources.reference)
-        manifest = sources.reference / "manifest.json"
-        self.spec = ColumnSpec.from_dict(json.loads(manifest.read_text())["schema"]) if manifest.is_file() \
-            else self.reference.spec
+        self.spec = self.reference.spec  # the dataset's schema, recorded with its reference statistics
         self._scrape: tuple[float, dict] | None = None
         self._predictions, self._feedback = self._follow(sources)
 

@@ -33,9 +33,10 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -195,7 +196,7 @@ class LogFollower:
     def _drain(self) -> bytes:
         if self._fh is None:
             try:
-                self._fh = open(self.path, "rb")
+                self._fh = open(self.path, "rb")  # noqa: SIM115 - held open across reads; closed in close()
             except FileNotFoundError:
                 return b""
         if os.fstat(self._fh.fileno()).st_size < self._fh.tell():  # truncated in place (copytruncate): start over
@@ -350,7 +351,7 @@ class TritonModelStats:
     queue_duration_us: float = 0.0
     compute_infer_duration_us: float = 0.0
 
-    def since(self, earlier: "TritonModelStats | None", interval_s: float) -> dict[str, Any]:
+    def since(self, earlier: TritonModelStats | None, interval_s: float) -> dict[str, Any]:
         """Rates and mean latencies between an earlier scrape and this one (all-time when None)."""
         base = earlier or TritonModelStats(self.model, self.version)
         d = {k: getattr(self, k) - getattr(base, k) for k in _TRITON_COUNTERS.values()}

@@ -3,8 +3,8 @@
 Each observation (one evaluation window of the serving model) updates four conditions:
 
 - ``drift``: at least ``drift_min_features`` features drifted in ``drift_windows`` consecutive windows;
-- ``quality``: concept drift (AUC drop beyond ``auc_drop_margin`` — sample-size aware — or logloss
-  rise beyond ``logloss_rise_margin``, see :func:`recops.ops.drift.concept_drift`) in ``quality_windows``
+- ``quality``: concept drift (the window's AUC drop or logloss rise against the model's baseline, judged once per
+  window by :func:`recops.ops.drift.concept_drift` with ``DriftConfig``'s thresholds) in ``quality_windows``
   consecutive windows;
 - ``rows``: at least ``min_new_rows`` labelled rows accumulated since the model's training data;
 - ``age``: the model is at least ``max_model_age_s`` old.
@@ -19,16 +19,13 @@ with it (same incident). Every decision can be appended to a JSONL log with its 
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recops.ops.drift import DriftConfig, concept_drift
-from recops.ops.online import append_jsonl
 from recops.errors import RecopsError
+from recops.ops.decision import Decision
+from recops.ops.online import append_jsonl
 
 CONDITIONS = ("drift", "quality", "rows", "age")
 
@@ -40,8 +37,6 @@ class PolicyConfig:
     drift_windows: int = 3
     drift_min_features: int = 1
     quality_windows: int = 2
-    auc_drop_margin: float = 0.02
-    logloss_rise_margin: float = 0.05
     min_new_rows: int = 5_000_000
     max_model_age_s: float = 7 * 86_400.0
     cooldown_s: float = 3_600.0
@@ -63,12 +58,8 @@ class Observation:
     model_trained_at: float
     window: float | None = None  # window start; each window counts once towards the streaks
     drifted_features: tuple[str, ...] | None = None
-    window_auc: float | None = None
-    window_logloss: float | None = None
-    baseline_auc: float | None = None  # the model's validation figures
-    baseline_logloss: float | None = None
-    positives: int | None = None
-    negatives: int | None = None
+    concept_drifted: bool | None = None  # the window's quality vs the model's baseline (ops.drift.concept_drift)
+    concept_reasons: tuple[str, ...] = ()
     new_labelled_rows: int = 0
 
 
@@ -83,17 +74,6 @@ class PolicyState:
     latched: list[str] = field(default_factory=list)
     last_trigger_ts: float | None = None
     triggers: int = 0
-
-
-@dataclass(frozen=True)
-class Decision:
-    trigger: bool
-    reasons: list[str]
-    inputs: dict[str, Any]
-    fired: list[str] = field(default_factory=list)  # conditions that caused the trigger
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class RetrainPolicy:
@@ -117,12 +97,9 @@ class RetrainPolicy:
             s.last_window = obs.window
         if obs.drifted_features is not None:
             s.drift_streak = s.drift_streak + 1 if len(obs.drifted_features) >= c.drift_min_features else 0
-        if None not in (obs.window_auc, obs.window_logloss, obs.baseline_auc, obs.baseline_logloss):
-            verdict = concept_drift(obs.window_auc, obs.window_logloss, obs.baseline_auc, obs.baseline_logloss,
-                                    DriftConfig(auc_drop_min=c.auc_drop_margin, logloss_rise_min=c.logloss_rise_margin),
-                                    obs.positives, obs.negatives)
-            s.quality_streak = s.quality_streak + 1 if verdict.drifted else 0
-            notes.extend(f"quality: {r}" for r in verdict.reasons)
+        if obs.concept_drifted is not None:
+            s.quality_streak = s.quality_streak + 1 if obs.concept_drifted else 0
+            notes.extend(f"quality: {r}" for r in obs.concept_reasons)
 
     def _conditions(self, obs: Observation) -> dict[str, tuple[bool, str]]:
         s, c = self.state, self.config
@@ -157,7 +134,8 @@ class RetrainPolicy:
         else:
             reasons = [f"latched (already triggered): {', '.join(s.latched)}"] if s.latched else []
             reasons += [conditions[k][1] for k in CONDITIONS if k not in s.latched]
-        decision = Decision(trigger, reasons + notes, {"observation": asdict(obs), "state": asdict(s)}, rising if trigger else [])
+        decision = Decision("retrain" if trigger else "wait", tuple(reasons + notes),
+                            {"fired": rising if trigger else [], "inputs": {"observation": asdict(obs), "state": asdict(s)}})
         if self.log_path:
             append_jsonl(self.log_path, [{"ts": obs.ts, **decision.to_dict()}])
         return decision
@@ -166,24 +144,8 @@ class RetrainPolicy:
         return {"config": asdict(self.config), "state": asdict(self.state)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], log_path: Path | None = None) -> "RetrainPolicy":
+    def from_dict(cls, data: dict[str, Any], log_path: Path | None = None) -> RetrainPolicy:
         try:
             return cls(PolicyConfig(**data["config"]), PolicyState(**data["state"]), log_path)
         except (KeyError, TypeError) as exc:
             raise RecopsError(f"policy state: unreadable ({exc}); expected RetrainPolicy.to_dict() output") from exc
-
-    def save(self, path: Path) -> None:
-        """Atomically write :meth:`to_dict` as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path, log_path: Path | None = None) -> "RetrainPolicy":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()), log_path)
-        except (OSError, ValueError) as exc:
-            raise RecopsError(f"policy state {path}: unreadable ({exc}); delete it to start fresh") from exc

@@ -3,8 +3,10 @@
 ``ModelRegistry`` is the contract (small enough for an MLflow backend to implement);
 ``LocalRegistry`` keeps everything under one directory::
 
-    <root>/index.json             next version, registered versions, aliases, alias history
-    <root>/versions/<n>/meta.json  the immutable record of version n
+    <root>/index.json             next version, registered versions, aliases, alias history, checkpoint
+                                  fingerprints, and where each version is served (export and deploy record it)
+    <root>/versions/<n>/meta.json  the immutable record of version n (metrics, params, dataset root + version,
+                                  checkpoint fingerprint, lineage)
     <root>/versions/<n>/checkpoint/ a copy of the registered checkpoint directory
     <root>/.lock                  filelock serialising version allocation and index updates
 
@@ -20,27 +22,21 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
 from recops.errors import RecopsError
+from recops.files import remove_stale, staging_dir, write_json_atomic
 from recops.settings import settings
+from recops.training.dataset import DatasetRef
+from recops.training.environment import CodeVersion
 
 ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 INDEX_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class CodeVersion:
-    """The source tree a model was trained from."""
-
-    git_sha: str | None = None
-    dirty: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,19 +57,23 @@ class Lineage:
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One registered model. ``aliases`` are the aliases pointing at it when it was read."""
+    """One registered model, trained on ``dataset``. ``fingerprint`` identifies its checkpoint's content (see
+    ``Checkpoint.fingerprint``). ``aliases`` point at it and ``served`` says where it is exported and deployed
+    (``{repository, model, version, status}``), as of reading."""
 
     version: int
     created: str  # ISO 8601, UTC
     checkpoint: Path  # inside the registry
     metrics: dict[str, float]
     params: dict[str, Any]
-    dataset_version: str
+    dataset: DatasetRef
     lineage: Lineage
+    fingerprint: str | None = None
     aliases: list[str] = field(default_factory=list)
+    served: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "checkpoint": str(self.checkpoint)}
+        return {**asdict(self), "checkpoint": str(self.checkpoint), "dataset": self.dataset.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -92,24 +92,27 @@ class ModelRegistry(abc.ABC):
     """Stores model versions and the aliases (``candidate``, ``production``, ...) pointing at them."""
 
     @abc.abstractmethod
-    def register(
-        self,
-        checkpoint_dir: Path,
-        metrics: dict[str, float],
-        params: dict[str, Any],
-        dataset_version: str,
-        lineage: Lineage | None = None,
-    ) -> ModelVersion:
+    def register(self, checkpoint_dir: Path, metrics: dict[str, float], params: dict[str, Any], dataset: DatasetRef,
+                 lineage: Lineage | None = None, fingerprint: str | None = None) -> ModelVersion:
         """Copy ``checkpoint_dir`` into the registry as the next version and return it."""
 
     @abc.abstractmethod
-    def _next_version(self, index: dict[str, Any]) -> int:
-        """The index's counter, skipped past any version directory a crashed registration left behind."""
-        on_disk = [int(p.name) for p in self._versions_dir.iterdir() if p.name.isdigit()]
-        return max([index["next_version"], *(v + 1 for v in on_disk)])
-
     def get(self, version: int) -> ModelVersion:
         """The given version; RecopsError if unknown."""
+
+    @abc.abstractmethod
+    def find(self, fingerprint: str) -> ModelVersion | None:
+        """The first version registered with this checkpoint fingerprint, or None."""
+
+    @abc.abstractmethod
+    def record_served(self, version: int, repository: str, model: str, served_version: int, status: str) -> None:
+        """Record (or update) that ``version`` is served as ``model``/``served_version`` in ``repository``."""
+
+    def resolve(self, ref: int | str) -> ModelVersion:
+        """A version by number (``3``, ``"3"``) or alias (``"production"``)."""
+        if isinstance(ref, int) or str(ref).isdigit():
+            return self.get(int(ref))
+        return self.get_by_alias(str(ref))
 
     @abc.abstractmethod
     def get_by_alias(self, name: str) -> ModelVersion:
@@ -117,7 +120,7 @@ class ModelRegistry(abc.ABC):
 
     @abc.abstractmethod
     def list(self) -> list[ModelVersion]:
-        """All versions, oldest first."""
+        """All readable versions, oldest first."""
 
     @abc.abstractmethod
     def set_alias(self, version: int, name: str, reason: str = "", user: str | None = None) -> AliasEvent | None:
@@ -138,7 +141,7 @@ def validate_alias(name: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _current_user() -> str:
@@ -146,20 +149,6 @@ def _current_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, then replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_payload(what: str, value: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +181,8 @@ class LocalRegistry(ModelRegistry):
 
     def _read_index(self) -> dict[str, Any]:
         if not self._index_path.exists():
-            return {"format": INDEX_FORMAT, "next_version": 1, "versions": [], "aliases": {}, "alias_history": []}
+            return {"format": INDEX_FORMAT, "next_version": 1, "versions": [], "aliases": {}, "alias_history": [],
+                    "fingerprints": {}, "served": {}}
         try:
             index = json.loads(self._index_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -200,47 +190,44 @@ class LocalRegistry(ModelRegistry):
         if index.get("format") != INDEX_FORMAT:
             raise RecopsError(f"registry index {self._index_path} has format {index.get('format')!r}, "
                               f"expected {INDEX_FORMAT}: use a recops version that wrote it")
+        index.setdefault("fingerprints", {})
+        index.setdefault("served", {})
         return index
 
-    def register(
-        self,
-        checkpoint_dir: Path,
-        metrics: dict[str, float],
-        params: dict[str, Any],
-        dataset_version: str,
-        lineage: Lineage | None = None,
-    ) -> ModelVersion:
+    def register(self, checkpoint_dir: Path, metrics: dict[str, float], params: dict[str, Any], dataset: DatasetRef,
+                 lineage: Lineage | None = None, fingerprint: str | None = None) -> ModelVersion:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise RecopsError(f"checkpoint directory {checkpoint_dir} does not exist or is not a directory: "
                               "pass the directory the training run saved its checkpoint to")
-        if not dataset_version:
-            raise RecopsError("dataset_version is empty: pass the processed dataset version the model was trained on")
+        if not isinstance(dataset, DatasetRef) or not dataset.version:
+            raise RecopsError(f"dataset {dataset!r}: pass the processed dataset (root and version) the model was "
+                              "trained on")
         lineage = lineage or Lineage()
         record = {
             "metrics": _json_payload("metrics", metrics),
             "params": _json_payload("params", params),
-            "dataset_version": str(dataset_version),
+            "dataset": dataset.to_dict(),
+            "fingerprint": fingerprint,
             "lineage": _json_payload("lineage", asdict(lineage)),
         }
         if lineage.parent_version is not None:
             self.get(lineage.parent_version)
         self._versions_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self._versions_dir, prefix=".staging-"))
-        try:
+        remove_stale(self._versions_dir)
+        with staging_dir(self._versions_dir / "version") as staging:
             shutil.copytree(checkpoint_dir, staging / "checkpoint")
             with self._lock():
                 index = self._read_index()
                 version = self._next_version(index)
                 record.update(version=version, created=_now(), checkpoint="checkpoint")
-                _write_json(staging / "meta.json", record)
+                write_json_atomic(staging / "meta.json", record, fsync=True)
                 os.rename(staging, self._versions_dir / str(version))
                 index["next_version"] = version + 1
                 index["versions"].append(version)
-                _write_json(self._index_path, index)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+                if fingerprint:
+                    index["fingerprints"].setdefault(fingerprint, version)
+                write_json_atomic(self._index_path, index, fsync=True)
         return self.get(version)
 
     def _next_version(self, index: dict[str, Any]) -> int:
@@ -256,17 +243,24 @@ class LocalRegistry(ModelRegistry):
             known = ", ".join(map(str, index["versions"])) or "none"
             raise RecopsError(f"unknown model version {version!r} in registry {self.root} (registered: {known})")
         version_dir = self._versions_dir / str(version)
-        meta = json.loads((version_dir / "meta.json").read_text())
-        return ModelVersion(
-            version=meta["version"],
-            created=meta["created"],
-            checkpoint=(version_dir / meta["checkpoint"]).resolve(),
-            metrics=meta["metrics"],
-            params=meta["params"],
-            dataset_version=meta["dataset_version"],
-            lineage=Lineage.from_dict(meta["lineage"]),
-            aliases=sorted(name for name, v in index["aliases"].items() if v == version),
-        )
+        try:
+            meta = json.loads((version_dir / "meta.json").read_text())
+            dataset = meta.get("dataset") or {"root": "", "version": meta["dataset_version"]}  # older records
+            return ModelVersion(
+                version=meta["version"],
+                created=meta["created"],
+                checkpoint=(version_dir / meta["checkpoint"]).resolve(),
+                metrics=meta["metrics"],
+                params=meta["params"],
+                dataset=DatasetRef.from_dict(dataset),
+                lineage=Lineage.from_dict(meta["lineage"]),
+                fingerprint=meta.get("fingerprint"),
+                aliases=sorted(name for name, v in index["aliases"].items() if v == version),
+                served=list(index["served"].get(str(version), [])),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RecopsError(f"registry {self.root}: version {version}'s record {version_dir / 'meta.json'} is "
+                              f"unreadable ({type(exc).__name__}: {exc}); restore it from a backup") from exc
 
     def get_by_alias(self, name: str) -> ModelVersion:
         index = self._read_index()
@@ -278,8 +272,38 @@ class LocalRegistry(ModelRegistry):
         return self._load(index["aliases"][name], index)
 
     def list(self) -> list[ModelVersion]:
+        """Every readable version (see :meth:`broken` for the others), oldest first."""
         index = self._read_index()
-        return [self._load(version, index) for version in index["versions"]]
+        return [self._load(v, index) for v in index["versions"] if v not in self._broken(index)]
+
+    def broken(self) -> dict[int, str]:
+        """Versions whose record cannot be read, with the reason."""
+        return self._broken(self._read_index())
+
+    def _broken(self, index: dict[str, Any]) -> dict[int, str]:
+        problems = {}
+        for version in index["versions"]:
+            try:
+                self._load(version, index)
+            except RecopsError as exc:
+                problems[version] = str(exc)
+        return problems
+
+    def find(self, fingerprint: str) -> ModelVersion | None:
+        index = self._read_index()
+        version = index["fingerprints"].get(fingerprint)
+        return self._load(version, index) if version is not None else None
+
+    def record_served(self, version: int, repository: str, model: str, served_version: int, status: str) -> None:
+        with self._lock():
+            index = self._read_index()
+            self._load(version, index)
+            entries = [e for e in index["served"].get(str(version), [])
+                       if (e["repository"], e["model"], e["version"]) != (repository, model, served_version)]
+            entries.append({"repository": repository, "model": model, "version": served_version, "status": status,
+                            "time": _now()})
+            index["served"][str(version)] = entries
+            write_json_atomic(self._index_path, index, fsync=True)
 
     def set_alias(self, version: int, name: str, reason: str = "", user: str | None = None) -> AliasEvent | None:
         validate_alias(name)
@@ -293,7 +317,7 @@ class LocalRegistry(ModelRegistry):
                                user=user or _current_user(), time=_now(), reason=reason)
             index["aliases"][name] = version
             index["alias_history"].append(asdict(event))
-            _write_json(self._index_path, index)
+            write_json_atomic(self._index_path, index, fsync=True)
         return event
 
     def alias_history(self, name: str | None = None) -> list[AliasEvent]:

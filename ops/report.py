@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from recops.ops.loop import read_events, write_json_atomic
 from recops.errors import RecopsError
+from recops.files import atomic_path, write_json_atomic, write_text_atomic
+from recops.ops.loop_state import read_events
 
 MARKERS = {  # kind -> colour, legend label, offset after its window (events of one window stay apart)
     "retrain_started": ("tab:orange", "retrain", 0.3), "validation_failed": ("tab:red", "validation failed", 0.5),
@@ -75,7 +76,7 @@ def _drift_plot(fig, ax, windows: list[dict[str, Any]], events: list[dict[str, A
                 ratio[i, j] = test["value"] / test["threshold"]
     image = ax.imshow(np.clip(ratio, 0, 3), aspect="auto", cmap="magma_r", vmin=0, vmax=3,
                       extent=(windows[0]["window"] - 0.5, windows[-1]["window"] + 0.5, len(features) - 0.5, -0.5))
-    for j, w in enumerate(windows):
+    for w in windows:
         for i, f in enumerate(features):
             if w["drift"].get(f, {}).get("drifted"):
                 ax.text(w["window"], i, "x", ha="center", va="center", color="cyan", fontsize=7)
@@ -110,11 +111,10 @@ def _versions_plot(ax_v, ax_lat, windows: list[dict[str, Any]], events: list[dic
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def draw_plots(events: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -194,8 +194,6 @@ def write_report(state_dir: Path, out_dir: Path | None = None, summary: dict[str
         counts[e["kind"]] = counts.get(e["kind"], 0) + 1
     facts = {**(summary or {}), "events": ", ".join(f"{k} x{n}" for k, n in counts.items())}
     path = out_dir / "report.html"
-    tmp = out_dir / ".report.html.tmp"
-    tmp.write_text(render_html(events, plots, facts))
-    tmp.replace(path)
+    write_text_atomic(path, render_html(events, plots, facts))
     write_json_atomic(out_dir / "summary.json", facts)
     return path

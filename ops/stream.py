@@ -7,9 +7,7 @@ whole (written to a temp file and renamed), so a reader never sees half a window
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,9 @@ import pandas as pd
 import pyarrow.csv as pacsv
 
 from recops.errors import RecopsError
+from recops.files import atomic_path
 from recops.training.spec import ColumnSpec
+from recops.training.synth import SynthConfig, SynthData, generate, to_table
 
 WINDOW_NAME = "window-{:05d}.tsv"
 
@@ -50,32 +50,17 @@ def read_truth(stream_dir: Path, index: int) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """A synthetic stream: ``windows`` windows of ``rows`` rows of one synthetic world; from window
-    ``drift_at`` on, covariate and/or concept drift of the given strength (``recops.training.synth`` knobs)."""
+    """A synthetic stream: ``windows`` windows of ``rows`` rows from ``synth``'s world (``recops.training.synth``),
+    with ``synth``'s covariate and concept drift from window ``drift_at`` on (none before it)."""
 
     windows: int = 10
     rows: int = 4000
-    seed: int = 1000
-    world_seed: int = 1234
     drift_at: int = 5
-    covariate_drift: float = 0.0
-    concept_drift: float = 0.0
-    drift_features: tuple[str, ...] = ("I1", "I2", "C1", "C2", "C3")
+    synth: SynthConfig = SynthConfig(seed=1000)
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.rows < 1:
             raise RecopsError(f"stream: windows and rows must be >= 1, got {self.windows}, {self.rows}")
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]:
@@ -84,8 +69,6 @@ def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]
     The windows before ``drift_at`` and those from it on are sampled as two runs of the generator
     (one world set-up each) and cut into windows.
     """
-    from recops.training.synth import SynthConfig, generate
-
     stream_dir = Path(stream_dir)
     stream_dir.mkdir(parents=True, exist_ok=True)
     paths = [window_path(stream_dir, i) for i in range(config.windows)]
@@ -93,11 +76,8 @@ def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]
     for first, end, drifted in ((0, drift_at, False), (drift_at, config.windows, True)):
         if all(p.is_file() for p in paths[first:end]):
             continue
-        data = generate(SynthConfig(rows=(end - first) * config.rows, seed=config.seed + first,
-                                    world_seed=config.world_seed,
-                                    covariate_drift=config.covariate_drift if drifted else 0.0,
-                                    concept_drift=config.concept_drift if drifted else 0.0,
-                                    drift_features=config.drift_features))
+        synth = config.synth if drifted else replace(config.synth, covariate_drift=0.0, concept_drift=0.0)
+        data = generate(replace(synth, rows=(end - first) * config.rows, seed=config.synth.seed + first))
         for index in range(first, end):
             if not paths[index].is_file():
                 part = slice((index - first) * config.rows, (index - first + 1) * config.rows)
@@ -107,15 +87,11 @@ def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]
 
 def _write_window(stream_dir: Path, index: int, data, part: slice) -> None:
     """One window of generated rows (and their planted probabilities), each file appearing whole."""
-    from recops.training.synth import SynthData, to_table
-
     rows = SynthData(dense=data.dense[part], ranks=data.ranks[part], vocab=data.vocab, label=data.label[part],
                      truth=data.truth[part])
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
 
-    def save_truth(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, rows.truth)
-
-    _atomic(truth_path(stream_dir, index), save_truth)
-    _atomic(window_path(stream_dir, index), lambda tmp: pacsv.write_csv(to_table(rows), tmp, write_options=options))
+    with atomic_path(truth_path(stream_dir, index)) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, rows.truth)
+    with atomic_path(window_path(stream_dir, index)) as tmp:
+        pacsv.write_csv(to_table(rows), tmp, write_options=options)

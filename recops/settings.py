@@ -18,9 +18,9 @@ to the next command without a restart.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
 
 ENVIRONMENT = {  # setting -> (environment variable, default)
     "datasets": ("RECOPS_DATASETS", "runs/datasets"),

@@ -7,8 +7,9 @@ padded) with ``mask_<name>`` (ids >= 0, cast to the dtype the model declares).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

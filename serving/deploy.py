@@ -22,20 +22,27 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from filelock import FileLock
 
+from recops.errors import RecopsError
+from recops.files import write_json_atomic
 from recops.serving.client import Predictor
 from recops.serving.errors import ServingError
-from recops.serving.onnx_model import FeatureLayout, onnx_probabilities, onnx_session, read_export_metadata
-from recops.serving.repository import (ONNX_FILE, ModelRepository, ServingOptions, VersionPolicy, model_config,
-                                read_signature, write_text_atomic)
+from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session
+from recops.serving.repository import (
+    ONNX_FILE,
+    ModelRepository,
+    ServingOptions,
+    VersionPolicy,
+    model_config,
+    read_signature,
+)
 from recops.serving.server import TritonServer
-from recops.errors import RecopsError
 
 STATE_FILE = "deploy_state.json"
 LOCK_FILE = ".deploy.lock"
@@ -83,7 +90,7 @@ class DeployState:
 
     def event(self, action: str, version: int | None, **changes: Any) -> DeployState:
         """This state with ``changes`` applied and ``action`` appended to the history."""
-        entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "action": action,
+        entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "action": action,
                  "version": version, "message": changes.get("message", "")}
         return replace(self, **changes, history=(*self.history, entry)[-HISTORY_LIMIT:])
 
@@ -242,10 +249,9 @@ class Deployer:
 
     def _verify(self, version: int) -> None:
         """Warm ``version`` up and compare its served outputs with local ONNX Runtime on a probe batch."""
-        meta = read_export_metadata(self._onnx(version).parent)
+        record = ExportRecord.read(self._onnx(version).parent)
         rng = np.random.default_rng(self.config.seed)
-        inputs = FeatureLayout.from_dict(meta["layout"]).random_inputs(self.config.probe_rows, rng) if meta \
-            else self._zero_inputs(version)
+        inputs = record.layout.random_inputs(self.config.probe_rows, rng) if record else self._zero_inputs(version)
         expected = onnx_probabilities(onnx_session(self._onnx(version), threads=1), inputs)
         with Predictor(self.server.http_url, self.name, timeout_s=self.config.timeout_s) as predictor:
             for _ in range(self.config.warmup_requests):
@@ -255,7 +261,7 @@ class Deployer:
         if bad:
             raise DeployError(f"version {version} returned {bad} non-finite (NaN/inf) scores of {served.size} "
                               "on the probe batch")
-        tolerance = self.config.fp16_tolerance if meta and meta.get("fp16") else self.config.tolerance
+        tolerance = self.config.fp16_tolerance if record and record.fp16 else self.config.tolerance
         diff = float(np.abs(served.astype(np.float64) - expected).max())
         if not diff <= tolerance:
             raise DeployError(f"version {version}: served scores differ from local ONNX Runtime by {diff:.3g} "
@@ -295,7 +301,7 @@ class Deployer:
         return switched
 
     def _write(self, state: DeployState) -> DeployState:
-        write_text_atomic(state_path(self.repo, self.name), json.dumps(state.to_dict(), indent=1))
+        write_json_atomic(state_path(self.repo, self.name), state.to_dict())
         return state
 
 

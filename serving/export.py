@@ -5,13 +5,11 @@ checkpoint's ``preprocess.json`` and ``export.json`` (layout, exporter, parity) 
 ``check_parity`` compares ONNX Runtime with the real TorchRec DLRM (EmbeddingBagCollection + KJT) on fresh
 random inputs and on a dataset's val split; ``publish`` runs the gate and only then calls
 ``ModelRepository.add_version``, so a failed gate leaves the repository untouched. ``export_to_repository``
-is the whole path through a temporary directory.
+is the whole path through a staging directory inside the repository.
 """
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,21 +18,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from recops.errors import RecopsError
+from recops.files import remove_stale, staging_dir, write_json_atomic
 from recops.serving.deploy import deploy_lock, served_policy
 from recops.serving.inference_module import InferenceDLRM, load_torchrec, torchrec_probabilities
-from recops.serving.onnx_model import (EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, FeatureLayout, InputSpec,
-                                onnx_probabilities, onnx_session)
-from recops.serving.repository import (ONNX_FILE, SETTINGS_FILE, ModelRepository, ServingOptions, WarmupRequest,
-                                write_text_atomic)
-from recops.training import checkpoint as checkpoints
-from recops.errors import RecopsError
+from recops.serving.onnx_model import (
+    EXPORT_FILE,
+    OUTPUT_NAME,
+    PREPROCESS_FILE,
+    ExportRecord,
+    FeatureLayout,
+    ModelLineage,
+    onnx_probabilities,
+    onnx_session,
+)
+from recops.serving.repository import ONNX_FILE, ModelRepository, ServingOptions, validate_model_name
+from recops.training.checkpoint import Checkpoint
+from recops.training.dataset import Dataset
 from recops.training.metrics import auc
-from recops.training.model import ModelConfig
 
 FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
-# a new model's serving options: batches up to 4096 rows, a zero-id warm-up request at load
-DEFAULT_SERVING = ServingOptions(max_batch_size=4096, warmup=(WarmupRequest(batch_size=1, data="zero"),))
 
 
 class ParityError(RecopsError):
@@ -93,30 +97,23 @@ class ParityReport:
 
 @dataclass(frozen=True)
 class ExportedModel:
-    """An export directory: the ONNX file (+ external data), preprocess.json, export.json."""
+    """An export directory: ``model.onnx`` (+ external data), ``preprocess.json`` and ``export.json``."""
 
     directory: Path
-    exporter: str  # "dynamo" or "torchscript"
-    fp16: bool
-    external_data: bool
-    inputs: tuple[InputSpec, ...]
-    layout: FeatureLayout
-    checkpoint: Path
+    record: ExportRecord
+    checkpoint: Checkpoint = field(repr=False)
 
     @property
     def onnx_path(self) -> Path:
         return self.directory / ONNX_FILE
 
     @property
+    def layout(self) -> FeatureLayout:
+        return self.record.layout
+
+    @property
     def extra_files(self) -> list[Path]:
         return [self.directory / PREPROCESS_FILE, self.directory / EXPORT_FILE]
-
-    def metadata(self, parity: ParityReport | None = None) -> dict[str, Any]:
-        """export.json: what was exported (checkpoint, exporter, inputs, layout) and the gate's report."""
-        return {"checkpoint": str(self.checkpoint), "exporter": self.exporter, "fp16": self.fp16,
-                "external_data": self.external_data, "inputs": [asdict(s) for s in self.inputs],
-                "output": OUTPUT_NAME, "layout": asdict(self.layout),
-                "parity": parity.to_dict() if parity else None}
 
 
 @dataclass(frozen=True)
@@ -127,27 +124,19 @@ class PublishResult:
     version: int
     onnx_path: Path
     parity: ParityReport
-    exported: ExportedModel = field(repr=False)
+    record: ExportRecord
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "onnx_path": str(self.onnx_path),
-                "exporter": self.exported.exporter, "fp16": self.exported.fp16,
-                "external_data": self.exported.external_data,
+                "exporter": self.record.exporter, "fp16": self.record.fp16, "external_data": self.record.external_data,
                 "parity_max_abs_diff": self.parity.max_abs_diff,
                 "parity_auc": {"torch": self.parity.auc_torch, "onnx": self.parity.auc_onnx},
-                "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.exported.inputs]}
+                "inputs": [s.to_dict() for s in self.record.inputs], "lineage": self.record.lineage.to_dict()}
 
 
-def _load_checkpoint(path: Path) -> checkpoints.Checkpoint:
-    if not (Path(path) / "trainer.json").is_file():
-        raise RecopsError(f"{path} is not a checkpoint directory (no trainer.json); pass <run>/checkpoints/best "
-                          "or a registered model version")
-    return checkpoints.load(path)
-
-
-def inference_module(ckpt: checkpoints.Checkpoint, fp16: bool = False) -> tuple[InferenceDLRM, FeatureLayout]:
-    layout = FeatureLayout.from_trainer(ckpt.trainer)
-    return InferenceDLRM(ModelConfig.from_dict(ckpt.trainer["model"]), layout, ckpt.model, fp16=fp16), layout
+def inference_module(ckpt: Checkpoint, fp16: bool = False) -> tuple[InferenceDLRM, FeatureLayout]:
+    layout = FeatureLayout.of(ckpt.meta.model, ckpt.meta.features.spec)
+    return InferenceDLRM(ckpt.meta.model, layout, ckpt.load().model, fp16=fp16), layout
 
 
 def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path,
@@ -161,7 +150,7 @@ def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], nam
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, example, None, dynamo=True, input_names=names,
-                                        output_names=[OUTPUT_NAME], dynamic_shapes=tuple({0: batch} for _ in names),
+                                        output_names=[OUTPUT_NAME], dynamic_shapes=(tuple({0: batch} for _ in names),),
                                         verbose=False)
         program.save(str(path), external_data=external)
         return "dynamo"
@@ -190,9 +179,13 @@ def _torchscript_export(module: torch.nn.Module, example: tuple[torch.Tensor, ..
         onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
-def export_onnx(checkpoint_dir: Path | str, out_dir: Path | str, config: ExportConfig = ExportConfig()) -> ExportedModel:
-    """Write ``model.onnx`` (+ data), ``preprocess.json`` and ``export.json`` (no parity yet) into ``out_dir``."""
-    ckpt = _load_checkpoint(Path(checkpoint_dir))
+def export_onnx(checkpoint: Checkpoint | Path | str, out_dir: Path | str, config: ExportConfig = ExportConfig(),
+                lineage: ModelLineage | None = None) -> ExportedModel:
+    """Write ``model.onnx`` (+ data), ``preprocess.json`` and ``export.json`` (no parity yet) into ``out_dir``.
+
+    ``lineage`` says which registered model this is (default: the checkpoint and its dataset, no registry version).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     module, layout = inference_module(ckpt, config.fp16)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,10 +195,11 @@ def export_onnx(checkpoint_dir: Path | str, out_dir: Path | str, config: ExportC
     example = layout.random_inputs(config.example_batch, np.random.default_rng(0))
     exporter = _onnx_export(module, tuple(torch.from_numpy(example[s.name]) for s in specs),
                             [s.name for s in specs], out / ONNX_FILE, external)
-    exported = ExportedModel(out, exporter, config.fp16, external, specs, layout, Path(checkpoint_dir).resolve())
-    write_text_atomic(out / PREPROCESS_FILE, json.dumps(ckpt.trainer["preprocessor"], indent=1))
-    write_text_atomic(out / EXPORT_FILE, json.dumps(exported.metadata(), indent=1))
-    return exported
+    lineage = lineage or ModelLineage(str(ckpt.path), ckpt.fingerprint, ckpt.meta.dataset)
+    record = ExportRecord(layout, exporter, config.fp16, external, lineage)
+    write_json_atomic(out / PREPROCESS_FILE, ckpt.meta.preprocessor)
+    record.write(out)
+    return ExportedModel(out, record, ckpt)
 
 
 def _max_diff(torch_p: np.ndarray, onnx_p: np.ndarray, what: str) -> tuple[float, str]:
@@ -221,16 +215,13 @@ def _max_diff(torch_p: np.ndarray, onnx_p: np.ndarray, what: str) -> tuple[float
 def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
                  config: ParityConfig = ParityConfig()) -> ParityReport:
     """Compare ONNX Runtime on ``exported`` with the checkpoint's TorchRec model; raise ParityError on failure."""
-    from recops.training.dataset import Dataset
-
-    ckpt = _load_checkpoint(exported.checkpoint)
-    reference = load_torchrec(ckpt.trainer, ckpt.model)
+    reference = load_torchrec(exported.checkpoint)
     session = onnx_session(exported.onnx_path, device="cpu")  # like for like: the TorchRec reference runs on CPU
-    tolerance = config.tolerance if config.tolerance is not None else FP16_TOLERANCE if exported.fp16 else FP32_TOLERANCE
-    auc_tolerance = config.fp16_auc_tolerance if exported.fp16 else config.auc_tolerance
+    tolerance = config.tolerance if config.tolerance is not None else FP16_TOLERANCE if exported.record.fp16 else FP32_TOLERANCE
+    auc_tolerance = config.fp16_auc_tolerance if exported.record.fp16 else config.auc_tolerance
     layout = exported.layout
     random_inputs = layout.random_inputs(config.random_rows, np.random.default_rng(config.seed))
-    random_diff, where = _max_diff(torchrec_probabilities(reference, random_inputs),
+    random_diff, where = _max_diff(torchrec_probabilities(reference, layout, random_inputs),
                                    onnx_probabilities(session, random_inputs), "random")
     eval_diff, auc_t, auc_o, rows_eval = None, None, None, 0
     if dataset is not None:
@@ -238,7 +229,7 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
         rows_eval = min(len(val), config.eval_rows)
         inputs = layout.features_inputs(val.dense[:rows_eval], val.sparse[:rows_eval],
                                         {k: v[:rows_eval] for k, v in val.multi.items()})
-        torch_p, onnx_p = torchrec_probabilities(reference, inputs), onnx_probabilities(session, inputs)
+        torch_p, onnx_p = torchrec_probabilities(reference, layout, inputs), onnx_probabilities(session, inputs)
         eval_diff, eval_where = _max_diff(torch_p, onnx_p, "val")
         if not eval_diff <= random_diff:
             where = eval_where
@@ -258,9 +249,9 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
 
 
 def current_options(repo: ModelRepository, name: str) -> ServingOptions:
-    """The serving options ``name`` is published with when none are given: its stored ones, or
-    ``DEFAULT_SERVING`` for a new model."""
-    return repo.settings(name)[1] if (repo.model_dir(name) / SETTINGS_FILE).is_file() else DEFAULT_SERVING
+    """The serving options ``name`` is published with when none are given: its stored ones (a new model's:
+    ``ServingOptions()``)."""
+    return repo.settings(name)[1]
 
 
 def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: str | None = None,
@@ -268,31 +259,35 @@ def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: s
             parity: ParityConfig = ParityConfig(), version: int | None = None) -> PublishResult:
     """Gate ``exported`` and add it as a new version of ``name``; a failed gate writes nothing.
 
-    ``target``/``options`` None = the model's stored settings (a new model: cpu, ``DEFAULT_SERVING``). While a
+    ``target``/``options`` None = the model's stored settings (a new model: cpu, ``ServingOptions()``). While a
     deployment serves the model its version policy is kept, so adding a version never changes what is served.
+    The version's ``export.json`` records its lineage with the name, version and repository it is served as.
     """
     report = check_parity(exported, dataset, parity)
-    write_text_atomic(exported.directory / EXPORT_FILE, json.dumps(exported.metadata(report), indent=1))
     with deploy_lock(repo, name):
-        if options is None and not (repo.model_dir(name) / SETTINGS_FILE).is_file():
-            options = DEFAULT_SERVING
+        version = version if version is not None else repo.next_version(name)
+        lineage = replace(exported.record.lineage, model=name, version=version, repository=str(repo.root.resolve()))
+        record = replace(exported.record, lineage=lineage, parity=report.to_dict())
+        record.write(exported.directory)
         policy = served_policy(repo, name)
-        if options is not None and policy is not None:
-            options = replace(options, version_policy=policy)
-        added = repo.add_version(name, exported.onnx_path, target=target, options=options, version=version,
-                                 extra_files=exported.extra_files)
-    return PublishResult(name, added, repo.model_dir(name) / str(added) / ONNX_FILE, report, exported)
+        if policy is not None:
+            options = replace(options or current_options(repo, name), version_policy=policy)
+        repo.add_version(name, exported.onnx_path, target=target, options=options, version=version,
+                         extra_files=exported.extra_files)
+    return PublishResult(name, version, repo.model_dir(name) / str(version) / ONNX_FILE, report, record)
 
 
-def export_to_repository(checkpoint_dir: Path | str, repo: ModelRepository | Path | str, name: str,
+def export_to_repository(checkpoint: Checkpoint | Path | str, repo: ModelRepository | Path | str, name: str,
                          target: str | None = None, config: ExportConfig | None = None,
                          options: ServingOptions | None = None, dataset: Path | str | None = None,
-                         parity: ParityConfig = ParityConfig()) -> PublishResult:
-    """Export ``checkpoint_dir`` into a temp dir, gate it, and add it to ``repo`` as the next version of ``name``."""
+                         parity: ParityConfig = ParityConfig(), lineage: ModelLineage | None = None,
+                         version: int | None = None) -> PublishResult:
+    """Export ``checkpoint`` into a staging directory inside ``repo``, gate it, and add it as a version of ``name``
+    (the next one unless ``version`` is given). The name is checked before any work; a killed export leaves only
+    a staging directory that the next export removes."""
     repo = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
-    config = config or ExportConfig()
-    with tempfile.TemporaryDirectory(prefix="recops-export-") as tmp:
-        exported = export_onnx(checkpoint_dir, tmp, config)
-        result = publish(exported, repo, name, target, options, dataset, parity)
-    final = replace(result.exported, directory=result.onnx_path.parent)
-    return replace(result, exported=final)
+    staging = repo.model_dir(name).parent / f".export-{validate_model_name(name)}"
+    remove_stale(staging.parent)
+    with staging_dir(staging) as tmp:
+        exported = export_onnx(checkpoint, tmp, config or ExportConfig(), lineage)
+        return publish(exported, repo, name, target, options, dataset, parity, version)

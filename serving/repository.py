@@ -15,13 +15,15 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import onnx
 
 from recops.errors import RecopsError
+from recops.files import write_text_atomic
+from recops.serving.onnx_model import TensorSpec
 
 TARGETS = ("cpu", "gpu")
 CONFIG_FILE = "config.pbtxt"
@@ -30,6 +32,7 @@ ONNX_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
 _PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_NAME = 200  # file names are at most 255 bytes, with room for staging prefixes
 
 # ONNX element type -> Triton datatype (config.pbtxt uses "TYPE_" + this; clients use it bare).
 _ONNX_TO_TRITON = {
@@ -39,15 +42,6 @@ _ONNX_TO_TRITON = {
     onnx.TensorProto.UINT16: "UINT16", onnx.TensorProto.UINT32: "UINT32",
     onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.STRING: "BYTES",
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output as Triton sees it: dims exclude the batch dim when batching; -1 = any."""
-
-    name: str
-    dtype: str
-    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -92,13 +86,14 @@ class WarmupRequest:
 
 @dataclass(frozen=True)
 class ServingOptions:
-    """The tunable part of a model's config.pbtxt (everything not read from the ONNX graph)."""
+    """The tunable part of a model's config.pbtxt (everything not read from the ONNX graph). The defaults are a new
+    model's: batches up to 4096 rows, one instance with one thread, a zero-id warm-up request at load."""
 
-    max_batch_size: int = 1024
+    max_batch_size: int = 4096
     dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
     instance_count: int = 1
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
-    warmup: tuple[WarmupRequest, ...] = ()
+    warmup: tuple[WarmupRequest, ...] = (WarmupRequest(batch_size=1, data="zero"),)
     intra_op_threads: int = 1
 
     @classmethod
@@ -175,10 +170,11 @@ def _warmup_pbtxt(requests: tuple[WarmupRequest, ...], inputs: tuple[TensorSpec,
 
 def validate_model_name(name: str) -> str:
     """Return ``name`` if Triton and the file system can both use it, else raise RecopsError."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", "..") or len(name) > MAX_NAME:
+        shown = name if not isinstance(name, str) or len(name) <= 60 else f"{name[:40]}...({len(name)} characters)"
         raise RecopsError(
-            f"model name {name!r} is invalid: use letters, digits, '_', '.', '-' only, not empty, "
-            "not starting with '.' or '-' (e.g. 'dlrm_criteo')")
+            f"model name {shown!r} is invalid: use at most {MAX_NAME} letters, digits, '_', '.', '-', not starting "
+            "with '.' or '-' (e.g. 'dlrm_criteo')")
     return name
 
 
@@ -241,18 +237,6 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield from _all_tensors(sub)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ModelRepository:
     """Writes models and versions into a Triton model repository directory."""
 
@@ -274,6 +258,11 @@ class ModelRepository:
         if not folder.is_dir():
             return []
         return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def next_version(self, name: str) -> int:
+        """The version number ``add_version`` gives the next version of ``name`` by default."""
+        existing = self.versions(name)
+        return existing[-1] + 1 if existing else 1
 
     def settings(self, name: str) -> tuple[str, ServingOptions]:
         """The target and options last written for ``name`` (new model: 'cpu' and the defaults)."""
@@ -300,7 +289,7 @@ class ModelRepository:
         stored_target, stored_options = self.settings(name)
         config = model_config(name, onnx_path, target or stored_target, options or stored_options)
         existing = self.versions(name)
-        version = version if version is not None else (existing[-1] + 1 if existing else 1)
+        version = version if version is not None else self.next_version(name)
         if version < 1 or version in existing:
             raise RecopsError(f"model {name!r} version {version} is invalid or exists (have {existing}); "
                               "pass a new positive version or None for the next one")

@@ -25,9 +25,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from recops.serving.errors import ServingError
-from recops.serving.repository import write_text_atomic
 from recops.errors import RecopsError
+from recops.files import write_json_atomic
+from recops.serving.errors import ServingError
 from recops.settings import settings
 
 STATE_FILE = ".recops-server.json"
@@ -252,7 +252,7 @@ class TritonServer:
                                           stderr=subprocess.STDOUT, env=install.env(), start_new_session=True)
         self.pid = self._proc.pid
         self._wait_ready()
-        write_text_atomic(self.repo / STATE_FILE, json.dumps(asdict(self.state()), indent=1))
+        write_json_atomic(self.repo / STATE_FILE, asdict(self.state()))
         return self
 
     def _wait_ready(self) -> None:

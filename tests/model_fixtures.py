@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recops.training.config import ModelConfig, TrainConfig
 from recops.training.dataset import ingest
-from recops.training.model import ModelConfig
 from recops.training.spec import ColumnSpec, PreprocessConfig
-from recops.training.train import TrainConfig, fit
+from recops.training.train import fit
 
 FAST = TrainConfig(epochs=1, batch_size=1024, threads=1)
 

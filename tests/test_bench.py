@@ -17,13 +17,14 @@ from recops.bench.report import render
 from recops.bench.serve_latency import add_ratios
 from recops.bench.suite import Benchmark, run_one, run_suite
 from recops.bench.train_throughput import VARIANTS, ThroughputConfig
+from recops.training.config import ModelConfig
+from recops.training.model import DLRM, to_kjt
 from tests.conftest import ROOT, recops
-from recops.training.model import DLRM, ModelConfig, to_kjt
 
 
 def test_plain_embedding_bag_dlrm_equals_torchrec_dlrm():
     tables = {"C1": 50, "C2": 7, "C3": 300}
-    config = ModelConfig(tables=tables, embedding_dim=4, dense_arch=(8,), over_arch=(8,))
+    config = ModelConfig(tables=tables, num_dense=13, embedding_dim=4, dense_arch=(8,), over_arch=(8,))
     torch.manual_seed(0)
     ref, plain = DLRM(config), EmbeddingBagDLRM(config, sparse_grad=True)
     for i, name in enumerate(tables):

@@ -15,10 +15,17 @@ from recops.serving.client import Predictor, features_to_inputs
 from recops.serving.errors import ServingError
 from recops.serving.repository import DynamicBatching, ServingOptions
 from recops.serving.server import free_port
-from tests.triton_fixtures import (TABLE_SIZE, TINY, onnx_outputs, tiny_inputs, tiny_onnx,  # noqa: F401
-                                   triton_repo, triton_server)
 from recops.training.preprocess import Preprocessor
 from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
+from tests.triton_fixtures import (  # noqa: F401
+    TABLE_SIZE,
+    TINY,
+    onnx_outputs,
+    tiny_inputs,
+    tiny_onnx,
+    triton_repo,
+    triton_server,
+)
 
 BATCHED = "tiny_batched"  # dispatches once 4 rows are queued, so 4 concurrent 1-row requests run as one batch
 
@@ -61,9 +68,9 @@ def test_bad_requests_raise_serving_error_with_the_server_message(server, protoc
         ({"dense": good["dense"][:2], "sparse": good["sparse"]}, TINY, "", "same, non-zero number of rows"),
     ]
     for inputs, model, version, message in cases:
-        with Predictor(url_for(server, protocol), model, protocol=protocol) as predictor:
-            with pytest.raises(ServingError, match=message):
-                predictor.predict_arrays(inputs, model_version=version)
+        with Predictor(url_for(server, protocol), model, protocol=protocol) as predictor, \
+                pytest.raises(ServingError, match=message):
+            predictor.predict_arrays(inputs, model_version=version)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

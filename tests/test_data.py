@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import recops
-from recops.training.dataset import BottomKSample, Dataset, SplitConfig, ingest
 from recops.errors import RecopsError
+from recops.training.dataset import BottomKSample, Dataset, SplitConfig, ingest
 from recops.training.metrics import auc
 from recops.training.preprocess import MISSING_ID, Preprocessor
 from recops.training.readers import read_frame
 from recops.training.spec import ColumnSpec, PreprocessConfig
 from recops.training.synth import SynthConfig, generate, write
+from tests.conftest import recops
 
 
 def test_synth_plants_a_learnable_signal_and_is_seeded(tmp_path):
@@ -64,9 +64,8 @@ def test_ingest_counts_and_keeps_every_rejected_row(tmp_path):
     raw = tmp_path / "raw.tsv"
     raw.write_text("\n".join(rows) + "\n")
     ds = ingest([raw], tmp_path / "ds", config=PreprocessConfig(table_size=50), split=SplitConfig(0.0, 0.0))
-    m = ds.manifest
-    assert m["rows"]["total"] == 4 and m["rows"]["train"] == 4
-    assert m["rejected"] == {"field_count": 2, "non_numeric_dense": 1, "bad_label": 1, "total": 4}
+    assert ds.rows["total"] == 4 and ds.rows["train"] == 4
+    assert ds.rejected == {"field_count": 2, "non_numeric_dense": 1, "bad_label": 1, "total": 4}
     lines = (ds.path / "rejects.tsv").read_text().splitlines()
     assert lines[0] == "file\tline\treason\trow"
     rejects = {int(line): (reason, row) for _, line, reason, row in (entry.split("\t", 3) for entry in lines[1:])}

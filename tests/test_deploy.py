@@ -15,17 +15,21 @@ import onnx
 import pytest
 
 from recops.serving.client import Predictor
-from recops.serving.deploy import DeployConfig, DeployError, Deployer, Router, in_canary, read_deploy_state
+from recops.serving.deploy import DeployConfig, Deployer, DeployError, Router, in_canary, read_deploy_state
 from recops.serving.export import export_onnx, publish
-from recops.serving.onnx_model import (PREPROCESS_FILE, FeatureLayout, onnx_probabilities, onnx_session,
-                                read_export_metadata)
+from recops.serving.onnx_model import (
+    PREPROCESS_FILE,
+    ExportRecord,
+    onnx_probabilities,
+    onnx_session,
+)
 from recops.serving.repository import ModelRepository
 from recops.serving.server import TritonServer
+from recops.training.preprocess import Preprocessor
+from recops.training.readers import read_frame
 from tests.conftest import recops
 from tests.model_fixtures import trained_checkpoint
 from tests.triton_fixtures import running_server
-from recops.training.preprocess import Preprocessor
-from recops.training.readers import read_frame
 
 NAME = "ctr"
 FAST = DeployConfig(drain_s=0.5, warmup_requests=1)
@@ -55,8 +59,8 @@ def deployer(server, repo) -> Deployer:
 
 
 def probe(repo: ModelRepository, version: int, rows: int, seed: int = 1) -> dict[str, np.ndarray]:
-    meta = read_export_metadata(repo.model_dir(NAME) / str(version))
-    return FeatureLayout.from_dict(meta["layout"]).random_inputs(rows, np.random.default_rng(seed))
+    record = ExportRecord.read(repo.model_dir(NAME) / str(version))
+    return record.layout.random_inputs(rows, np.random.default_rng(seed))
 
 
 def local_scores(repo: ModelRepository, version: int, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from recops.cli import main as cli
-from recops.ops.drift import DriftConfig, concept_drift, detect_drift
 from recops.errors import RecopsError
+from recops.ops.drift import DriftConfig, concept_drift, detect_drift
 from recops.training.metrics import auc, logloss
 from recops.training.spec import ColumnSpec
 from recops.training.stats import load_reference, reference_stats, save_reference

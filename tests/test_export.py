@@ -11,14 +11,15 @@ import onnx
 import onnxruntime
 import pytest
 
+from recops.errors import RecopsError
+from recops.ops.publish import register_checkpoint
 from recops.serving.export import ExportConfig, ParityError, check_parity, export_onnx, export_to_repository, publish
 from recops.serving.inference_module import load_torchrec, torchrec_probabilities
-from recops.serving.onnx_model import EXPORT_FILE, OUTPUT_NAME, PREPROCESS_FILE, onnx_probabilities, onnx_session
+from recops.serving.onnx_model import OUTPUT_NAME, PREPROCESS_FILE, ExportRecord, onnx_probabilities, onnx_session
 from recops.serving.repository import ModelRepository
-from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
-from recops.training import checkpoint
+from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
-from recops.errors import RecopsError
+from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -40,7 +41,7 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
     result = export_to_repository(checkpoints[family], repo, family, dataset=tiny_dataset.path)
     report = result.parity
     assert result.version == 1 and result.onnx_path == tmp_path / "repo" / family / "1" / "model.onnx"
-    assert result.exported.exporter == "dynamo"
+    assert result.record.exporter == "dynamo"
     assert report.passed and report.max_abs_diff <= 1e-5 and report.random_max_abs_diff <= 1e-5
     assert report.rows_random == 4096 and report.rows_eval == len(tiny_dataset.split("val").label) == 2000
     assert round(report.auc_torch, 4) == round(report.auc_onnx, 4)
@@ -54,16 +55,18 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
     assert [o.name for o in graph.output] == [OUTPUT_NAME]
 
     version_dir = result.onnx_path.parent
-    trainer = checkpoint.load(checkpoints[family]).trainer
-    assert json.loads((version_dir / PREPROCESS_FILE).read_text()) == trainer["preprocessor"]
-    meta = json.loads((version_dir / EXPORT_FILE).read_text())
-    assert meta["parity"]["max_abs_diff"] == report.max_abs_diff and meta["layout"]["tables"] == trainer["model"]["tables"]
+    ckpt = Checkpoint.open(checkpoints[family])
+    assert json.loads((version_dir / PREPROCESS_FILE).read_text()) == ckpt.meta.preprocessor
+    record = ExportRecord.read(version_dir)
+    assert record.parity["max_abs_diff"] == report.max_abs_diff and record.layout.tables == ckpt.meta.model.tables
+    lineage = record.lineage  # which model this version is, trained on what, served as what
+    assert (lineage.fingerprint, lineage.dataset, lineage.registry_version) == (ckpt.fingerprint, ckpt.meta.dataset, None)
+    assert (lineage.model, lineage.version, lineage.repository) == (family, 1, str(repo.root.resolve()))
 
     # the served preprocessing + ONNX on held-out rows equals the TorchRec model on the same rows
     test = Dataset.open(tiny_dataset.path).split("test")
     inputs = {"dense": np.asarray(test.dense[:1]), "sparse": np.asarray(test.sparse[:1])}  # batch of one
-    ckpt = checkpoint.load(checkpoints[family])
-    expected = torchrec_probabilities(load_torchrec(ckpt.trainer, ckpt.model), inputs)
+    expected = torchrec_probabilities(load_torchrec(ckpt), record.layout, inputs)
     got = onnx_probabilities(onnx_session(result.onnx_path), inputs)
     assert got.shape == (1, 1) and np.abs(got - expected).max() <= 1e-5
 
@@ -79,10 +82,10 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
 def test_multi_hot_features_are_padded_inputs_with_masks(tmp_path_factory, tmp_path):
     data, ckpt = multi_hot_checkpoint(tmp_path_factory)
     result = export_to_repository(ckpt, tmp_path / "repo", "mh", dataset=data)
-    assert [(s.name, s.dtype, s.shape) for s in result.exported.inputs] == [
-        ("dense", "float32", (-1, 1)), ("sparse", "int64", (-1, 1)),
-        ("multi_tags", "int64", (-1, 3)), ("mask_tags", "float32", (-1, 3))]
-    assert result.parity.max_abs_diff <= 1e-5 and result.parity.rows_eval > 0
+    assert [(s.name, s.dtype, s.dims) for s in result.record.inputs] == [
+        ("dense", "FP32", (-1, 1)), ("sparse", "INT64", (-1, 1)),
+        ("multi_tags", "INT64", (-1, 3)), ("mask_tags", "FP32", (-1, 3))]
+    assert result.parity.max_abs_diff <= 1e-5 and result.parity.rows_eval > 0 and result.record.exporter == "dynamo"
     assert round(result.parity.auc_torch, 4) == round(result.parity.auc_onnx, 4)
     assert result.parity.auc_torch > 0.6  # the tags carry the label: the multi-hot path is really used
 
@@ -112,7 +115,7 @@ def test_perturbed_weight_fails_the_gate_and_leaves_the_repository_untouched(che
 def test_external_data_round_trips_into_the_repository(checkpoints, tiny_dataset, tmp_path):
     exported = export_onnx(checkpoints["dcn"], tmp_path / "export", ExportConfig(external_data=True))
     data_file = exported.onnx_path.with_name("model.onnx.data")
-    assert exported.external_data and data_file.stat().st_size > 26 * 1000 * 16 * 4
+    assert exported.record.external_data and data_file.stat().st_size > 26 * 1000 * 16 * 4
     assert exported.onnx_path.stat().st_size < 100_000  # the graph only
     report = check_parity(exported, tiny_dataset.path)
     assert report.max_abs_diff <= 1e-5
@@ -142,19 +145,25 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
     from recops.ops.registry import LocalRegistry
 
     registry = LocalRegistry(tmp_path / "registry")
-    registered = registry.register(checkpoints["dcn"], {"auc": 0.5}, {"family": "dcn"}, tiny_dataset.version)
-    common = ["--name", "ctr", "--repo", str(tmp_path / "repo"), "--json"]
-    assert main(["export", "--model-version", str(registered.version), "--registry", str(tmp_path / "registry"),
-                 "--data", str(tiny_dataset.path), *common]) == 0
+    registered = register_checkpoint(registry, Checkpoint.open(checkpoints["dcn"]))
+    registry.set_alias(registered.version, "candidate")
+    common = ["--name", "ctr", "--repo", str(tmp_path / "repo"), "--registry", str(tmp_path / "registry"), "--json"]
+    assert main(["export", "--model-version", "candidate", "--data", str(tiny_dataset.path), *common]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["name"] == "ctr" and out["version"] == 1 and Path(out["onnx_path"]).is_file()
     assert out["parity_max_abs_diff"] <= 1e-5
     assert round(out["parity_auc"]["torch"], 4) == round(out["parity_auc"]["onnx"], 4)
-    assert out["inputs"] == [{"name": "dense", "dtype": "float32", "shape": [-1, 13]},
-                             {"name": "sparse", "dtype": "int64", "shape": [-1, 26]}]
+    assert out["inputs"] == [{"name": "dense", "dtype": "FP32", "dims": [-1, 13]},
+                             {"name": "sparse", "dtype": "INT64", "dims": [-1, 26]}]
+    assert out["model_version"] == registered.version == out["lineage"]["registry_version"]
+    assert registry.get(registered.version).served[0] | {"time": 0} == {
+        "repository": str((tmp_path / "repo").resolve()), "model": "ctr", "version": 1, "status": "exported", "time": 0}
 
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), *common]) == 2
-    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), *common[:1], "x" * 300, *common[2:]]) == 2
+    assert "model name 'xxxxx" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "repo").iterdir() if "xxx" in p.name] == [], "checked before any work"
     repo = ModelRepository(tmp_path / "repo")
     assert repo.versions("ctr") == [1] and "count: 1 kind: KIND_CPU" in (repo.model_dir("ctr") / "config.pbtxt").read_text()
 
@@ -165,6 +174,10 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
     assert repo.versions("ctr") == [1, 2, 3] and "count: 2 kind: KIND_CPU" in config
     assert 'key: "intra_op_threads" value: { string_value: "3" }' in config
     assert repo.settings("ctr")[1].max_batch_size == 4096  # the rest of the stored settings kept
+    # a checkpoint exported directly is the same registered model (found by its fingerprint), not a new one
+    assert [v.version for v in registry.list()] == [registered.version]
+    assert {(e["version"], e["status"]) for e in registry.get(registered.version).served} == {
+        (1, "exported"), (2, "exported"), (3, "exported")}
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--instances", "0", *common]) == 2
     assert "--instances and --threads must be >= 1" in capsys.readouterr().err

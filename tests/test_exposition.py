@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from recops.errors import RecopsError
 from recops.ops.drift import detect_drift
 from recops.ops.exposition import Exporter, start_metrics_server
 from recops.ops.gpu import GpuMonitor
 from recops.ops.online import OnlineConfig, online_metrics
 from recops.ops.policy import Observation, PolicyConfig, RetrainPolicy
-from recops.errors import RecopsError
 from recops.training.spec import ColumnSpec
 from recops.training.stats import load_reference, save_reference
 from recops.training.synth import SynthConfig, generate, to_table

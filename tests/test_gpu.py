@@ -9,10 +9,10 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from recops.ops import gpu
 from recops.cli import main as cli
-from recops.ops.gpu import GpuMonitor, GpuReading, GpuSample, gpu_monitor, read_gpus
 from recops.errors import RecopsError
+from recops.ops import gpu
+from recops.ops.gpu import GpuMonitor, GpuReading, GpuSample, gpu_monitor, read_gpus
 
 HAS_GPU = bool(read_gpus().gpus)
 

@@ -7,7 +7,8 @@ import torch
 
 from recops.bench.dlrm_variants import build_step, synthetic_batches
 from recops.bench.train_throughput import VARIANTS, ThroughputConfig
-from recops.training.model import DLRM, ModelConfig, to_kjt
+from recops.training.config import ModelConfig
+from recops.training.model import DLRM, to_kjt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -16,8 +17,8 @@ def test_dlrm_forward_backward_on_cuda_matches_cpu():
     torch.backends.cuda.matmul.allow_tf32 = False
     tables = {f"C{i}": n for i, n in enumerate((1000, 50, 7, 20000), start=1)}
     torch.manual_seed(0)
-    cpu = DLRM(ModelConfig(tables=tables, embedding_dim=16))
-    gpu = DLRM(ModelConfig(tables=tables, embedding_dim=16), device="cuda")
+    cpu = DLRM(ModelConfig(tables=tables, num_dense=13, embedding_dim=16))
+    gpu = DLRM(ModelConfig(tables=tables, num_dense=13, embedding_dim=16), device="cuda")
     gpu.load_state_dict(cpu.state_dict())
     ids = torch.stack([torch.randint(0, n, (256,)) for n in tables.values()], dim=1)
     dense = torch.rand(256, 13)

@@ -13,16 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from recops.errors import RecopsError
+from recops.ops.canary import compare_arms
 from recops.ops.exposition import Exporter
-from recops.ops.loop import EVENT_KINDS, CanaryConfig, GateConfig, Loop, LoopConfig, RetrainConfig, compare_arms, read_events
+from recops.ops.loop import Loop
+from recops.ops.loop_config import CanaryConfig, GateConfig, LoopConfig, RetrainConfig
+from recops.ops.loop_state import EVENT_KINDS, Step, read_events
 from recops.ops.policy import PolicyConfig
+from recops.ops.registry import LocalRegistry
 from recops.ops.stream import StreamConfig, write_synthetic_stream
 from recops.serving.deploy import DeployConfig, Deployer, read_deploy_state
 from recops.serving.repository import ModelRepository
 from recops.serving.server import ServerConfig, TritonServer, triton_processes
+from recops.training.synth import SynthConfig
 from tests.conftest import recops
 from tests.triton_fixtures import processes_mentioning
-from recops.errors import RecopsError
 
 ROWS = 3000  # per window
 
@@ -50,10 +55,11 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_dataset):
     """A 1-epoch model on the tiny dataset, registered, exported as ``base`` v1, on a real Triton server."""
+    from recops.ops.publish import publish_model
     from recops.ops.registry import LocalRegistry
-    from recops.serving.export import export_to_repository
-    from recops.training.model import ModelConfig
-    from recops.training.train import TrainConfig, fit
+    from recops.ops.retrain import register_run
+    from recops.training.config import ModelConfig, TrainConfig
+    from recops.training.train import fit
 
     root = tmp_path_factory.mktemp("loop")
     datasets = root / "datasets"
@@ -61,9 +67,9 @@ def served(tmp_path_factory, tiny_dataset):
     result = fit(datasets / tiny_dataset.path.name, ModelConfig(embedding_dim=8, dense_arch=(16,), over_arch=(32,)),
                  TrainConfig(epochs=1, batch_size=512), root / "train")
     registry = LocalRegistry(root / "registry")
-    version = registry.register(Path(result.checkpoint), {"auc": result.auc}, {}, tiny_dataset.version)
+    version = register_run(registry, result)
     repo = ModelRepository(root / "triton")
-    export_to_repository(version.checkpoint, repo, "base", dataset=datasets / tiny_dataset.path.name)
+    publish_model(registry, version, repo, "base", dataset=datasets / tiny_dataset.path.name)
     server = TritonServer(ServerConfig(repo=repo.root)).start()
     pid = server.pid
     try:
@@ -85,8 +91,8 @@ def restarted(served):
     """Drift from window 2; the loop stops once ``retrain_finished`` is committed, a crash leaves an uncommitted
     event behind, and a new Loop on the same state dir finishes the stream."""
     stream = served.root / "stream-drift"
-    write_synthetic_stream(StreamConfig(windows=6, rows=ROWS, seed=500, drift_at=2, covariate_drift=0.5,
-                                        concept_drift=0.6), stream)
+    write_synthetic_stream(StreamConfig(windows=6, rows=ROWS, drift_at=2,
+                                        synth=SynthConfig(seed=500, covariate_drift=0.5, concept_drift=0.6)), stream)
     served.deploy("drifted")
     config = served.config("drifted", stream,
                            policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
@@ -122,7 +128,7 @@ def test_restart_resumes_without_a_second_retraining(restarted):
     assert all({"t", "kind", "reason"} <= set(e) and e["kind"] in EVENT_KINDS for e in events)
     assert kinds(events).count("retrain_started") == 1 and kinds(events).count("retrain_finished") == 1
     assert all(e["reason"] != "uncommitted" for e in events)
-    assert loop.state.retrains == 1 and loop.state.step == "observe"
+    assert loop.state.retrains == 1 and loop.state.step == Step.OBSERVE
 
 
 def test_drifted_stream_is_retrained_canaried_and_promoted(restarted, served):
@@ -141,6 +147,14 @@ def test_drifted_stream_is_retrained_canaried_and_promoted(restarted, served):
     deployed = read_deploy_state(served.repo, "drifted")
     assert (deployed.production, deployed.canary, loop.state.production.repo_version) == (2, None, 2)
     assert served.repo.versions("drifted") == [1, 2] and served.server.model_ready("drifted", 2)
+    # one identity chain: the served version names its registry version, which records where it serves
+    registry = LocalRegistry(served.registry)
+    promoted = registry.get_by_alias("production")
+    assert promoted.version == loop.state.production.registry_version
+    assert {(e["model"], e["version"]): e["status"] for e in promoted.served}[("drifted", 2)] == "production"
+    assert (served.repo.model_dir("drifted") / "2" / "export.json").is_file()
+    base = registry.get(1)
+    assert {(e["model"], e["version"]): e["status"] for e in base.served}[("drifted", 1)] == "retired"
 
 
 def test_loop_feeds_the_prometheus_exporter(restarted):
@@ -189,14 +203,15 @@ def test_compare_arms_weighs_windows_by_impressions_and_applies_both_margins():
     config = CanaryConfig(auc_margin=0.01, logloss_margin=0.05)
     windows = [{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.70, 0.40)}, {"1": arm(100, 0.80, 0.40), "2": arm(300, 0.80, 0.40)}]
     verdict = compare_arms(windows, "1", "2", config)
-    assert verdict["canary"]["auc"] == pytest.approx(0.775) and verdict["canary"]["impressions"] == 400
-    assert not verdict["promote"] and "canary AUC 0.7750 < production 0.8000 - 0.01" in verdict["reason"]
-    assert compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.795, 0.419)}], "1", "2", config)["promote"]
+    assert verdict.details["canary"]["auc"] == pytest.approx(0.775) and verdict.details["canary"]["impressions"] == 400
+    assert verdict.verdict == "rollback" and "canary AUC 0.7750 < production 0.8000 - 0.01" in verdict.reason
+    good = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.795, 0.419)}], "1", "2", config)
+    assert good.verdict == "promote" and good.reasons[0].startswith("canary v2 AUC 0.7950")
     worse_logloss = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.80, 0.43)}], "1", "2", config)
-    assert not worse_logloss["promote"] and "canary logloss 0.4300 > production 0.4000 x 1.05" in worse_logloss["reason"]
-    assert compare_arms([{"1": arm(100, 0.80, 0.40)}], "1", "2", config)["failures"] == ["the canary received no traffic"]
+    assert worse_logloss.verdict == "rollback" and "canary logloss 0.4300 > production 0.4000 x 1.05" in worse_logloss.reason
+    assert compare_arms([{"1": arm(100, 0.80, 0.40)}], "1", "2", config).reasons[0] == "the canary received no traffic"
     one_class = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(5, None, None)}], "1", "2", config)
-    assert one_class["failures"] == ["the canary's online AUC/logloss is undefined (one class only)"]
+    assert one_class.reasons[0] == "the canary's online AUC/logloss is undefined (one class only)"
 
 
 def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_path):
@@ -205,8 +220,8 @@ def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_pa
     from recops.ops.registry import LocalRegistry
 
     stream = tmp_path / "stream"
-    write_synthetic_stream(StreamConfig(windows=5, rows=ROWS, seed=900, drift_at=1, covariate_drift=0.5,
-                                        concept_drift=0.6), stream)
+    write_synthetic_stream(StreamConfig(windows=5, rows=ROWS, drift_at=1,
+                                        synth=SynthConfig(seed=900, covariate_drift=0.5, concept_drift=0.6)), stream)
     served.deploy("rejected")
     config = served.config("rejected", stream,  # trained on windows 1-2, canary in 3, production alone in 4
                            policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
@@ -220,7 +235,7 @@ def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_pa
     assert steps == ["retrain_started", "retrain_finished", "validation_passed", "exported", "canary_started",
                      "rolled_back"], order  # and the latched drift does not retrain again in window 4
     rolled = next(e for e in events if e["kind"] == "rolled_back")
-    assert not rolled["comparison"]["promote"] and "rolled back" in rolled["reason"]
+    assert rolled["comparison"]["verdict"] == "rollback" and "rolled back" in rolled["reason"]
     assert (rolled["version"], rolled["production"]) == (2, 1)
     deployed = read_deploy_state(served.repo, "rejected")
     assert (deployed.production, deployed.canary, loop.state.production.repo_version) == (1, None, 1)
@@ -239,7 +254,7 @@ def test_failed_validation_leaves_production_serving(served, tmp_path):
     from recops.ops.registry import LocalRegistry
 
     stream = tmp_path / "stream"
-    write_synthetic_stream(StreamConfig(windows=2, rows=ROWS, seed=700, drift_at=2), stream)
+    write_synthetic_stream(StreamConfig(windows=2, rows=ROWS, drift_at=2, synth=SynthConfig(seed=700)), stream)
     template = tmp_path / "sweep.yaml"
     template.write_text(json.dumps({"train": {"batch_size": 512}, "search": {"embedding_lr": {"choice": [0.05]}},
                                     "epochs": 1, "num_samples": 1, "scheduler": "fifo", "max_failures": 0,

@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import multiprocessing
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from recops.ops.drift import detect_drift
-from recops.ops.online import (LogFollower, OnlineConfig, TritonModelStats, log_feedback, log_predictions, online_metrics,
-                        parse_feedback, parse_triton_metrics, read_feedback, read_online, read_predictions, scrape_triton)
 from recops.errors import RecopsError
+from recops.ops.drift import detect_drift
+from recops.ops.online import (
+    LogFollower,
+    OnlineConfig,
+    TritonModelStats,
+    log_feedback,
+    log_predictions,
+    online_metrics,
+    parse_feedback,
+    parse_triton_metrics,
+    read_feedback,
+    read_online,
+    read_predictions,
+    scrape_triton,
+)
 from recops.training.metrics import auc, logloss
 from recops.training.spec import ColumnSpec
 from recops.training.stats import load_reference, save_reference

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from recops.ops.drift import detect_drift
-from recops.ops.policy import Observation, PolicyConfig, RetrainPolicy
 from recops.errors import RecopsError
+from recops.ops.drift import DriftConfig, concept_drift, detect_drift
+from recops.ops.policy import Observation, PolicyConfig, RetrainPolicy
 from recops.training.spec import ColumnSpec
 from recops.training.stats import load_reference, save_reference
 from recops.training.synth import SynthConfig, generate, to_table
@@ -25,9 +25,15 @@ def obs(window: int, drifted: tuple[str, ...] | None = (), model: str = "1", tra
                        drifted_features=drifted, **kw)
 
 
+def quality(window_auc: float, window_logloss: float, positives: int, negatives: int) -> dict:
+    """A window's concept-drift verdict against a 0.80 AUC / 0.45 logloss baseline, as the loop computes it."""
+    verdict = concept_drift(window_auc, window_logloss, 0.80, 0.45, DriftConfig(), positives, negatives)
+    return {"concept_drifted": verdict.drifted, "concept_reasons": tuple(verdict.reasons)}
+
+
 def run(policy: RetrainPolicy, observations: list[Observation]) -> list[int]:
     """Indices of the observations that triggered a retraining."""
-    return [i for i, o in enumerate(observations) if policy.decide(o).trigger]
+    return [i for i, o in enumerate(observations) if policy.decide(o).verdict == "retrain"]
 
 
 def test_drift_needs_consecutive_windows_and_fires_once_per_incident() -> None:
@@ -41,7 +47,7 @@ def test_drift_needs_consecutive_windows_and_fires_once_per_incident() -> None:
 def test_repeated_windows_count_once() -> None:
     policy = RetrainPolicy(CONFIG)
     decisions = [policy.decide(obs(0, ("I1",))) for _ in range(5)]
-    assert not any(d.trigger for d in decisions) and policy.state.drift_streak == 1
+    assert not any(d.verdict == "retrain" for d in decisions) and policy.state.drift_streak == 1
     assert any("already counted" in r for r in decisions[-1].reasons)
 
 
@@ -50,11 +56,11 @@ def test_cooldown_suppresses_a_second_trigger_of_the_same_incident_and_reset_on_
     d = ("I1",)
     assert run(policy, [obs(i, d) for i in range(3)]) == [2]
     during = policy.decide(obs(3, d, new_labelled_rows=5_000))  # labels pile up while retraining runs
-    assert not during.trigger and "cooldown" in during.reasons[0] and sorted(policy.state.latched) == ["drift", "rows"]
+    assert during.verdict == "wait" and "cooldown" in during.reasons[0] and sorted(policy.state.latched) == ["drift", "rows"]
     after = policy.decide(obs(20, d, new_labelled_rows=6_000))  # cooldown over, same incident still latched
-    assert not after.trigger and after.reasons[0].startswith("latched")
+    assert after.verdict == "wait" and after.reasons[0].startswith("latched")
     fresh = policy.decide(obs(21, (), model="2", trained_at=21 * 60.0))  # the retrained model is serving
-    assert not fresh.trigger and policy.state.latched == [] and any("model changed 1 -> 2" in r for r in fresh.reasons)
+    assert fresh.verdict == "wait" and policy.state.latched == [] and any("model changed 1 -> 2" in r for r in fresh.reasons)
     assert run(policy, [obs(i, d, model="2", trained_at=21 * 60.0) for i in range(22, 25)]) == [2]  # a new incident
 
 
@@ -65,26 +71,25 @@ def test_a_cleared_condition_rearms() -> None:
 
 def test_quality_drop_triggers_after_consecutive_windows_and_small_windows_are_not_judged() -> None:
     policy = RetrainPolicy(CONFIG)
-    base = dict(baseline_auc=0.80, baseline_logloss=0.45, window_logloss=0.45)
-    good, bad = dict(window_auc=0.795, positives=2_000, negatives=8_000), dict(window_auc=0.76, positives=2_000, negatives=8_000)
-    tiny = dict(window_auc=0.70, positives=5, negatives=20)  # AUC standard error ~0.12: no verdict
+    good, bad = quality(0.795, 0.45, 2_000, 8_000), quality(0.76, 0.45, 2_000, 8_000)
+    tiny = quality(0.70, 0.45, 5, 20)  # AUC standard error ~0.12: no verdict
     windows = [good, bad, tiny, good, bad, bad, bad]
-    assert run(policy, [obs(i, None, **base, **w) for i, w in enumerate(windows)]) == [5]
-    decision = policy.decide(obs(30, None, **{**base, "window_logloss": 0.55}, window_auc=0.70, positives=2_000, negatives=8_000))
-    assert not decision.trigger and any("logloss" in r for r in decision.reasons)  # latched: same incident
+    assert run(policy, [obs(i, None, **w) for i, w in enumerate(windows)]) == [5]
+    decision = policy.decide(obs(30, None, **quality(0.70, 0.55, 2_000, 8_000)))
+    assert decision.verdict == "wait" and any("logloss" in r for r in decision.reasons)  # latched: same incident
 
 
 def test_rows_age_and_retry_after() -> None:
     policy = RetrainPolicy(CONFIG)
-    assert policy.decide(obs(0, None, new_labelled_rows=999)).trigger is False
+    assert policy.decide(obs(0, None, new_labelled_rows=999)).verdict == "wait"
     rows = policy.decide(obs(1, None, new_labelled_rows=1_000))
-    assert rows.trigger and rows.fired == ["rows"] and rows.reasons == ["rows: 1000/1000 new labelled rows"]
+    assert rows.verdict == "retrain" and rows.details["fired"] == ["rows"] and rows.reasons == ("rows: 1000/1000 new labelled rows",)
     old = RetrainPolicy(CONFIG)
     t0 = 8 * DAY
-    assert old.decide(Observation(ts=t0, model_version="1", model_trained_at=0.0)).fired == ["age"]
-    assert not old.decide(Observation(ts=t0 + DAY / 2, model_version="1", model_trained_at=0.0)).trigger
+    assert old.decide(Observation(ts=t0, model_version="1", model_trained_at=0.0)).details["fired"] == ["age"]
+    assert old.decide(Observation(ts=t0 + DAY / 2, model_version="1", model_trained_at=0.0)).verdict == "wait"
     retry = old.decide(Observation(ts=t0 + DAY, model_version="1", model_trained_at=0.0))
-    assert retry.trigger and any(r.startswith("retry") for r in retry.reasons)
+    assert retry.verdict == "retrain" and any(r.startswith("retry") for r in retry.reasons)
 
 
 def test_state_resumes_after_restart_and_every_decision_is_logged(tmp_path: Path) -> None:
@@ -96,13 +101,12 @@ def test_state_resumes_after_restart_and_every_decision_is_logged(tmp_path: Path
     log = tmp_path / "decisions.jsonl"
     first = RetrainPolicy(CONFIG, log_path=log)
     triggered = run(first, observations[:4])
-    first.save(tmp_path / "policy.json")
-    resumed = RetrainPolicy.load(tmp_path / "policy.json", log_path=log)
+    resumed = RetrainPolicy.from_dict(json.loads(json.dumps(first.to_dict())), log_path=log)
     triggered += [i + 4 for i in run(resumed, observations[4:])]
     assert triggered == uninterrupted == [5]  # window 10 (drift again + 1000 rows) falls inside the cooldown
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == len(observations)
-    assert records[5]["trigger"] and records[5]["reasons"][0].startswith("drift: 3/3")
+    assert records[5]["verdict"] == "retrain" and records[5]["reasons"][0].startswith("drift: 3/3")
     assert records[5]["inputs"]["observation"]["drifted_features"] == ["I2"] and records[5]["inputs"]["state"]["triggers"] == 1
     with pytest.raises(RecopsError, match="policy state"):
         RetrainPolicy.from_dict({"config": {}, "state": {"bogus": 1}})

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from recops.ops.registry import CodeVersion, Lineage, LocalRegistry
 from recops.errors import RecopsError
+from recops.ops.registry import Lineage, LocalRegistry
+from recops.training.dataset import DatasetRef
+from recops.training.environment import CodeVersion
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def ds(version: str) -> DatasetRef:
+    return DatasetRef(Path("/data/datasets"), version)
 
 
 def make_checkpoint(path: Path, payload: bytes = b"weights") -> Path:
@@ -31,8 +37,8 @@ def test_register_copies_checkpoint_and_records_lineage(tmp_path: Path) -> None:
     source = make_checkpoint(tmp_path / "run1" / "ckpt", b"v1-weights")
     lineage = Lineage(sweep_id="sweep-7", trial_id="trial_0003", code=CodeVersion("abc123", dirty=True),
                       libraries={"torch": "2.13.0"}, hardware={"gpu": "none", "cpus": 2})
-    first = registry.register(source, {"auc": 0.79, "logloss": 0.45}, {"lr": 0.01, "dims": [16]}, "ds-1", lineage)
-    second = registry.register(source, {"auc": 0.80}, {"lr": 0.02}, "ds-1", Lineage(parent_version=first.version))
+    first = registry.register(source, {"auc": 0.79, "logloss": 0.45}, {"lr": 0.01, "dims": [16]}, ds("ds-1"), lineage)
+    second = registry.register(source, {"auc": 0.80}, {"lr": 0.02}, ds("ds-1"), Lineage(parent_version=first.version))
 
     assert (first.version, second.version) == (1, 2)
     assert first.checkpoint.is_relative_to(registry.root) and first.checkpoint != second.checkpoint
@@ -52,7 +58,7 @@ def test_register_copies_checkpoint_and_records_lineage(tmp_path: Path) -> None:
 def test_alias_moves_and_history_records_each_move(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "reg")
     for i in range(3):
-        registry.register(make_checkpoint(tmp_path / f"c{i}"), {"auc": 0.7 + i / 100}, {}, "ds")
+        registry.register(make_checkpoint(tmp_path / f"c{i}"), {"auc": 0.7 + i / 100}, {}, ds("ds"))
 
     registry.set_alias(1, "production", reason="first deploy", user="alice")
     registry.set_alias(2, "candidate", reason="sweep winner", user="bob")
@@ -75,7 +81,7 @@ def test_alias_moves_and_history_records_each_move(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["Production", "1st", "", "prod stage", "a/b", "x" * 65, "-x"])
 def test_bad_alias_names_are_rejected(tmp_path: Path, name: str) -> None:
     registry = LocalRegistry(tmp_path / "reg")
-    registry.register(make_checkpoint(tmp_path / "c"), {}, {}, "ds")
+    registry.register(make_checkpoint(tmp_path / "c"), {}, {}, ds("ds"))
     with pytest.raises(RecopsError, match="invalid alias"):
         registry.set_alias(1, name)
     assert registry.alias_history() == []
@@ -83,7 +89,7 @@ def test_bad_alias_names_are_rejected(tmp_path: Path, name: str) -> None:
 
 def test_unknown_versions_and_aliases_give_clear_errors(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "reg")
-    registry.register(make_checkpoint(tmp_path / "c"), {}, {}, "ds")
+    registry.register(make_checkpoint(tmp_path / "c"), {}, {}, ds("ds"))
     with pytest.raises(RecopsError, match=r"unknown model version 9 .*registered: 1"):
         registry.get(9)
     with pytest.raises(RecopsError, match="unknown model version 9"):
@@ -96,7 +102,7 @@ def test_unknown_versions_and_aliases_give_clear_errors(tmp_path: Path) -> None:
 def test_failed_registration_writes_nothing(tmp_path: Path, case: str) -> None:
     root = tmp_path / "reg"
     registry = LocalRegistry(root)
-    registry.register(make_checkpoint(tmp_path / "good"), {"auc": 0.7}, {}, "ds")
+    registry.register(make_checkpoint(tmp_path / "good"), {"auc": 0.7}, {}, ds("ds"))
     before = snapshot(root)
     checkpoint, metrics, lineage = make_checkpoint(tmp_path / "c"), {"auc": 0.8}, None
     if case == "missing_checkpoint":
@@ -108,22 +114,22 @@ def test_failed_registration_writes_nothing(tmp_path: Path, case: str) -> None:
     else:
         lineage = Lineage(parent_version=42)
     with pytest.raises(RecopsError):
-        registry.register(checkpoint, metrics, {}, "ds", lineage)
+        registry.register(checkpoint, metrics, {}, ds("ds"), lineage)
     assert snapshot(root) == before
     assert [p.name for p in (root / "versions").iterdir()] == ["1"]  # no staging dir left behind
 
 
 def test_failed_first_registration_creates_no_registry(tmp_path: Path) -> None:
     with pytest.raises(RecopsError, match="does not exist"):
-        LocalRegistry(tmp_path / "reg").register(tmp_path / "missing", {}, {}, "ds")
+        LocalRegistry(tmp_path / "reg").register(tmp_path / "missing", {}, {}, ds("ds"))
     assert not (tmp_path / "reg").exists()
 
 
 def test_version_dir_left_by_a_crash_is_never_reused(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "reg")
-    registry.register(make_checkpoint(tmp_path / "a"), {}, {}, "ds")
+    registry.register(make_checkpoint(tmp_path / "a"), {}, {}, ds("ds"))
     (registry.root / "versions" / "2").mkdir()  # renamed into place, index never updated
-    assert registry.register(make_checkpoint(tmp_path / "b"), {}, {}, "ds").version == 3
+    assert registry.register(make_checkpoint(tmp_path / "b"), {}, {}, ds("ds")).version == 3
     assert [v.version for v in registry.list()] == [1, 3]
 
 
@@ -131,9 +137,11 @@ REGISTER_MANY = """
 import sys
 from pathlib import Path
 from recops.ops.registry import Lineage, LocalRegistry
+from recops.training.dataset import DatasetRef
 registry, checkpoint, tag = LocalRegistry(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 for trial in range(6):
-    registry.register(checkpoint, {"trial": trial}, {"proc": tag}, "ds", Lineage(trial_id=f"{tag}-{trial}"))
+    registry.register(checkpoint, {"trial": trial}, {"proc": tag}, DatasetRef(Path("/d"), "ds"),
+                      Lineage(trial_id=f"{tag}-{trial}"))
 """
 
 
@@ -171,8 +179,8 @@ def recops(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_list_show_alias(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "reg")
-    registry.register(make_checkpoint(tmp_path / "a"), {"auc": 0.78}, {"lr": 0.1}, "ds-1")
-    registry.register(make_checkpoint(tmp_path / "b"), {"auc": 0.81}, {"lr": 0.2}, "ds-2")
+    registry.register(make_checkpoint(tmp_path / "a"), {"auc": 0.78}, {"lr": 0.1}, ds("ds-1"))
+    registry.register(make_checkpoint(tmp_path / "b"), {"auc": 0.81}, {"lr": 0.2}, ds("ds-2"))
     reg = ["--registry", str(registry.root)]
 
     moved = recops("alias", "2", "production", "--reason", "better auc", "--json", *reg)
@@ -183,7 +191,7 @@ def test_cli_list_show_alias(tmp_path: Path) -> None:
     listed = recops("list", "--json", *reg)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout.splitlines()[-1])["versions"]
-    assert [(r["version"], r["aliases"], r["dataset_version"], r["metrics"]) for r in rows] == [
+    assert [(r["version"], r["aliases"], r["dataset"]["version"], r["metrics"]) for r in rows] == [
         (1, [], "ds-1", {"auc": 0.78}), (2, ["production"], "ds-2", {"auc": 0.81})]
     assert Path(rows[1]["checkpoint"]) == registry.get(2).checkpoint
 

@@ -10,10 +10,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from recops.serving.repository import (DynamicBatching, ModelRepository, ServingOptions, VersionPolicy, WarmupRequest,
-                                external_data_files)
-from tests.triton_fixtures import TINY_OPTIONS, onnx_outputs, tiny_inputs, tiny_onnx  # noqa: F401 (fixture)
 from recops.errors import RecopsError
+from recops.serving.repository import (
+    DynamicBatching,
+    ModelRepository,
+    ServingOptions,
+    VersionPolicy,
+    WarmupRequest,
+    external_data_files,
+)
+from tests.triton_fixtures import TINY_OPTIONS, onnx_outputs, tiny_inputs, tiny_onnx  # noqa: F401 (fixture)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "serving" / "triton_python_model.py"
 

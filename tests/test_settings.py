@@ -22,7 +22,7 @@ def test_every_setting_has_one_variable_and_a_relative_default() -> None:
 
 
 def test_each_variable_overrides_its_setting_only(tmp_path: Path) -> None:
-    for name, (var, default) in ENVIRONMENT.items():
+    for name, (var, _) in ENVIRONMENT.items():
         got = Settings.from_env({var: str(tmp_path / name)})
         assert getattr(got, name) == tmp_path / name
         others = {n for n in ENVIRONMENT if n != name}

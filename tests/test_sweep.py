@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from recops.cli import main as cli_main
-from recops.ops.registry import LocalRegistry
-from recops.training import checkpoint
-from recops.training.dataset import ingest
 from recops.errors import RecopsError
+from recops.ops.registry import LocalRegistry
+from recops.training.checkpoint import Checkpoint
+from recops.training.dataset import ingest
 from recops.training.spec import PreprocessConfig
 from recops.training.sweep_config import SweepConfig, load_sweep_config
 from recops.training.synth import SynthConfig, write
@@ -224,10 +224,11 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
     version = LocalRegistry(tmp_path / "reg").get_by_alias("candidate")
     assert version.version == out["model_version"] == 1
     assert (version.lineage.sweep_id, version.lineage.trial_id) == (experiment.name, best_id)
-    assert version.dataset_version == dataset.name and version.metrics["auc"] == out["best_auc"]
+    assert version.dataset.version == dataset.name and version.metrics["auc"] == out["best_auc"]
+    assert version.fingerprint == Checkpoint.open(version.checkpoint).fingerprint
     assert version.params["searched"] == best["params"] and version.lineage.libraries["torchrec"]
-    restored = checkpoint.load(version.checkpoint)
-    assert restored.trainer["metrics"]["auc"] == out["best_auc"] and restored.trainer["model"]["family"] == best["params"]["family"]
+    restored = Checkpoint.open(version.checkpoint).meta
+    assert restored.metrics["auc"] == out["best_auc"] and restored.model.family == best["params"]["family"]
 
 
 @pytest.mark.slow
@@ -259,16 +260,15 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path
     first, second = record["attempts"]
     assert first["pid"] == killed != second["pid"] and first["world_size"] == second["world_size"] == 2
     assert second["resumed_at_epoch"] >= 1  # restarted from a checkpoint, not from scratch
-    assert checkpoint.load(out["best_checkpoint"]).trainer["world_size"] == 2
+    assert Checkpoint.open(out["best_checkpoint"]).meta.world_size == 2
 
 
 def test_warm_start_adopts_the_parent_and_seeds_its_weights(tmp_path: Path, dataset: Path) -> None:
     """Without Ray: what each warm-started trial does before run_worker (adopt the architecture, seed 'latest')."""
-    import torch
 
-    from recops.training.model import ModelConfig
+    from recops.training.config import ModelConfig, TrainConfig
     from recops.training.sweep import _adopt_warm_start, _prepare_work_dir
-    from recops.training.train import TrainConfig, fit
+    from recops.training.train import fit
 
     cfg = TrainConfig(epochs=1, batch_size=256, threads=1, device="cpu")
     parent = Path(fit(dataset, ModelConfig.from_dict(TINY_MODEL), cfg, tmp_path / "parent").checkpoint)
@@ -280,10 +280,11 @@ def test_warm_start_adopts_the_parent_and_seeds_its_weights(tmp_path: Path, data
     assert source == parent.resolve() and {k: adopted.model[k] for k in TINY_MODEL} == TINY_MODEL
 
     work = tmp_path / "trial" / "work"
-    assert _prepare_work_dir(work, None, source) == 0
-    seeded, original = checkpoint.load(work / "checkpoints" / "latest"), checkpoint.load(parent)
-    assert seeded.trainer["epoch"] == -1 and seeded.trainer["history"] == []
-    assert all(torch.equal(seeded.model[k], v) for k, v in original.model.items())
+    assert _prepare_work_dir(work, None) == 0 and not (work / "checkpoints" / "latest").exists()
     model, train = adopted.configs({"embedding_lr": 0.05})
-    result = fit(dataset, model, replace(train, epochs=1, threads=1), work)  # resumes from the seeded checkpoint
+    result = fit(dataset, model, replace(train, epochs=1, threads=1), work, warm_start=source)  # seeds 'latest'
     assert [h["epoch"] for h in result.history] == [1]
+    seeded = Checkpoint.open(work / "checkpoints" / "latest").meta
+    assert seeded.warm_start_from == str(parent.resolve()) and seeded.dataset.version == Path(dataset).name
+    scratch = fit(dataset, model, replace(train, epochs=1, threads=1), tmp_path / "scratch")
+    assert result.val_auc > scratch.val_auc, "the warm start carried the parent's weights"

@@ -11,15 +11,24 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from recops.errors import RecopsError
 from recops.serving.client import Predictor
 from recops.serving.errors import ServingError
 from recops.serving.repository import ModelRepository, ServingOptions, VersionPolicy
 from recops.serving.server import STATE_FILE, ServerConfig, TritonServer, free_port, read_state
-from tests.triton_fixtures import (TABLE_SIZE, TINY, onnx_outputs, processes_mentioning, tiny_inputs,  # noqa: F401
-                                   tiny_onnx, tiny_onnx_file, triton_repo, triton_server)
-from recops.errors import RecopsError
 from recops.training.preprocess import Preprocessor
 from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
+from tests.triton_fixtures import (  # noqa: F401
+    TABLE_SIZE,
+    TINY,
+    onnx_outputs,
+    processes_mentioning,
+    tiny_inputs,
+    tiny_onnx,
+    tiny_onnx_file,
+    triton_repo,
+    triton_server,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

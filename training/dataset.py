@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from recops.errors import RecopsError
+from recops.files import remove_stale, staging_dir, write_json_atomic
 from recops.training.preprocess import Features, Preprocessor
 from recops.training.readers import REASONS, read_chunks
 from recops.training.spec import ColumnSpec, PreprocessConfig, canonical_json
+from recops.training.stats import Reference, load_reference, save_reference
 
 SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.json"
+PREPROCESSOR_FILE = "preprocessor.json"
 _MULT = 2654435761
 
 
@@ -49,28 +52,112 @@ class SplitConfig:
         return np.where(bucket < self.val_fraction, 1, np.where(bucket < self.val_fraction + self.test_fraction, 2, 0))
 
 
-@dataclass
-class Dataset:
-    """An opened processed dataset version."""
+@dataclass(frozen=True)
+class DatasetRef:
+    """The identity of a processed dataset version: the root it lives under and its version id."""
 
-    path: Path
-    manifest: dict[str, Any]
+    root: Path
+    version: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.version
+
+    def to_dict(self) -> dict[str, str]:
+        return {"root": str(self.root), "version": self.version}
 
     @classmethod
-    def open(cls, path: str | Path) -> "Dataset":
-        path = Path(path)
-        manifest = path / "manifest.json"
-        if not manifest.is_file():
-            raise RecopsError(f"dataset {path}: no manifest.json; pass a directory made by `recops data ingest`")
-        return cls(path, json.loads(manifest.read_text()))
+    def from_dict(cls, data: dict[str, str]) -> DatasetRef:
+        return cls(Path(data["root"]), str(data["version"]))
+
+
+class Dataset:
+    """An opened processed dataset version; the only reader of its manifest, schema and preprocessor."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self._manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> Dataset:
+        path = Path(path).expanduser().resolve()
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except FileNotFoundError:
+            raise RecopsError(f"dataset {path}: no {MANIFEST_FILE}; pass a version directory made by "
+                              "`recops data ingest` (<root>/<version>)") from None
+        except (OSError, ValueError) as exc:
+            raise RecopsError(f"dataset {path}: {MANIFEST_FILE} is unreadable ({exc}); ingest the data again") from exc
+        return cls(path, manifest)
+
+    @classmethod
+    def resolve(cls, root: str | Path, version: str = "latest") -> Dataset:
+        """Version ``version`` under ``root``; ``latest`` = the most recently created one."""
+        root = Path(root).expanduser()
+        found = sorted((cls.open(p.parent) for p in root.glob(f"*/{MANIFEST_FILE}")), key=lambda d: d.created)
+        if version != "latest":
+            match = [d for d in found if d.version == version]
+            if not match:
+                known = ", ".join(d.version for d in found) or "none"
+                raise RecopsError(f"dataset version {version!r} does not exist under {root} (versions there: {known})")
+            return match[0]
+        if not found:
+            raise RecopsError(f"dataset root {root} holds no dataset versions; run `recops data ingest --out {root}`")
+        return found[-1]
+
+    @property
+    def ref(self) -> DatasetRef:
+        return DatasetRef(self.path.parent, self.version)
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self._manifest["version"]
+
+    @property
+    def created(self) -> str:
+        return self._manifest.get("created", "")
+
+    @property
+    def spec(self) -> ColumnSpec:
+        return ColumnSpec.from_dict(self._manifest["schema"], source=str(self.path / MANIFEST_FILE))
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self._manifest["preprocess"])
 
     @property
     def preprocessor(self) -> Preprocessor:
-        return Preprocessor.from_dict(json.loads((self.path / "preprocessor.json").read_text()))
+        return Preprocessor.from_dict(self.preprocessor_dict)
+
+    @property
+    def preprocessor_dict(self) -> dict[str, Any]:
+        """The fitted preprocessor as written (spec, config, vocabularies): what checkpoints and exports carry."""
+        return json.loads((self.path / PREPROCESSOR_FILE).read_text())
+
+    @property
+    def table_sizes(self) -> dict[str, int]:
+        return dict(self._manifest["table_sizes"])
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.spec.dense)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return dict(self._manifest["rows"])
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return dict(self._manifest["rejected"])
+
+    @property
+    def split_config(self) -> dict[str, Any]:
+        return dict(self._manifest["split"])
+
+    def summary(self) -> dict[str, Any]:
+        """What `recops data ingest --json` reports."""
+        return {"version": self.version, "path": str(self.path), "root": str(self.path.parent), "rows": self.rows,
+                "rejected": self.rejected, "split": self.split_config}
 
     def split(self, name: str) -> Features:
         """Memory-mapped features of one split."""
@@ -78,13 +165,16 @@ class Dataset:
             raise RecopsError(f"dataset {self.path}: unknown split {name!r}; use one of {SPLITS}")
         d = self.path / name
         load = lambda f: np.load(d / f, mmap_mode="r")  # noqa: E731
-        spec = self.preprocessor.spec
         return Features(
             dense=load("dense.npy"),
             sparse=load("sparse.npy"),
-            multi={m: load(f"multi_{m}.npy") for m in spec.multi_hot},
+            multi={m: load(f"multi_{m}.npy") for m in self.spec.multi_hot},
             label=load("label.npy"),
         )
+
+    def reference(self) -> Reference:
+        """The reference statistics drift detection compares live rows with."""
+        return load_reference(self.path)
 
 
 def file_sha256(path: Path) -> str:
@@ -184,8 +274,6 @@ def ingest(
     progress: Callable[[int], None] | None = None,
 ) -> Dataset:
     """Raw files -> a versioned processed dataset under ``out_root`` (reused if it already exists)."""
-    from recops.training.stats import save_reference
-
     spec, config, split = spec or ColumnSpec.criteo(), config or PreprocessConfig(), split or SplitConfig()
     paths = [Path(p) for p in inputs]
     for p in paths:
@@ -193,32 +281,26 @@ def ingest(
             raise RecopsError(f"input {p}: no such file; pass existing data files")
     hashes = [file_sha256(p) for p in paths]
     version = version_id(hashes, spec, config, split)
-    out_root = Path(out_root)
-    final = out_root / version
-    if (final / "manifest.json").is_file():
+    final = Path(out_root) / version
+    if (final / MANIFEST_FILE).is_file():
         return Dataset.open(final)
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = out_root / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, save_reference)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    remove_stale(final.parent)  # the staging directories of killed ingests
+    with staging_dir(final) as tmp:
+        manifest = _ingest_into(tmp, paths, hashes, version, spec, config, split, progress)
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
         try:
             tmp.rename(final)
         except OSError:
-            if not (final / "manifest.json").is_file():  # a concurrent ingest of the same version won: fine
+            if not (final / MANIFEST_FILE).is_file():  # a concurrent ingest of the same version won: fine
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Dataset.open(final)
 
 
-def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, save_reference) -> dict[str, Any]:
+def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress) -> dict[str, Any]:
     preprocessor = Preprocessor(spec, config)
     if config.min_frequency > 0:
         preprocessor = preprocessor.fit(c.frame for p in paths for c in read_chunks(p, spec))
-    (tmp / "preprocessor.json").write_text(json.dumps(preprocessor.to_dict()))
+    write_json_atomic(tmp / PREPROCESSOR_FILE, preprocessor.to_dict(), indent=None)
     writer = _SplitWriter(tmp)
     rejected = dict.fromkeys(REASONS, 0)
     sample = BottomKSample(split.reference_rows)

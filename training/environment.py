@@ -47,7 +47,7 @@ class Environment:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Environment":
+    def from_dict(cls, data: dict[str, Any]) -> Environment:
         return cls(CodeVersion(**data.get("code", {})), dict(data.get("libraries", {})), dict(data.get("hardware", {})))
 
 

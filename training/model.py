@@ -6,8 +6,6 @@ gathers in place of the embedding bags.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,44 +14,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from recops.errors import RecopsError
-
-FAMILIES = ("dlrm", "dcn")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a DLRM-family model. ``tables`` maps feature name -> rows (in model order); training
-    fills it from the dataset's table sizes, so an architecture alone leaves it empty."""
-
-    tables: dict[str, int] = field(default_factory=dict)
-    num_dense: int = 13
-    family: str = "dlrm"
-    embedding_dim: int = 16
-    dense_arch: tuple[int, ...] = (64, 32)
-    over_arch: tuple[int, ...] = (128, 64)
-    dcn_layers: int = 2
-    dcn_low_rank: int = 16
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise RecopsError(f"model config: family {self.family!r} is not one of {FAMILIES}")
-        if self.embedding_dim < 1 or any(s < 1 for s in (*self.dense_arch, *self.over_arch)):
-            raise RecopsError("model config: layer sizes and embedding_dim must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        data = dict(data)
-        for key in ("dense_arch", "over_arch"):
-            if key in data:
-                data[key] = tuple(data[key])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise RecopsError(f"model config: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**data)
+from recops.training.config import ModelConfig
 
 
 def mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
@@ -103,13 +64,50 @@ class LowRankCrossNet(nn.Module):
         return x
 
 
+class DenseArch(nn.Module):
+    """Dense features [B, num_dense] -> [B, embedding_dim]; with no dense feature, a learned vector in its
+    place (its dot products with the embeddings act as per-feature linear terms)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim = config.embedding_dim
+        self.mlp = mlp([config.num_dense, *config.dense_arch, dim], last_activation=True) if config.num_dense else None
+        self.constant = None if config.num_dense else nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
+
+    def forward(self, dense: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.mlp is not None:
+            return self.mlp(dense)
+        return self.constant.unsqueeze(0).expand(batch, -1)
+
+
+class EmbeddingProjection(nn.Module):
+    """Pooled embeddings concatenated in model order [B, sum(dims)] -> [B, F, embedding_dim]: a view when every
+    table has ``embedding_dim``, else tables of another size pass through their own linear projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dim = config.embedding_dim
+        self.dims = [config.dim_of(name) for name in config.tables]
+        self.uniform = all(d == self.dim for d in self.dims)
+        self.project = nn.ModuleDict({
+            str(i): nn.Linear(d, self.dim, bias=False) for i, d in enumerate(self.dims) if d != self.dim})
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.uniform:
+            return flat.view(-1, len(self.dims), self.dim)
+        parts = flat.split(self.dims, dim=1)
+        return torch.stack([self.project[str(i)](p) if str(i) in self.project else p for i, p in enumerate(parts)],
+                           dim=1)
+
+
 class DLRMHead(nn.Module):
-    """Dense arch + interaction + over arch: (dense [B, 13], pooled [B, F, D]) -> logits [B]."""
+    """Everything after the embedding lookups: (dense [B, num_dense], pooled [B, sum(dims)]) -> logits [B]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         dim, f = config.embedding_dim, len(config.tables)
-        self.dense_arch = mlp([config.num_dense, *config.dense_arch, dim], last_activation=True)
+        self.dense_arch = DenseArch(config)
+        self.embeddings = EmbeddingProjection(config)
         if config.family == "dlrm":
             self.interaction: nn.Module = DotInteraction(f)
             width = DotInteraction.output_dim(f, dim)
@@ -119,7 +117,8 @@ class DLRMHead(nn.Module):
         self.over_arch = mlp([width, *config.over_arch, 1], last_activation=False)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return self.over_arch(self.interaction(self.dense_arch(dense), pooled)).squeeze(1)
+        embedded = self.embeddings(pooled)
+        return self.over_arch(self.interaction(self.dense_arch(dense, pooled.shape[0]), embedded)).squeeze(1)
 
 
 class DLRM(nn.Module):
@@ -131,11 +130,10 @@ class DLRM(nn.Module):
             raise RecopsError("model config: no embedding tables; fill `tables` from a dataset's table sizes")
         self.config = config
         self.keys = list(config.tables)
-        self._orders: dict[tuple[str, ...], torch.Tensor] = {}
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
-                    name=f"t_{name}", embedding_dim=config.embedding_dim, num_embeddings=rows,
+                    name=f"t_{name}", embedding_dim=config.dim_of(name), num_embeddings=rows,
                     feature_names=[name], pooling=PoolingType.SUM,
                 )
                 for name, rows in config.tables.items()
@@ -146,15 +144,11 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(sparse)
-        stacked = pooled.values().view(-1, len(self.keys), self.config.embedding_dim)  # no per-key copies
+        flat = pooled.values()  # [B, sum(dims)] in key order: no per-key copies
         if pooled.keys() != self.keys:  # a sharded collection may return features in plan order
-            stacked = stacked[:, self._order(tuple(pooled.keys()), stacked.device)]
-        return self.head(dense, stacked)
-
-    def _order(self, keys: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        if keys not in self._orders:
-            self._orders[keys] = torch.tensor([keys.index(k) for k in self.keys], device=device)
-        return self._orders[keys]
+            by_key = pooled.to_dict()
+            flat = torch.cat([by_key[k] for k in self.keys], dim=1)
+        return self.head(dense, flat)
 
 
 def to_kjt(keys: list[str], sparse: np.ndarray | torch.Tensor, multi: dict[str, Any] | None = None) -> KeyedJaggedTensor:

@@ -27,7 +27,7 @@ class Features:
     def __len__(self) -> int:
         return len(self.dense)
 
-    def take(self, index: np.ndarray | slice) -> "Features":
+    def take(self, index: np.ndarray | slice) -> Features:
         return Features(
             dense=self.dense[index],
             sparse=self.sparse[index],
@@ -36,7 +36,7 @@ class Features:
         )
 
     @classmethod
-    def concat(cls, parts: list["Features"]) -> "Features":
+    def concat(cls, parts: list[Features]) -> Features:
         first = parts[0]
         return cls(
             dense=np.concatenate([p.dense for p in parts]),
@@ -84,7 +84,7 @@ class Preprocessor:
     def table_sizes(self) -> dict[str, int]:
         return {name: self.config.size_of(name) for name in self.spec.feature_names}
 
-    def fit(self, frames: Any) -> "Preprocessor":
+    def fit(self, frames: Any) -> Preprocessor:
         """Build frequency-threshold vocabularies from one frame or an iterable of frames."""
         if self.config.min_frequency <= 0:
             return self
@@ -142,7 +142,7 @@ class Preprocessor:
         return {"spec": self.spec.to_dict(), "config": self.config.to_dict(), "vocabularies": self.vocabularies}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessor":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
         return cls(ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"]), data.get("vocabularies"))
 
 

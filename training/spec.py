@@ -42,7 +42,7 @@ class ColumnSpec:
                 raise RecopsError(f"column spec: multi_hot[{name!r}] must be a max length >= 1, got {max_len}")
 
     @classmethod
-    def criteo(cls) -> "ColumnSpec":
+    def criteo(cls) -> ColumnSpec:
         return cls()
 
     @property
@@ -59,7 +59,7 @@ class ColumnSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "column spec") -> "ColumnSpec":
+    def from_dict(cls, data: dict[str, Any], source: str = "column spec") -> ColumnSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -71,7 +71,7 @@ class ColumnSpec:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ColumnSpec":
+    def load(cls, path: str | Path) -> ColumnSpec:
         """Read a spec from YAML or JSON."""
         path = Path(path)
         try:
@@ -111,7 +111,7 @@ class PreprocessConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         return cls(**data)
 
 

@@ -14,8 +14,6 @@ transformed dense sample, NaN = missing, used for exact two-sample KS tests) ato
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recops.errors import RecopsError
+from recops.files import atomic_path, write_json_atomic
 from recops.training.preprocess import transform_dense
 from recops.training.spec import ColumnSpec
 
@@ -146,17 +145,6 @@ def reference_stats(frame: pd.DataFrame, spec: ColumnSpec, bins: int = 10, top_k
     return stats
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_reference(dataset_dir: Path, frame: pd.DataFrame, spec: ColumnSpec, max_rows: int = 200_000, seed: int = 0) -> None:
     """Write ``stats.json`` and ``reference_sample.npz`` for ``frame`` (uniformly subsampled to ``max_rows``)."""
     dataset_dir = Path(dataset_dir)
@@ -164,8 +152,9 @@ def save_reference(dataset_dir: Path, frame: pd.DataFrame, spec: ColumnSpec, max
         frame = frame.sample(max_rows, random_state=seed)
     stats = reference_stats(frame, spec)
     dense = dense_matrix(frame, spec.dense)
-    _atomic_write(dataset_dir / SAMPLE_FILE, lambda fh: np.savez(fh, dense=dense))
-    _atomic_write(dataset_dir / STATS_FILE, lambda fh: fh.write(json.dumps(stats, indent=1).encode()))
+    with atomic_path(dataset_dir / SAMPLE_FILE) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, dense=dense)
+    write_json_atomic(dataset_dir / STATS_FILE, stats)
 
 
 def load_reference(dataset_dir: Path) -> Reference:

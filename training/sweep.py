@@ -24,7 +24,6 @@ Experiment directory layout (``<storage_path>/<sweep id>/``)::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,13 +33,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from recops.training.environment import Environment, capture
 from recops.errors import RecopsError
+from recops.files import write_json_atomic
+from recops.training.checkpoint import Checkpoint
+from recops.training.dataset import Dataset
+from recops.training.environment import Environment, capture
 from recops.training.sweep_config import SweepConfig, model_fields
+from recops.training.sweep_records import fmt_value, format_table, log_event, read_events, trial_work_dir
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
 LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
@@ -67,18 +71,6 @@ class TrialPlan:
 
     def work_dir(self, trial_id: str) -> Path:
         return trial_work_dir(self.experiment_dir, trial_id)
-
-
-def trial_work_dir(experiment_dir: Path, trial_id: str) -> Path:
-    return experiment_dir / "trials" / trial_id / "work"
-
-
-def read_events(work: Path) -> list[dict[str, Any]]:
-    """A trial's events.jsonl (see ``_log_event``)."""
-    path = work / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -164,58 +156,19 @@ class SweepResult:
 # ----------------------------------------------------------------------------------------------- trial side
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def log_event(work: Path, event: str, **fields: Any) -> None:
-    """Append one line to the trial's events.jsonl: "trial" (Tune started the trial), "start" (rank 0 began training,
-    once per worker-group attempt, with the group's placement group), "epoch" (after Train holds that epoch's
-    checkpoint) and "released" (the driver checked that a finished trial's placement group is gone, ``by`` whom)."""
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / "events.jsonl", "a") as fh:
-        fh.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
-
-
-def _copy_dir(src: Path, dst: Path, edit: Callable[[Path], None] | None = None) -> None:
-    """Replace ``dst`` with a copy of ``src``, optionally edited, built beside it and then swapped in."""
-    tmp = dst.parent / f".{dst.name}.copy-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if edit:
-        edit(tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-
-
-def _as_warm_start(checkpoint_dir: Path) -> None:
-    """Turn a copy of a finished model's checkpoint into one run_worker resumes at epoch 0 (weights and optimizer
-    state kept, history and early-stopping state reset), with fresh checksums."""
-    trainer = json.loads((checkpoint_dir / "trainer.json").read_text())
-    trainer.update(epoch=-1, best_auc=-1.0, stale=0, history=[])
-    (checkpoint_dir / "trainer.json").write_text(json.dumps(trainer, indent=1))
-    sums = {name: hashlib.sha256((checkpoint_dir / name).read_bytes()).hexdigest() for name in ("model.pt", "optim.pt", "trainer.json")}
-    (checkpoint_dir / "files.json").write_text(json.dumps(sums))
-
-
-def _prepare_work_dir(work: Path, restored: Any, warm_start: Path | None) -> int:
-    """Make ``work/checkpoints/latest`` the checkpoint Train restored (or none); returns the epoch training resumes at."""
+def _prepare_work_dir(work: Path, restored: Any) -> int:
+    """Make ``work/checkpoints/latest`` the checkpoint Train restored (none: a fresh start, which ``run_worker``
+    seeds from the warm start if there is one); returns the epoch training resumes at."""
     checkpoints = work / "checkpoints"
     if restored is None:
         shutil.rmtree(checkpoints, ignore_errors=True)
         checkpoints.mkdir(parents=True)
-        if warm_start is not None:
-            _copy_dir(warm_start, checkpoints / "latest", edit=_as_warm_start)
         return 0
     with restored.as_directory() as src:
-        _copy_dir(Path(src), checkpoints / "latest")
-    if not (checkpoints / "best" / "files.json").exists():
-        _copy_dir(checkpoints / "latest", checkpoints / "best")
-    return json.loads((checkpoints / "latest" / "trainer.json").read_text())["epoch"] + 1
+        latest = Checkpoint.open(src).copy_to(checkpoints / "latest")
+    if not Checkpoint.exists(checkpoints / "best"):
+        latest.copy_to(checkpoints / "best")
+    return latest.meta.epoch + 1
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
@@ -236,8 +189,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)  # what pick_device reads
     restored = ray.train.get_checkpoint()
     if rank == 0:
-        resumed_at = _prepare_work_dir(work, restored, plan.warm_start)
-        _write_json(work / "environment.json", capture().to_dict())
+        resumed_at = _prepare_work_dir(work, restored)
+        write_json_atomic(work / "environment.json", capture().to_dict())
         group = ray.util.get_current_placement_group()
         log_event(work, "start", resumed_at_epoch=resumed_at, world_size=context.get_world_size(),
                    placement_group=group.id.hex() if group else None)
@@ -252,7 +205,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             log_event(work, "epoch", epoch=metrics["epoch"], auc=metrics["auc"], logloss=metrics["logloss"])
 
-    run_worker(plan.config.dataset.path, model, train, work, report=report, resume=True)
+    run_worker(plan.config.dataset.path, model, train, work, report=report, resume=True, warm_start=plan.warm_start)
 
 
 def _trial(params: dict[str, Any], plan: TrialPlan) -> None:
@@ -285,19 +238,6 @@ def _trial_dirname(trial: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- progress
-
-
-def fmt_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(fmt_value(v) for v in value) + "]"
-    return str(value)
-
-
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def ranking_table(result: SweepResult) -> str:
@@ -434,39 +374,35 @@ def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult
                   "the trials the cluster holds at once", file=sys.stderr)
         if not restore:  # only once the cluster can hold a trial
             plan.experiment_dir.mkdir(parents=True)
-            _write_json(plan.experiment_dir / "sweep_config.json",
+            write_json_atomic(plan.experiment_dir / "sweep_config.json",
                         {"config": config.to_dict(), "warm_start": str(plan.warm_start) if plan.warm_start else None})
         _tuner(plan, max_concurrent, restore).fit()
     return _collect(plan, max_concurrent, time.time() - start)
 
 
-def _train_checkpoints(trial_dir: Path) -> list[dict[str, Any]]:
-    """Complete checkpoints Ray Train kept for a trial, as their trainer.json plus "path"."""
-    found = []
-    for files in sorted((trial_dir / "train").glob("checkpoint_*/files.json")):
-        trainer = json.loads((files.parent / "trainer.json").read_text())
-        found.append({**trainer, "path": str(files.parent)})
-    return found
+def _train_checkpoints(trial_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints Ray Train kept for a trial."""
+    return [Checkpoint.open(p) for p in sorted((trial_dir / "train").glob("checkpoint_*")) if Checkpoint.exists(p)]
 
 
 def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
     config = plan.config
     trial_dir, work = plan.trial_dir(trial.trial_id), plan.work_dir(trial.trial_id)
     checkpoints = _train_checkpoints(trial_dir)
-    newest = max(checkpoints, key=lambda c: c["epoch"], default=None)
+    newest = max((c.meta for c in checkpoints), key=lambda m: m.epoch, default=None)
     sign = 1 if config.mode == "max" else -1
-    best = max(checkpoints, key=lambda c: sign * c["metrics"][config.metric], default=None)
+    best = max(checkpoints, key=lambda c: sign * c.meta.metrics[config.metric], default=None)
     events = read_events(work)
     starts = [e for e in events if e["event"] == "start"]
-    history = newest["history"] if newest else []
+    history = list(newest.history) if newest else []
     if trial.status == "ERROR":
         status = "error"
     elif trial.status in UNFINISHED:
         status = "unfinished"
-    elif newest and newest["epoch"] + 1 >= config.epochs:
+    elif newest and newest.epoch + 1 >= config.epochs:
         status = "finished"
     else:
-        status = "early_stopped" if newest and newest["stale"] >= newest["train"]["patience"] else "stopped"
+        status = "early_stopped" if newest and newest.stale >= newest.train.patience else "stopped"
     error = None
     if status == "error":
         error_file = Path(trial.path) / "error.txt" if getattr(trial, "path", None) else None
@@ -474,7 +410,7 @@ def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
     env_file = work / "environment.json"
     return TrialSummary(
         trial_id=trial.trial_id, status=status, params=dict(trial.config or {}), history=history,
-        best=dict(best["metrics"]) if best else {}, best_checkpoint=best["path"] if best else None,
+        best=dict(best.meta.metrics) if best else {}, best_checkpoint=str(best.path) if best else None,
         attempts=starts, wall_s=round(events[-1]["time"] - events[0]["time"], 3) if events else 0.0,
         error=error, environment=json.loads(env_file.read_text()) if env_file.exists() else {},
     )
@@ -498,8 +434,8 @@ def _collect(plan: TrialPlan, max_concurrent: int, wall_s: float) -> SweepResult
     for s in summaries:
         record = {**asdict(s), "sweep_id": result.sweep_id, "dataset": config.dataset.to_dict(), "metric": config.metric,
                   "epochs_planned": config.epochs, "warm_start": config.warm_start}
-        _write_json(plan.trial_dir(s.trial_id) / "trial_record.json", record)
-    _write_json(plan.experiment_dir / "sweep_summary.json", result.to_dict())
+        write_json_atomic(plan.trial_dir(s.trial_id) / "trial_record.json", record)
+    write_json_atomic(plan.experiment_dir / "sweep_summary.json", result.to_dict())
     return result
 
 
@@ -507,20 +443,20 @@ def _adopt_warm_start(config: SweepConfig, warm_start: Path | None) -> tuple[Swe
     """With ``warm_start``, the trials take the parent model's architecture (which must fit the dataset's tables)."""
     if config.warm_start is None:
         return config, None
-    if warm_start is None or not (Path(warm_start) / "trainer.json").is_file():
+    if warm_start is None:
         raise RecopsError(f"sweep config: warm_start {config.warm_start} needs that model's checkpoint directory")
-    parent = json.loads((Path(warm_start) / "trainer.json").read_text())["model"]
-    arch = {k: v for k, v in parent.items() if k in model_fields()}
+    parent = Checkpoint.open(warm_start)
+    arch = {k: v for k, v in json.loads(json.dumps(parent.meta.model.to_dict())).items() if k in model_fields()}
     searched = sorted(set(config.search) & set(arch))
     clashing = sorted(k for k, v in config.model.items() if json.loads(json.dumps(v)) != arch.get(k))
     if searched or clashing:
         raise RecopsError(f"sweep config: warm_start takes model {config.warm_start}'s architecture {arch}; "
                           f"remove {searched + clashing} from search:/model:")
-    tables = json.loads((config.dataset.path / "manifest.json").read_text())["table_sizes"]
-    if parent.get("tables") != tables:
-        raise RecopsError(f"sweep config: warm_start model {config.warm_start} has other embedding table sizes than dataset "
-                          f"{config.dataset.version}; warm-start only on data ingested with the same preprocessing")
-    return replace(config, model=arch), Path(warm_start).resolve()
+    problem = parent.warm_start_problem(Dataset.open(config.dataset.path))
+    if problem:
+        raise RecopsError(f"sweep config: warm_start model {config.warm_start}: {problem} ({config.dataset.version}); "
+                          "warm-start only on data ingested with the same preprocessing")
+    return replace(config, model=arch), parent.path
 
 
 def run_sweep(config: SweepConfig, address: str | None = None, warm_start: Path | None = None) -> SweepResult:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from recops.training.sweep import fmt_value, format_table, log_event, read_events, trial_work_dir
+from recops.training.sweep_records import fmt_value, format_table, log_event, read_events, trial_work_dir
 
 RELEASE_GRACE_S = 5.0  # lets the stopped trial's actor, and with it its Train controller, die first
 

@@ -34,6 +34,8 @@ from typing import Any
 
 from recops.errors import RecopsError
 from recops.settings import settings
+from recops.training.config import CPU_SHARDING_TYPES, ModelConfig, TrainConfig
+from recops.training.dataset import Dataset, DatasetRef
 
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
 METRICS = {"auc": "max", "logloss": "min"}
@@ -44,14 +46,10 @@ MODEL_ONLY_FIELDS = ("tables", "num_dense")
 
 
 def model_fields() -> dict[str, Any]:
-    from recops.training.model import ModelConfig
-
     return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_ONLY_FIELDS}
 
 
 def _train_fields() -> dict[str, Any]:
-    from recops.training.train import TrainConfig
-
     return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in RESERVED_TRAIN_FIELDS}
 
 
@@ -75,7 +73,7 @@ class Distribution:
     args: tuple[Any, ...]
 
     @classmethod
-    def parse(cls, name: str, spec: Any) -> "Distribution":
+    def parse(cls, name: str, spec: Any) -> Distribution:
         kinds = ", ".join(f"{{{k}: [...]}}" for k in DISTRIBUTIONS)
         if not isinstance(spec, dict) or len(spec) != 1:
             raise RecopsError(f"sweep config: search.{name} must be one distribution such as {kinds}; got {spec!r} "
@@ -119,52 +117,26 @@ class Distribution:
         return {self.kind: list(self.args)}
 
 
-@dataclass(frozen=True)
-class DatasetRef:
-    """A processed dataset version directory (made by `recops data ingest`)."""
-
-    path: Path
-    version: str
-
-    @classmethod
-    def parse(cls, spec: Any) -> "DatasetRef":
-        from recops.training.dataset import Dataset
-
-        if isinstance(spec, str):
-            path = Path(spec)
+def parse_dataset(spec: Any) -> DatasetRef:
+    """``dataset:`` of a sweep: a version directory (a string or ``{path: DIR}``) or ``{root: DIR, version: ID}``
+    (``latest`` = the newest version under the root)."""
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    spec = _check_keys("dataset", spec, {"path", "root", "version"})
+    try:
+        if "path" in spec:
+            if "root" in spec:
+                raise RecopsError("dataset takes either path or root + version, not both")
+            dataset = Dataset.open(spec["path"])
+            if spec.get("version", dataset.version) != dataset.version:
+                raise RecopsError(f"dataset {dataset.path} holds version {dataset.version}, not {spec['version']!r}")
+        elif set(spec) == {"root", "version"}:
+            dataset = Dataset.resolve(spec["root"], str(spec["version"]))
         else:
-            spec = _check_keys("dataset", spec, {"path", "root", "version"})
-            if "path" in spec:
-                if "root" in spec:
-                    raise RecopsError("sweep config: dataset takes either path or root + version, not both")
-                path = Path(spec["path"])
-            elif set(spec) == {"root", "version"}:
-                path = _version_dir(Path(spec["root"]), str(spec["version"]))
-            else:
-                raise RecopsError("sweep config: dataset needs path, or root and version (version may be 'latest')")
-        path = path.expanduser().resolve()
-        if not (path / "manifest.json").is_file():
-            raise RecopsError(f"sweep config: dataset version directory {path} does not exist (no manifest.json); "
-                              "make it with `recops data ingest` or fix dataset:")
-        ref = cls(path, Dataset.open(path).version)
-        if isinstance(spec, dict) and "path" in spec and spec.get("version", ref.version) != ref.version:
-            raise RecopsError(f"sweep config: dataset {path} holds version {ref.version}, not {spec['version']!r}")
-        return ref
-
-    def to_dict(self) -> dict[str, str]:
-        return {"path": str(self.path), "version": self.version}
-
-
-def _version_dir(root: Path, version: str) -> Path:
-    versions = sorted((p for p in root.glob("*/manifest.json")), key=lambda p: json.loads(p.read_text()).get("created", ""))
-    if version == "latest":
-        if not versions:
-            raise RecopsError(f"sweep config: dataset root {root} holds no dataset versions; run `recops data ingest --out {root}`")
-        return versions[-1].parent
-    if not (root / version / "manifest.json").is_file():
-        known = ", ".join(p.parent.name for p in versions) or "none"
-        raise RecopsError(f"sweep config: dataset version {version!r} does not exist under {root} (versions there: {known})")
-    return root / version
+            raise RecopsError("dataset needs path, or root and version (version may be 'latest')")
+    except RecopsError as exc:
+        raise RecopsError(f"sweep config: {exc}") from exc
+    return dataset.ref
 
 
 @dataclass(frozen=True)
@@ -174,7 +146,7 @@ class SchedulerConfig:
     reduction_factor: float = 2.0
 
     @classmethod
-    def parse(cls, spec: Any, epochs: int) -> "SchedulerConfig":
+    def parse(cls, spec: Any, epochs: int) -> SchedulerConfig:
         if isinstance(spec, str):
             spec = {"type": spec}
         spec = _check_keys("scheduler", spec, {f.name for f in dataclasses.fields(cls)})
@@ -195,7 +167,7 @@ class TrialResources:
     gpus_per_worker: float = 0.0
 
     @classmethod
-    def parse(cls, spec: Any) -> "TrialResources":
+    def parse(cls, spec: Any) -> TrialResources:
         spec = _check_keys("resources", spec, {f.name for f in dataclasses.fields(cls)})
         config = cls(**spec)
         if not isinstance(config.workers_per_trial, int) or config.workers_per_trial < 1:
@@ -222,7 +194,7 @@ class SweepConfig:
     name: str = "sweep"
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 3
+    epochs: int = TrainConfig.epochs
     num_samples: int = 4
     metric: str = "auc"
     mode: str = "max"
@@ -233,10 +205,10 @@ class SweepConfig:
     storage_path: Path = field(default_factory=lambda: settings().sweeps)
     time_limit_s: float = 0.0
     seed: int = 0
-    warm_start: int | None = None  # registry version the trials start from
+    warm_start: int | str | None = None  # registry version or alias the trials start from
 
     @classmethod
-    def from_dict(cls, data: Any, local: bool = True) -> "SweepConfig":
+    def from_dict(cls, data: Any, local: bool = True) -> SweepConfig:
         """Parse and check; ``local`` adds the checks that only hold on this machine (CPU count)."""
         try:
             return cls._parse(data, local)
@@ -244,10 +216,10 @@ class SweepConfig:
             raise RecopsError(f"sweep config: a value has the wrong type ({exc})") from exc
 
     @classmethod
-    def _parse(cls, data: Any, local: bool) -> "SweepConfig":
+    def _parse(cls, data: Any, local: bool) -> SweepConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         data = dict(_check_keys("top level", data, names, required=("dataset", "search")))
-        epochs = data.get("epochs", 3)
+        epochs = data.get("epochs", TrainConfig.epochs)
         if not isinstance(epochs, int) or epochs < 1:
             raise RecopsError(f"sweep config: epochs must be an integer >= 1, got {epochs!r}")
         metric = data.get("metric", "auc")
@@ -257,7 +229,7 @@ class SweepConfig:
         parsed = ("dataset", "search", "mode", "scheduler", "resources", "storage_path")
         config = cls(
             **{k: v for k, v in data.items() if k not in parsed},
-            dataset=DatasetRef.parse(data["dataset"]),
+            dataset=parse_dataset(data["dataset"]),
             search={k: Distribution.parse(k, v) for k, v in search.items()},
             mode=data.get("mode", METRICS[metric]),
             scheduler=SchedulerConfig.parse(data.get("scheduler", "asha"), epochs),
@@ -281,8 +253,10 @@ class SweepConfig:
                 raise RecopsError(f"sweep config: {key} must be an integer >= {low}, got {value!r}")
         if self.time_limit_s < 0:
             raise RecopsError(f"sweep config: time_limit_s must be >= 0 (0 = none), got {self.time_limit_s}")
-        if self.warm_start is not None and (not isinstance(self.warm_start, int) or self.warm_start < 1):
-            raise RecopsError(f"sweep config: warm_start must be a registered model version (integer), got {self.warm_start!r}")
+        if self.warm_start is not None and not (isinstance(self.warm_start, int) and self.warm_start >= 1
+                                                or isinstance(self.warm_start, str) and self.warm_start):
+            raise RecopsError(f"sweep config: warm_start must be a registered model version (>= 1) or alias, got "
+                              f"{self.warm_start!r}")
         self._check_values()
         cpus = os.cpu_count() or 1
         if local and self.resources.cpus > cpus:
@@ -305,8 +279,6 @@ class SweepConfig:
             self._check_trial(where, model, train)
 
     def _check_trial(self, where: str, model: Any, train: Any) -> None:
-        from recops.training.train import CPU_SHARDING_TYPES
-
         ints = [("embedding_dim", model.embedding_dim), ("batch_size", train.batch_size), ("dcn_layers", model.dcn_layers),
                 ("dcn_low_rank", model.dcn_low_rank), ("patience", train.patience), ("max_train_rows", train.max_train_rows)]
         ints += [("dense_arch", v) for v in model.dense_arch] + [("over_arch", v) for v in model.over_arch]
@@ -322,11 +294,8 @@ class SweepConfig:
         if not self.resources.gpus_per_worker and train.sharding_type not in CPU_SHARDING_TYPES:
             raise RecopsError(f"sweep config: {where}: sharding_type {train.sharding_type} needs GPUs; on CPU use one of {CPU_SHARDING_TYPES}")
 
-    def configs(self, params: dict[str, Any]) -> tuple[Any, Any]:
+    def configs(self, params: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
         """The ModelConfig and TrainConfig of one trial: fixed settings overlaid with the trial's sampled ``params``."""
-        from recops.training.model import ModelConfig
-        from recops.training.train import TrainConfig
-
         merged = {**self.model, **self.train, **params}
         model_keys = set(model_fields())
         model = ModelConfig.from_dict({k: v for k, v in merged.items() if k in model_keys})

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from recops.errors import RecopsError
+from recops.files import atomic_path
 from recops.training.metrics import auc
 from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE
 
@@ -164,13 +165,11 @@ def to_table(data: SynthData) -> pa.Table:
 def write(cfg: SynthConfig, out: Path) -> dict:
     """Write ``out/data.tsv`` and ``out/truth.npy``; return a summary."""
     data = generate(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".data.tsv.tmp"
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    pacsv.write_csv(to_table(data), tmp, write_options=options)
-    tmp.replace(out / "data.tsv")
-    np.save(out / ".truth.tmp.npy", data.truth)
-    (out / ".truth.tmp.npy").replace(out / "truth.npy")
+    with atomic_path(out / "data.tsv") as tmp:
+        pacsv.write_csv(to_table(data), tmp, write_options=options)
+    with atomic_path(out / "truth.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, data.truth)
     return {
         "rows": cfg.rows,
         "positive_rate": float(data.label.mean()),

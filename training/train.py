@@ -13,26 +13,28 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from recops.training import checkpoint
-from recops.training.dataset import Dataset
 from recops.errors import RecopsError
+from recops.files import write_json_atomic
+from recops.processes import die_with_parent
+from recops.training import checkpoint
+from recops.training.checkpoint import Checkpoint, CheckpointMeta
+from recops.training.config import CPU_SHARDING_TYPES, ModelConfig, TrainConfig
+from recops.training.dataset import Dataset
 from recops.training.metrics import auc, logloss
-from recops.training.model import DLRM, ModelConfig, to_kjt
+from recops.training.model import DLRM, to_kjt
 from recops.training.preprocess import Features
 
-EMBEDDING_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-# Sharding types TorchRec 1.8's planner offers for CPU (fbgemm-gpu-cpu); row_wise and table_row_wise need CUDA.
-CPU_SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel")
-SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise")
+OPTIMIZER_CLASSES = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 
 for _noisy in ("torchrec", "torch.fx._symbolic_trace"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
@@ -40,47 +42,37 @@ for _noisy in ("torchrec", "torch.fx._symbolic_trace"):
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and run settings."""
-
-    epochs: int = 3
-    batch_size: int = 2048
-    embedding_optimizer: str = "adagrad"
-    embedding_lr: float = 0.05
-    dense_lr: float = 1e-3
-    patience: int = 2
-    seed: int = 0
-    eval_batch_size: int = 16_384
-    sharding_type: str = "table_wise"
-    device: str = "auto"
-    threads: int = 0
-    max_train_rows: int = 0
-
-    def __post_init__(self) -> None:
-        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-            raise RecopsError(f"train config: embedding_optimizer {self.embedding_optimizer!r} not in {list(EMBEDDING_OPTIMIZERS)}")
-        if self.sharding_type not in SHARDING_TYPES:
-            raise RecopsError(f"train config: sharding_type {self.sharding_type!r} not in {SHARDING_TYPES}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise RecopsError("train config: epochs and batch_size must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 @dataclass
 class TrainResult:
-    auc: float
-    logloss: float
+    """A finished run: the best epoch's validation figures, the test split's (None without test rows)."""
+
     val_auc: float
+    val_logloss: float
+    test_auc: float | None
+    test_logloss: float | None
     samples_per_s: float
     epochs: int
     checkpoint: str
+    dataset: dict[str, str]
     history: list[dict[str, Any]]
 
+    @property
+    def auc(self) -> float | None:
+        """The test AUC (``test_auc``)."""
+        return self.test_auc
+
+    @property
+    def logloss(self) -> float | None:
+        return self.test_logloss
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """``auc``/``logloss`` are the test figures (kept for scripts that read them)."""
+        return {**dataclasses.asdict(self), "auc": self.test_auc, "logloss": self.test_logloss}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -99,7 +91,7 @@ def _world() -> tuple[int, int]:
 class _Trainer:
     """State of one worker: the sharded model, its optimizers, and the data."""
 
-    def __init__(self, dataset: Dataset, arch: ModelConfig, cfg: TrainConfig, device: torch.device):
+    def __init__(self, dataset: Dataset, config: ModelConfig, cfg: TrainConfig, device: torch.device):
         from torchrec.distributed import DistributedModelParallel
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -109,10 +101,11 @@ class _Trainer:
 
         self.cfg, self.device = cfg, device
         self.rank, self.world = _world()
-        self.config = dataclasses.replace(arch, tables=dataset.manifest["table_sizes"])
+        self.config = config
         torch.manual_seed(cfg.seed)
         model = DLRM(self.config, device="cpu")
-        apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr})
+        apply_optimizer_in_backward(OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(),
+                                    {"lr": cfg.embedding_lr})
         sharders = [EmbeddingBagCollectionSharder()]
         constraints = {f"t_{k}": ParameterConstraints(sharding_types=[cfg.sharding_type]) for k in self.config.tables}
         topology = Topology(world_size=self.world, compute_device=device.type)
@@ -144,7 +137,7 @@ class _Trainer:
     def optim_state(self) -> dict[str, Any]:
         return {"dense": self.dense_opt.state_dict(), "fused": self.model.fused_optimizer.state_dict()}
 
-    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
+    def restore(self, ckpt: checkpoint.CheckpointState) -> None:
         model_sd = self.model.state_dict()
         checkpoint.scatter_full(model_sd, ckpt.model)
         self.model.load_state_dict(model_sd)
@@ -154,9 +147,18 @@ class _Trainer:
             checkpoint.scatter_full(state["state"], ckpt.optim[name]["state"], f"{name}.")
             opt.load_state_dict(state)
 
+    def set_lr_factor(self, factor: float) -> None:
+        """Scale both learning rates (the schedule's factor for this epoch)."""
+        for group in self.dense_opt.param_groups:
+            group["lr"] = self.cfg.dense_lr * factor
+        for group in self.model.fused_optimizer.param_groups:
+            group["lr"] = self.cfg.embedding_lr * factor
+        self.model.fused_optimizer.step()  # the fused kernels take the new rate on step
+
     def train_epoch(self, epoch: int, skip_steps: int = 0) -> tuple[float, int, float]:
         """One pass over the train split; returns (mean loss, samples, seconds)."""
         self.model.train()
+        self.set_lr_factor(self.cfg.lr_factor(epoch))
         n = len(self.train.label) if not self.cfg.max_train_rows else min(self.cfg.max_train_rows, len(self.train.label))
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
         steps = n // self.cfg.batch_size
@@ -179,6 +181,8 @@ class _Trainer:
         """Probabilities for a whole split, computed across ranks; returns (labels, probs) on every rank."""
         self.model.eval()
         n = len(feats.label)
+        if n == 0:
+            return np.zeros(0, np.float32), np.zeros(0)
         bs = self.cfg.eval_batch_size
         steps = max(1, -(-n // (bs * self.world)))
         mine_idx, mine_p = [], []
@@ -199,54 +203,108 @@ class _Trainer:
         probs[idx] = np.concatenate([p[1] for p in parts])
         return np.asarray(feats.label), probs
 
-    def evaluate(self, feats: Features) -> dict[str, float]:
+    def evaluate(self, feats: Features) -> dict[str, float | None]:
+        """AUC and logloss of a split (None for an empty one)."""
         labels, probs = self.predict(feats)
+        if not len(labels):
+            return {"auc": None, "logloss": None}
         return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
 
 
+def model_for(arch: ModelConfig, dataset: Dataset) -> ModelConfig:
+    """``arch`` completed with ``dataset``'s embedding tables and dense columns."""
+    return arch.for_data(dataset.table_sizes, dataset.num_dense)
+
+
+def _check_data(dataset: Dataset) -> None:
+    rows = dataset.rows
+    if not rows.get("train") or not rows.get("val"):
+        raise RecopsError(f"dataset {dataset.path} has {rows.get('train', 0)} train and {rows.get('val', 0)} "
+                          "validation rows; training needs both (ingest with --val-fraction > 0 or a val split)")
+
+
+def _resumable(latest: Path, dataset: Dataset, config: ModelConfig, out: Path) -> Checkpoint | None:
+    """The run's own last checkpoint, if it continues this very run; a run on other data or another
+    architecture stops with the fix instead of silently resuming it."""
+    if not Checkpoint.exists(latest):
+        return None
+    ckpt = Checkpoint.open(latest)
+    if ckpt.meta.dataset.version != dataset.version:
+        raise RecopsError(f"{out} holds a run on dataset {ckpt.meta.dataset.version}, not {dataset.version}: "
+                          "pass --no-resume to start over there, or a new --out")
+    if ckpt.meta.model != config:
+        raise RecopsError(f"{out} holds a run of another architecture ({ckpt.meta.model.to_dict()}) than "
+                          f"requested ({config.to_dict()}): pass --no-resume to start over there, or a new --out")
+    return ckpt
+
+
+def _seed(latest: Path, warm_start: Path, dataset: Dataset, cfg: TrainConfig) -> None:
+    """Start ``latest`` from another model's weights and optimizer state (rank 0)."""
+    parent = Checkpoint.open(warm_start)
+    problem = parent.warm_start_problem(dataset)
+    if problem:
+        raise RecopsError(f"cannot warm-start from {warm_start}: {problem}; train from scratch or ingest the data "
+                          "with the parent's preprocessing")
+    parent.copy_to(latest, parent.meta.fresh(dataset.ref, cfg, warm_start_from=str(parent.path)))
+
+
 def run_worker(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, out_dir: str | Path,
-               report: Reporter | None = None, resume: bool = True) -> TrainResult:
-    """Train in an initialised process group; every rank returns the same result."""
+               report: Reporter | None = None, resume: bool = True, warm_start: Path | None = None) -> TrainResult:
+    """Train in an initialised process group; every rank returns the same result.
+
+    ``resume`` continues the run in ``out_dir`` (same dataset and architecture only); ``warm_start`` (a checkpoint
+    directory) seeds a run that has no checkpoint of its own yet. ``arch`` is completed from the dataset.
+    """
     dataset = Dataset.open(dataset_path)
+    _check_data(dataset)
     out = Path(out_dir)
     device = pick_device(cfg.device)
     rank, world = _world()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    trainer = _Trainer(dataset, arch, cfg, device)
+    config = model_for(arch, dataset)
     latest, best_dir = out / "checkpoints" / "latest", out / "checkpoints" / "best"
-    history: list[dict[str, Any]] = []
-    start_epoch, best_auc, stale = 0, -1.0, 0
-    if resume and (latest / "files.json").exists():
-        ckpt = checkpoint.load(latest)
-        trainer.restore(ckpt)
-        history = ckpt.trainer["history"]
-        start_epoch, best_auc, stale = ckpt.trainer["epoch"] + 1, ckpt.trainer["best_auc"], ckpt.trainer["stale"]
-    meta = {"model": trainer.config.to_dict(), "train": cfg.to_dict(), "dataset_version": dataset.version,
-            "preprocessor": json.loads((dataset.path / "preprocessor.json").read_text()), "world_size": world}
-    for epoch in range(start_epoch, cfg.epochs):
-        if stale >= cfg.patience:
+    if rank == 0 and warm_start is not None and not (resume and Checkpoint.exists(latest)):
+        _seed(latest, Path(warm_start), dataset, cfg)
+    dist.barrier()
+    previous = _resumable(latest, dataset, config, out) if resume or warm_start is not None else None
+    trainer = _Trainer(dataset, config, cfg, device)
+    meta = CheckpointMeta(model=config, train=cfg, dataset=dataset.ref, preprocessor=dataset.preprocessor_dict,
+                          world_size=world)
+    if previous is not None:
+        trainer.restore(previous.load())
+        meta = dataclasses.replace(previous.meta, train=cfg, world_size=world)
+    for epoch in range(meta.epoch + 1, cfg.epochs):
+        if meta.stale >= cfg.patience:
             break
-        loss, samples, seconds = trainer.train_epoch(epoch)
-        metrics = {"epoch": epoch + 1, "train_loss": loss, "samples_per_s": samples / max(seconds, 1e-9),
-                   **{f"val_{k}": v for k, v in trainer.evaluate(trainer.val).items()}}
-        metrics["auc"], metrics["logloss"] = metrics["val_auc"], metrics["val_logloss"]
-        improved = metrics["val_auc"] > best_auc
-        best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
-        history.append(metrics)
-        state = {**meta, "epoch": epoch, "best_auc": best_auc, "stale": stale, "history": history, "metrics": metrics}
+        meta, improved = _epoch(trainer, meta, epoch)
         model_sd, optim_sd = trainer.model.state_dict(), trainer.optim_state()
-        saved = checkpoint.save(latest, model_sd, optim_sd, state)
+        saved = checkpoint.save(latest, model_sd, optim_sd, meta)
         if improved:
-            checkpoint.save(best_dir, model_sd, optim_sd, state)
+            checkpoint.save(best_dir, model_sd, optim_sd, meta)
         if report:
-            report(metrics, saved)
+            report(meta.metrics, saved.path if saved else None)
     dist.barrier()  # rank 0 has finished writing the best checkpoint
-    trainer.restore(checkpoint.load(best_dir))
+    best = Checkpoint.open(best_dir)
+    trainer.restore(best.load())
     test = trainer.evaluate(trainer.test)
-    rates = [h["samples_per_s"] for h in history]
-    return TrainResult(auc=test["auc"], logloss=test["logloss"], val_auc=best_auc,
-                       samples_per_s=float(np.median(rates)) if rates else float("nan"),
-                       epochs=len(history), checkpoint=str(best_dir), history=history)
+    rates = [h["samples_per_s"] for h in meta.history]
+    return TrainResult(val_auc=best.meta.metrics["val_auc"], val_logloss=best.meta.metrics["val_logloss"],
+                       test_auc=test["auc"], test_logloss=test["logloss"],
+                       samples_per_s=float(np.median(rates)) if rates else float("nan"), epochs=len(meta.history),
+                       checkpoint=str(best_dir), dataset=dataset.ref.to_dict(), history=list(meta.history))
+
+
+def _epoch(trainer: _Trainer, meta: CheckpointMeta, epoch: int) -> tuple[CheckpointMeta, bool]:
+    """Train one epoch and validate; the run's metadata after it, and whether validation AUC improved."""
+    loss, samples, seconds = trainer.train_epoch(epoch)
+    metrics = {"epoch": epoch + 1, "train_loss": loss, "samples_per_s": samples / max(seconds, 1e-9),
+               "lr_factor": trainer.cfg.lr_factor(epoch),
+               **{f"val_{k}": v for k, v in trainer.evaluate(trainer.val).items()}}
+    metrics["auc"], metrics["logloss"] = metrics["val_auc"], metrics["val_logloss"]  # what sweeps rank by
+    improved = metrics["val_auc"] > meta.best_auc
+    best_auc, stale = (metrics["val_auc"], 0) if improved else (meta.best_auc, meta.stale + 1)
+    return dataclasses.replace(meta, epoch=epoch, best_auc=best_auc, stale=stale, metrics=metrics,
+                               history=(*meta.history, metrics)), improved
 
 
 def free_port() -> int:
@@ -255,42 +313,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, world: int, port: int, args: tuple) -> None:
+def _spawned(rank: int, world: int, port: int, parent: int, args: tuple) -> None:
+    die_with_parent(parent)  # a killed `recops train` takes its ranks with it
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     backend = "nccl" if pick_device(args[2].device).type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = run_worker(*args)
         if rank == 0:
-            _write_json(Path(args[3]) / "result.json", result.to_dict())
+            write_json_atomic(Path(args[3]) / "result.json", result.to_dict())
     finally:
         dist.destroy_process_group()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def fit(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, out_dir: str | Path,
-        nproc: int = 1, resume: bool = True, report: Reporter | None = None) -> TrainResult:
-    """Train with ``nproc`` processes on this host (1 = in this process); returns the test metrics."""
+        nproc: int = 1, resume: bool = True, report: Reporter | None = None,
+        warm_start: Path | None = None) -> TrainResult:
+    """Train with ``nproc`` processes on this host (1 = in this process); see :func:`run_worker`."""
     Dataset.open(dataset_path)  # fail fast on a bad path
     out = Path(out_dir)
-    args = (str(dataset_path), arch, cfg, str(out), None, resume)
     if nproc == 1:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:
-            result = run_worker(str(dataset_path), arch, cfg, out, report, resume)
+            result = run_worker(str(dataset_path), arch, cfg, out, report, resume, warm_start)
         finally:
             dist.destroy_process_group()
-        _write_json(out / "result.json", result.to_dict())
+        write_json_atomic(out / "result.json", result.to_dict())
         return result
     if cfg.batch_size % nproc:
         raise RecopsError(f"train: batch_size {cfg.batch_size} must be divisible by --nproc {nproc}")
     import torch.multiprocessing as mp
 
-    mp.start_processes(_spawned, args=(nproc, free_port(), args), nprocs=nproc, start_method="spawn")
-    return TrainResult(**json.loads((out / "result.json").read_text()))
+    args = (str(dataset_path), arch, cfg, str(out), None, resume, warm_start)
+    mp.start_processes(_spawned, args=(nproc, free_port(), os.getpid(), args), nprocs=nproc, start_method="spawn")
+    return TrainResult.from_dict(json.loads((out / "result.json").read_text()))

@@ -7,6 +7,9 @@ from typing import Any
 
 from recops.cli.common import add_json_flag
 from recops.settings import settings
+from recops.training.dataset import SplitConfig
+from recops.training.spec import PreprocessConfig
+from recops.training.synth import SynthConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,13 +17,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     data_sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     synth = data_sub.add_parser("synth", help="write Criteo-format TSV with a planted click function")
-    synth.add_argument("--rows", type=int, default=100_000)
+    defaults = SynthConfig()
+    synth.add_argument("--rows", type=int, default=defaults.rows, help="default %(default)s")
     synth.add_argument("--out", type=Path, required=True, help="output directory (data.tsv, truth.npy)")
-    synth.add_argument("--seed", type=int, default=0, help="row sampling seed")
-    synth.add_argument("--world-seed", type=int, default=1234, help="seed of the fixed distributions and click function")
-    synth.add_argument("--covariate-drift", type=float, default=0.0, help="0..1: shift of the drift features' distributions")
-    synth.add_argument("--concept-drift", type=float, default=0.0, help="0..1: blend of the click function towards another")
-    synth.add_argument("--drift-features", default="I1,I2,C1,C2,C3", help="comma-separated features moved by covariate drift")
+    synth.add_argument("--seed", type=int, default=defaults.seed, help="row sampling seed")
+    synth.add_argument("--world-seed", type=int, default=defaults.world_seed,
+                       help="seed of the fixed distributions and click function")
+    synth.add_argument("--covariate-drift", type=float, default=defaults.covariate_drift,
+                       help="0..1: shift of the drift features' distributions")
+    synth.add_argument("--concept-drift", type=float, default=defaults.concept_drift,
+                       help="0..1: blend of the click function towards another")
+    synth.add_argument("--drift-features", default=",".join(defaults.drift_features),
+                       help="comma-separated features moved by covariate drift (default %(default)s)")
     add_json_flag(synth)
     synth.set_defaults(func=synth_command)
 
@@ -29,16 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--out", type=Path, default=None,
                         help="dataset root; the version becomes a sub-directory (default: $RECOPS_DATASETS or runs/datasets)")
     ingest.add_argument("--spec", type=Path, help="column spec YAML (default: Criteo TSV)")
-    ingest.add_argument("--table-size", type=int, default=100_000, help="hash buckets per categorical feature")
-    ingest.add_argument("--min-frequency", type=int, default=0, help=">0: vocabulary of values seen this often")
-    ingest.add_argument("--val-fraction", type=float, default=0.1)
-    ingest.add_argument("--test-fraction", type=float, default=0.1)
+    pre, split = PreprocessConfig(), SplitConfig()
+    ingest.add_argument("--table-size", type=int, default=pre.table_size,
+                        help="hash buckets per categorical feature (default %(default)s)")
+    ingest.add_argument("--min-frequency", type=int, default=pre.min_frequency,
+                        help=">0: vocabulary of values seen this often")
+    ingest.add_argument("--val-fraction", type=float, default=split.val_fraction, help="default %(default)s")
+    ingest.add_argument("--test-fraction", type=float, default=split.test_fraction, help="default %(default)s")
     add_json_flag(ingest)
     ingest.set_defaults(func=ingest_command)
 
 
 def synth_command(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.training.synth import SynthConfig, write
+    from recops.training.synth import write
 
     cfg = SynthConfig(rows=args.rows, seed=args.seed, world_seed=args.world_seed, covariate_drift=args.covariate_drift,
                       concept_drift=args.concept_drift, drift_features=tuple(f for f in args.drift_features.split(",") if f))
@@ -50,13 +61,12 @@ def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    from recops.training.dataset import SplitConfig, ingest
-    from recops.training.spec import ColumnSpec, PreprocessConfig
+    from recops.training.dataset import ingest
+    from recops.training.spec import ColumnSpec
 
     spec = ColumnSpec.load(args.spec) if args.spec else ColumnSpec.criteo()
     config = PreprocessConfig(table_size=args.table_size, min_frequency=args.min_frequency)
     split = SplitConfig(val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="ingest") as bar:
         dataset = ingest(args.input, args.out or settings().datasets, spec, config, split, progress=lambda n: bar.update(n - bar.n))
-    m = dataset.manifest
-    return {"version": m["version"], "rows": m["rows"], "rejected": m["rejected"], "path": str(dataset.path)}
+    return dataset.summary()

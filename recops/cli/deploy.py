@@ -5,7 +5,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import add_json_flag, model_repository, REPO_HELP
+from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_repository
+from recops.errors import RecopsError
+from recops.serving.deploy import DeployConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,17 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--url", default=None, help="HTTP URL of the server (default: --repo's running server)")
     parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
                         help="serving target (default: the one the model's config.pbtxt uses)")
-    parser.add_argument("--drain", type=float, default=1.0, metavar="S",
+    parser.add_argument("--drain", type=float, default=DeployConfig.drain_s, metavar="S",
                         help="seconds between pointing routers at a new production version and unloading the old one")
+    parser.add_argument("--registry", type=Path, default=None, metavar="DIR",
+                        help=REGISTRY_HELP + "; it records which of its versions serve where")
     add_json_flag(parser)
     parser.set_defaults(func=deploy)
 
 
 def deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.serving.deploy import DeployConfig, Deployer, read_deploy_state
+    from recops.ops.publish import record_deployment
+    from recops.ops.registry import LocalRegistry
+    from recops.serving.deploy import Deployer, read_deploy_state
     from recops.serving.repository import ModelRepository
     from recops.serving.server import TritonServer
-    from recops.errors import RecopsError
 
     repo = ModelRepository(model_repository(args))
     if args.canary is not None and args.version is None:
@@ -43,10 +48,12 @@ def deploy(args: argparse.Namespace) -> dict[str, Any]:
         return {"name": args.name, **read_deploy_state(repo, args.name).summary()}
     server = TritonServer.attach(args.url) if args.url else TritonServer.from_state(repo.root)
     deployer = Deployer(server, repo, args.name, DeployConfig(target=args.target, drain_s=args.drain))
+    before = deployer.state()
     if args.promote:
         state = deployer.promote()
     elif args.rollback:
         state = deployer.rollback()
     else:
         state = deployer.deploy(args.version, canary=args.canary)
+    record_deployment(LocalRegistry(args.registry), repo, args.name, before, state)
     return {"name": args.name, **state.summary()}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +19,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_drift)
 
 
-def _spec(dataset_dir: Path, reference):
-    """The raw-data schema: the manifest's when there is one, else the reference's own."""
-    from recops.errors import RecopsError
-    from recops.training.spec import ColumnSpec
-
-    manifest = dataset_dir / "manifest.json"
-    if not manifest.is_file():
-        return reference.spec
-    try:
-        return ColumnSpec.from_dict(json.loads(manifest.read_text())["schema"], source=str(manifest))
-    except (ValueError, KeyError) as exc:
-        raise RecopsError(f"dataset {manifest}: no readable 'schema' ({exc}); re-run the ingest") from exc
-
-
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
 
-    from recops.ops.drift import DriftConfig, detect_drift
     from recops.errors import RecopsError
+    from recops.ops.drift import DriftConfig, detect_drift
     from recops.training.readers import read_chunks
     from recops.training.stats import load_reference
 
-    dataset_dir = Path(args.reference)
-    reference = load_reference(dataset_dir)
-    chunks = list(read_chunks(Path(args.current), _spec(dataset_dir, reference)))
+    reference = load_reference(Path(args.reference))  # carries the dataset's schema
+    chunks = list(read_chunks(Path(args.current), reference.spec))
     rejected = sum(len(c.rejects) for c in chunks)
     frames = [c.frame for c in chunks if len(c.frame)]
     if not frames:

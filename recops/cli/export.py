@@ -5,14 +5,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import add_json_flag, model_repository, REGISTRY_HELP, REPO_HELP
+from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_repository
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export a model to ONNX, check parity, add it to a Triton repository")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-version", type=int, metavar="V", help="registered model version")
-    source.add_argument("--checkpoint", type=Path, metavar="DIR", help="checkpoint directory (e.g. <run>/checkpoints/best)")
+    source.add_argument("--model-version", metavar="V|ALIAS",
+                        help="registered model version or alias (candidate, production, ...)")
+    source.add_argument("--checkpoint", type=Path, metavar="DIR",
+                        help="checkpoint directory (e.g. <run>/checkpoints/best); registered first if it is not yet")
     parser.add_argument("--name", required=True, help="served model name in the repository")
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
                         help=REPO_HELP)
@@ -36,21 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=export)
 
 
-def _checkpoint(args: argparse.Namespace) -> Path:
-    if args.checkpoint is not None:
-        return args.checkpoint
-    from recops.ops.registry import LocalRegistry
-
-    return LocalRegistry(args.registry).get(args.model_version).checkpoint
-
-
 def _options(args: argparse.Namespace, repo: Path):
     """The model's serving options with --instances/--threads applied; None (keep them) when neither is given."""
     from dataclasses import replace
 
+    from recops.errors import RecopsError
     from recops.serving.export import current_options
     from recops.serving.repository import ModelRepository
-    from recops.errors import RecopsError
 
     changes = {k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None}
     if not changes:
@@ -61,10 +55,18 @@ def _options(args: argparse.Namespace, repo: Path):
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.serving.export import ExportConfig, export_to_repository
+    from recops.ops.publish import publish_model, registered
+    from recops.ops.registry import LocalRegistry
+    from recops.serving.export import ExportConfig
+    from recops.serving.repository import ModelRepository, validate_model_name
+    from recops.training.checkpoint import Checkpoint
 
+    validate_model_name(args.name)
+    registry = LocalRegistry(args.registry)
+    model = registry.resolve(args.model_version) if args.model_version is not None else \
+        registered(registry, Checkpoint.open(args.checkpoint))
     config = ExportConfig(fp16=args.fp16, external_data=True if args.external_data else None)
     repo = model_repository(args)
-    result = export_to_repository(_checkpoint(args), repo, args.name, target=args.target, config=config,
-                                  options=_options(args, repo), dataset=args.data)
-    return {**result.to_dict(), "model_version": args.model_version, "parity": result.parity.to_dict()}
+    result = publish_model(registry, model, ModelRepository(repo), args.name, target=args.target, config=config,
+                           options=_options(args, repo), dataset=args.data)
+    return {**result.to_dict(), "model_version": model.version, "parity": result.parity.to_dict()}

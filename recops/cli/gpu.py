@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     import time
 
-    from recops.ops.gpu import gpu_monitor, read_gpus
     from recops.errors import RecopsError
+    from recops.ops.gpu import gpu_monitor, read_gpus
 
     if args.interval is None:
         return read_gpus().to_dict()

@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sources(args: argparse.Namespace):
-    from recops.ops.monitor import MonitorSources
     from recops.errors import RecopsError
+    from recops.ops.monitor import MonitorSources
 
     if args.state_dir is not None:
         sources = MonitorSources.from_loop(args.state_dir, args.metrics_url)

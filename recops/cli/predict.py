@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import add_json_flag, model_repository, REPO_HELP
-
-PREPROCESS_FILE = "preprocess.json"
+from recops.cli.common import REPO_HELP, add_json_flag, model_repository
+from recops.errors import RecopsError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,29 +20,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=REPO_HELP)
     parser.add_argument("--version", type=int, default=None, help="model version to ask for (default: the server's latest)")
     parser.add_argument("--preprocess", type=Path, default=None, metavar="FILE",
-                        help=f"preprocessor JSON (Preprocessor.to_dict); default: {PREPROCESS_FILE} in the "
-                             "model's version directory in --repo")
+                        help="preprocessor JSON (Preprocessor.to_dict); default: preprocess.json in the model's "
+                             "version directory in --repo")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     add_json_flag(parser)
     parser.set_defaults(func=predict)
 
 
-def _preprocess_file(args: argparse.Namespace, repo: Path) -> Path:
+def _preprocessor(args: argparse.Namespace, repo: Path):
+    """``--preprocess FILE``, else the one shipped with the asked (default: latest) version in ``repo``."""
+    from recops.serving.onnx_model import read_preprocessor
     from recops.serving.repository import ModelRepository
-    from recops.errors import RecopsError
 
     if args.preprocess is not None:
-        return args.preprocess
+        return read_preprocessor_file(args.preprocess)
     models = ModelRepository(repo)
     versions = models.versions(args.name)
     if not versions:
         raise RecopsError(f"model {args.name!r} is not in {repo}: pass --repo or --preprocess FILE")
-    version = args.version or versions[-1]
-    path = models.model_dir(args.name) / str(version) / PREPROCESS_FILE
-    if not path.is_file():
-        raise RecopsError(f"{path} does not exist: pass --preprocess FILE (a Preprocessor.to_dict() JSON)")
-    return path
+    if args.version is not None and args.version not in versions:
+        raise RecopsError(f"model {args.name!r} has no version {args.version} in {repo} (versions: {versions})")
+    return read_preprocessor(models.model_dir(args.name) / str(args.version or versions[-1]))
+
+
+def read_preprocessor_file(path: Path):
+    from recops.training.preprocess import Preprocessor
+
+    try:
+        return Preprocessor.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RecopsError(f"preprocessor {path}: cannot read it ({exc}); pass a Preprocessor.to_dict() JSON") from exc
 
 
 def _url(args: argparse.Namespace, repo: Path) -> str:
@@ -57,16 +64,10 @@ def _url(args: argparse.Namespace, repo: Path) -> str:
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
     from recops.serving.client import Predictor
-    from recops.errors import RecopsError
-    from recops.training.preprocess import Preprocessor
     from recops.training.readers import read_frame
 
     repo = model_repository(args)
-    path = _preprocess_file(args, repo)
-    try:
-        preprocessor = Preprocessor.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RecopsError(f"preprocessor {path}: cannot read it ({exc}); pass a Preprocessor.to_dict() JSON") from exc
+    preprocessor = _preprocessor(args, repo)
     frame = read_frame(args.input, preprocessor.spec)
     with Predictor(_url(args, repo), args.name, protocol=args.protocol, timeout_s=args.timeout,
                    batch_size=args.batch_size, preprocess=preprocessor.transform) as predictor:

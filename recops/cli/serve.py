@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from recops.cli.common import add_json_flag, model_repository, REPO_HELP
+from recops.cli.common import REPO_HELP, add_json_flag, model_repository
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import add_json_flag, REGISTRY_HELP
+from recops.cli.common import REGISTRY_HELP, add_json_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,21 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.ops.experiments import register_best, warm_start_checkpoint
     from recops.ops.registry import LocalRegistry
-    from recops.training.sweep import ranking_table, resume_sweep, run_sweep
+    from recops.ops.retrain import register_best, sweep_and_register
+    from recops.training.sweep import ranking_table, resume_sweep
     from recops.training.sweep_config import load_sweep_config
 
     registry = LocalRegistry(args.registry)
     if args.resume:
         result = resume_sweep(args.resume, address=args.address)
+        parent = registry.resolve(result.config.warm_start).version if result.config.warm_start is not None else None
+        version = None if args.no_register or result.status == "interrupted" else \
+            register_best(result, registry, args.alias, parent)
     else:
-        config = load_sweep_config(args.config, local=not args.address)
-        result = run_sweep(config, address=args.address, warm_start=warm_start_checkpoint(registry, config.warm_start))
+        result, version = sweep_and_register(load_sweep_config(args.config, local=not args.address), registry,
+                                             args.address, args.alias, register=not args.no_register)
     if result.status == "interrupted":
         print(f"recops sweep: interrupted; resume with: recops sweep --resume {result.experiment_dir}", file=sys.stderr)
         raise KeyboardInterrupt
-    version = None if args.no_register else register_best(result, registry, args.alias)
     if not args.json:
         print(ranking_table(result))
     best = result.best_metrics
@@ -45,7 +47,8 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
         "experiment_dir": str(result.experiment_dir), "sweep_id": result.sweep_id, "status": result.status,
         "num_trials": len(result.trials), "num_errors": result.num_errors, "best_trial": result.best_trial,
         "metric": result.config.metric, "best_metric": best.get(result.config.metric), "best_auc": best.get("auc"),
-        "best_logloss": best.get("logloss"), "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "best_logloss": best.get("logloss"),
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "best_params": result.best_params.get("searched", {}), "model_version": version.version if version else None,
         "alias": args.alias if version else None, "wall_s": result.wall_s,
     }
