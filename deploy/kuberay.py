@@ -10,8 +10,18 @@ from typing import Any
 import yaml
 
 from recops.deploy.objects import (
-    RAY_CLUSTER, SHM_MOUNT, Object, claim_volumes, labels, locations, metadata, pod_spec, recops_env, resources,
-    shm_volume, volume_mounts,
+    RAY_CLUSTER,
+    SHM_MOUNT,
+    Object,
+    claim_volumes,
+    labels,
+    locations,
+    metadata,
+    pod_spec,
+    recops_env,
+    resources,
+    shm_volume,
+    volume_mounts,
 )
 from recops.deploy.values import Values
 from recops.errors import RecopsError
@@ -80,9 +90,9 @@ def ray_cluster(values: Values) -> list[Object]:
     ray = values.ray
     head = {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
             "template": _ray_pod(values, "ray-head", ray.head_cpu, ray.head_memory, 0, head=True)}
+    worker = _ray_pod(values, "ray-worker", ray.worker_cpu, ray.worker_memory, ray.worker_gpus, head=False)
     workers = {"groupName": "gpu", "replicas": ray.workers, "minReplicas": ray.workers, "maxReplicas": ray.workers,
-               "rayStartParams": {},
-               "template": _ray_pod(values, "ray-worker", ray.worker_cpu, ray.worker_memory, ray.worker_gpus, head=False)}
+               "rayStartParams": {}, "template": worker}
     return [{"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": metadata(values, RAY_CLUSTER, "ray"),
              "spec": {"rayVersion": ray_version(), "headGroupSpec": head, "workerGroupSpecs": [workers]}}]
 

@@ -34,13 +34,15 @@ def _per_model_rate(metric: str) -> str:
 def alert_groups(values: Values) -> list[Object]:
     """The alert rules, as Prometheus rule groups."""
     m = values.monitoring
-    failures, successes = _per_model_rate("nv_inference_request_failure"), _per_model_rate("nv_inference_request_success")
+    failures = _per_model_rate("nv_inference_request_failure")
+    successes = _per_model_rate("nv_inference_request_success")
     model = [
         _alert("RecopsDriftDetected", "recops_drift_drifted_features > 0", "15m", "warning",
                "{{ $value }} features drifted from the training reference in the latest window"),
-        _alert("RecopsOnlineAucDrop", f"max_over_time(recops_online_auc[{m.auc_window}]) - recops_online_auc > {m.auc_drop}",
-               "10m", "warning", f"online AUC of version {{{{ $labels.model_version }}}} is more than {m.auc_drop} "
-                                 f"below its {m.auc_window} maximum"),
+        _alert("RecopsOnlineAucDrop",
+               f"max_over_time(recops_online_auc[{m.auc_window}]) - recops_online_auc > {m.auc_drop}", "10m", "warning",
+               f"online AUC of version {{{{ $labels.model_version }}}} is more than {m.auc_drop} below its "
+               f"{m.auc_window} maximum"),
         _alert("RecopsNoFeedback", "recops_online_clicks == 0 and recops_online_impressions > 0", m.no_feedback_for,
                "critical", "version {{ $labels.model_version }} gets impressions but no clicks: is feedback arriving?"),
     ]

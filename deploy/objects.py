@@ -29,7 +29,8 @@ def labels(values: Values, component: str) -> dict[str, str]:
 
 
 def metadata(values: Values, name: str, component: str, extra_labels: dict[str, str] | None = None) -> Object:
-    return {"name": name, "namespace": values.namespace, "labels": {**labels(values, component), **(extra_labels or {})}}
+    return {"name": name, "namespace": values.namespace,
+            "labels": {**labels(values, component), **(extra_labels or {})}}
 
 
 def locations(values: Values) -> dict[str, str]:

@@ -180,7 +180,8 @@ class Values:
     def __post_init__(self) -> None:
         _check(bool(_DNS_LABEL.fullmatch(self.namespace)),
                f"namespace must be a DNS label (lower-case letters, digits, '-'), got {self.namespace!r}")
-        _check(bool(self.image) and not any(c.isspace() for c in self.image), f"image is empty or has spaces: {self.image!r}")
+        _check(bool(self.image) and not any(c.isspace() for c in self.image),
+               f"image must be an image name without spaces, got {self.image!r}")
         _check(bool(_IMAGE_TAG.fullmatch(self.tag)),
                f"tag {self.tag!r} is not a valid image tag: set `tag:` to the tag you built Dockerfile.gpu with")
         _check(self.uid > 0, f"uid must be a non-root user id > 0, got {self.uid}")

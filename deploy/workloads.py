@@ -4,8 +4,21 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from recops.deploy.objects import (
-    LOOP, MODELS_CLAIM, RUNS_CLAIM, SHM_MOUNT, TRITON, Object, claim_volumes, labels, metadata, pod_spec,
-    recops_env, resources, selector, shm_volume, volume_mounts,
+    LOOP,
+    MODELS_CLAIM,
+    RUNS_CLAIM,
+    SHM_MOUNT,
+    TRITON,
+    Object,
+    claim_volumes,
+    labels,
+    metadata,
+    pod_spec,
+    recops_env,
+    resources,
+    selector,
+    shm_volume,
+    volume_mounts,
 )
 from recops.deploy.values import Values
 
