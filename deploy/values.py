@@ -156,18 +156,13 @@ class MonitoringValues:
         _check(self.triton_latency_ms > 0, f"monitoring.triton_latency_ms must be > 0, got {self.triton_latency_ms}")
 
 
-def default_tag() -> str:
-    """The image tag matching this recops: its version."""
-    return __version__
-
-
 @dataclass(frozen=True)
 class Values:
     """Everything the manifests need; paths are inside the containers (the Dockerfile.gpu image)."""
 
     namespace: str = "recops"
     image: str = "recops"
-    tag: str = field(default_factory=default_tag)
+    tag: str = __version__  # the image built from this recops
     uid: int = 1000  # the image's user (Dockerfile.gpu RECOPS_UID); also the pods' fsGroup
     model_repository: str = "/models"  # where the models PVC is mounted; Triton's --model-repository
     runs: str = "/workspace/runs"  # where the runs PVC is mounted

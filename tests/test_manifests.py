@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -383,9 +384,15 @@ def test_dockerfile_serves_what_the_manifests_and_the_deployer_expect() -> None:
 # --------------------------------------------------------------------------------------------- values
 
 
-def test_shipped_values_file_lists_the_defaults() -> None:
+def test_shipped_values_file_lists_every_key_with_its_default() -> None:
     assert load_values(ROOT / "deploy" / "values.yaml") == Values()
     assert load_values(None) == Values()
+    listed = yaml.safe_load((ROOT / "deploy" / "values.yaml").read_text())
+    sections = {f.name for f in fields(Values) if is_dataclass(f.default_factory)}
+    assert sections == {"triton", "loop", "ray", "storage", "monitoring"}
+    assert set(listed) == {f.name for f in fields(Values)} - {"tag"}  # tag: commented, it follows the version
+    for section in sections:
+        assert set(listed[section]) == {f.name for f in fields(getattr(Values(), section))}
 
 
 BAD_VALUES = {
