@@ -6,6 +6,7 @@ One import root. The folders at the repository root install as its subpackages:
 - ``recops.serving``   ONNX export, Triton repository, server, client, deployments (may import training)
 - ``recops.ops``       registry, telemetry, online metrics, drift, policy, the closed loop (drives both)
 - ``recops.bench``     benchmarks; ``recops.cli`` the ``recops`` command (above everything)
+- ``recops.deploy``    Kubernetes manifests rendered from one set of values (reads settings, serving's name rule)
 
 ``recops.errors`` (the one exception type), ``recops.settings`` (default locations) and ``recops.files``
 (atomic writes) are leaves every layer may import.

@@ -48,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help="write <state-dir>/report/report.html at the end")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve the loop's figures (online quality, drift, policy, model) as Prometheus /metrics on "
-                        "127.0.0.1:PORT while it runs (0 = any free port)")
+                        "--metrics-address:PORT while it runs (0 = any free port)")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDR",
+                   help="address the /metrics endpoint binds (default 127.0.0.1; 0.0.0.0 in a pod Prometheus "
+                        "scrapes)")
     add_json_flag(p)
     p.set_defaults(func=loop_command)
 
@@ -94,7 +97,7 @@ def loop_command(args: argparse.Namespace) -> dict[str, Any]:
         write_synthetic_stream(StreamConfig(windows=args.synthetic, rows=args.rows, drift_at=args.drift_at, synth=synth),
                                args.stream)
     exporter = Exporter() if args.metrics_port is not None else None
-    server = start_metrics_server(args.metrics_port, registry=exporter.registry) if exporter else None
+    server = start_metrics_server(args.metrics_port, args.metrics_address, exporter.registry) if exporter else None
     if server is not None:
         print(f"serving /metrics at {server.url}", flush=True)
 
