@@ -5,16 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from recops.ops.decision import Decision
+from recops.ops.decision import Decision, fmt
 from recops.ops.loop_config import CanaryConfig
 from recops.ops.publish import record_deployment
 from recops.ops.registry import ModelRegistry
 from recops.serving.deploy import Deployer, DeployState
 from recops.serving.repository import ModelRepository
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _weighted(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -44,8 +40,8 @@ def compare_arms(windows: list[dict[str, Any]], production: str, canary: str, co
         if cand["logloss"] > prod["logloss"] * (1 + config.logloss_margin):
             failures.append(f"canary logloss {cand['logloss']:.4f} > production {prod['logloss']:.4f} "
                             f"x {1 + config.logloss_margin:g}")
-    summary = (f"canary v{canary} AUC {_fmt(cand['auc'])} logloss {_fmt(cand['logloss'])} ({cand['impressions']} "
-               f"rows) vs production v{production} AUC {_fmt(prod['auc'])} logloss {_fmt(prod['logloss'])} "
+    summary = (f"canary v{canary} AUC {fmt(cand['auc'])} logloss {fmt(cand['logloss'])} ({cand['impressions']} "
+               f"rows) vs production v{production} AUC {fmt(prod['auc'])} logloss {fmt(prod['logloss'])} "
                f"({prod['impressions']} rows)")
     if failures:
         return Decision("rollback", (*failures, summary), figures)

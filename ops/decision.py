@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def fmt(x: float | None) -> str:
+    """A metric in a reason: four decimals, ``n/a`` when undefined."""
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 @dataclass(frozen=True)
 class Decision:
     """``verdict`` is one of the judge's words (policy: retrain | wait; gate: pass | fail; canary: promote |

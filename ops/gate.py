@@ -3,7 +3,7 @@
 Judged on the holdout (test split) of the candidate's NEW dataset: ONNX parity of its export (the export's own
 gate), finite scores, AUC not worse than the served production model's by more than ``auc_margin``, and no slice
 of the most frequent values of ``slice_features`` collapsing. Both models are scored by the same evaluation code
-``recops evaluate`` uses (``recops.ops.evaluate``).
+``recops evaluate`` uses (``recops.serving.scorers``, ``recops.ops.evaluate``).
 """
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from recops.errors import RecopsError
-from recops.ops.decision import Decision
-from recops.ops.evaluate import score_onnx
+from recops.ops.decision import Decision, fmt
+from recops.ops.evaluate import metrics
 from recops.ops.loop_config import GateConfig
 from recops.serving.export import ExportedModel, ParityError, check_parity
 from recops.serving.onnx_model import preprocessor_dict
+from recops.serving.scorers import OnnxScorer
 from recops.training.dataset import Dataset
-from recops.training.metrics import auc, logloss
+from recops.training.metrics import auc
 
 
 def validate(exported: ExportedModel, dataset_dir: str | Path, production_dir: Path, gate: GateConfig) -> Decision:
@@ -36,25 +37,27 @@ def validate(exported: ExportedModel, dataset_dir: str | Path, production_dir: P
     n = min(len(holdout), gate.holdout_rows)
     if n == 0:
         return Decision("fail", (f"dataset {dataset.version} has no holdout rows to validate on",), {"rows": 0})
-    labels = np.asarray(holdout.label[:n])
-    cand = score_onnx(exported.directory, holdout, n)
-    prod = score_onnx(production_dir, holdout, n)
+    labels, rows = np.asarray(holdout.label[:n]), holdout.take(slice(0, n))
+    cand, prod = OnnxScorer(exported.directory, threads=1).score(rows), OnnxScorer(production_dir, threads=1).score(rows)
     failures = []
     if not np.isfinite(cand).all():
         failures.append(f"{int((~np.isfinite(cand)).sum())} non-finite candidate scores on the holdout")
         cand = np.nan_to_num(cand, nan=0.5)
-    figures = {"rows": n, "auc": {"candidate": auc(labels, cand), "production": auc(labels, prod)},
-               "logloss": {"candidate": logloss(labels, cand), "production": logloss(labels, prod)}}
-    if not figures["auc"]["candidate"] >= figures["auc"]["production"] - gate.auc_margin:
+    both = {"candidate": metrics(labels, cand), "production": metrics(labels, prod)}
+    figures = {"rows": n, **{k: {m: both[m][k] for m in both} for k in ("auc", "logloss", "normalized_entropy",
+                                                                        "calibration")}}
+    if None in figures["auc"].values():
+        failures.append(f"holdout AUC is undefined on {n} rows (one class only)")
+    elif not figures["auc"]["candidate"] >= figures["auc"]["production"] - gate.auc_margin:
         failures.append(f"holdout AUC {figures['auc']['candidate']:.4f} < production "
                         f"{figures['auc']['production']:.4f} - margin {gate.auc_margin}")
     spec = dataset.spec
     slices = slice_aucs(labels, cand, prod, np.asarray(holdout.sparse[:n]), spec.sparse, gate)
     failures += [f"slice {s['feature']}={s['id']} AUC {s['candidate']:.4f} < production {s['production']:.4f} "
                  f"- {gate.slice_margin}" for s in slices if s["collapsed"]]
-    summary = (f"holdout ({n} rows of the new data) AUC {figures['auc']['candidate']:.4f} vs production "
-               f"{figures['auc']['production']:.4f}, logloss {figures['logloss']['candidate']:.4f} vs "
-               f"{figures['logloss']['production']:.4f}; parity max diff {parity.max_abs_diff:.2g}; "
+    summary = (f"holdout ({n} rows of the new data) AUC {fmt(figures['auc']['candidate'])} vs production "
+               f"{fmt(figures['auc']['production'])}, logloss {fmt(figures['logloss']['candidate'])} vs "
+               f"{fmt(figures['logloss']['production'])}; parity max diff {parity.max_abs_diff:.2g}; "
                f"{len(slices)} slices checked")
     details = {"summary": summary, **figures, "slices": slices, "parity": parity.to_dict()}
     return Decision("fail", tuple(failures), details) if failures else Decision("pass", (summary,), details)

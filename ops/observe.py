@@ -19,6 +19,7 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.files import atomic_path
+from recops.ops.decision import fmt
 from recops.ops.drift import ConceptVerdict, concept_drift, detect_drift
 from recops.ops.exposition import Exporter
 from recops.ops.loop_config import ObserveConfig
@@ -35,10 +36,6 @@ from recops.training.metrics import auc
 from recops.training.stats import Reference
 
 ARM_FIGURES = ("impressions", "clicks", "ctr", "mean_prediction", "calibration", "auc", "logloss")
-
-
-def fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 class Observer:

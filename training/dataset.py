@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ import pandas as pd
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir, write_json_atomic
 from recops.training.preprocess import Features, Preprocessor
-from recops.training.readers import REASONS, read_chunks
+from recops.training.readers import read_chunks
 from recops.training.spec import ColumnSpec, PreprocessConfig, canonical_json
 from recops.training.stats import Reference, load_reference, save_reference
 
@@ -38,18 +39,67 @@ PREPROCESSOR_FILE = "preprocessor.json"
 _MULT = 2654435761
 
 
+SPLIT_METHODS = ("random", "column", "time", "files")
+
+
 @dataclass(frozen=True)
 class SplitConfig:
-    """Deterministic pseudo-random split by valid-row index, plus the reference-sample size."""
+    """How rows become train / val / test; recorded in the manifest.
 
+    - ``random`` (default): a seeded pseudo-random assignment by row index, ``val_fraction`` / ``test_fraction``;
+    - ``column``: the value of ``column`` in each row, one of train / val / test;
+    - ``time``: ``column`` holds times (numbers, or dates such as 2024-05-01); rows before ``val_from`` are train,
+      before ``test_from`` val, the rest test;
+    - ``files``: separate input files per split (``ingest(..., val_inputs=..., test_inputs=...)``), e.g. the last
+      day of the Criteo logs as the test set.
+
+    Rows whose split cannot be read are rejected (``bad_split``). ``reference_rows`` bounds the uniform sample of
+    training rows that drift detection compares live data with.
+    """
+
+    method: str = "random"
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    seed: int = 0
+    column: str | None = None
+    val_from: str | None = None
+    test_from: str | None = None
     reference_rows: int = 200_000
 
-    def assign(self, index: np.ndarray) -> np.ndarray:
-        """0 = train, 1 = val, 2 = test for global valid-row indices."""
-        bucket = ((index.astype(np.uint64) * np.uint64(_MULT)) % np.uint64(10_000)).astype(np.int64) / 10_000
+    def __post_init__(self) -> None:
+        if self.method not in SPLIT_METHODS:
+            raise RecopsError(f"split: method {self.method!r} is not one of {SPLIT_METHODS}")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise RecopsError(f"split: val and test fractions must be in [0, 1) and leave training rows, got "
+                              f"{self.val_fraction} and {self.test_fraction}")
+        if self.method in ("column", "time") and not self.column:
+            raise RecopsError(f"split: method {self.method} needs the column holding the split (--split-column) or "
+                              "the time (--time-column)")
+        if self.method == "time" and not (self.val_from and self.test_from):
+            raise RecopsError("split: a time split needs both cut points, --val-from and --test-from")
+
+    def assign(self, index: np.ndarray, values: pd.Series | None = None) -> np.ndarray:
+        """0 = train, 1 = val, 2 = test, -1 = unreadable, for rows with global valid-row ``index`` (and the
+        ``column`` values of a column or time split)."""
+        if self.method == "column":
+            return pd.Series(values, dtype="string").map({"train": 0, "val": 1, "test": 2}).fillna(-1).to_numpy(int)
+        if self.method == "time":
+            times, val_from, test_from = _times(values), _times([self.val_from])[0], _times([self.test_from])[0]
+            return np.where(np.isnan(times), -1, np.where(times < val_from, 0, np.where(times < test_from, 1, 2)))
+        mixed = index.astype(np.uint64) * np.uint64(_MULT) + np.uint64(self.seed * 7919)
+        bucket = (mixed % np.uint64(10_000)).astype(np.int64) / 10_000
         return np.where(bucket < self.val_fraction, 1, np.where(bucket < self.val_fraction + self.test_fraction, 2, 0))
+
+
+def _times(values) -> np.ndarray:
+    """Numbers as they are, dates as seconds since the epoch; NaN where neither."""
+    series = pd.Series(values, dtype="string")
+    numbers = pd.to_numeric(series, errors="coerce")
+    if numbers.notna().sum() >= series.notna().sum():
+        return numbers.to_numpy(np.float64, na_value=np.nan)
+    dates = pd.to_datetime(series, errors="coerce", utc=True, format="mixed")
+    seconds = (dates - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    return seconds.to_numpy(np.float64, na_value=np.nan)
 
 
 @dataclass(frozen=True)
@@ -272,21 +322,33 @@ def ingest(
     config: PreprocessConfig | None = None,
     split: SplitConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    val_inputs: Iterable[str | Path] = (),
+    test_inputs: Iterable[str | Path] = (),
 ) -> Dataset:
-    """Raw files -> a versioned processed dataset under ``out_root`` (reused if it already exists)."""
+    """Raw files -> a versioned processed dataset under ``out_root`` (reused if it already exists).
+
+    ``val_inputs`` / ``test_inputs`` make a split by file (``split.method`` becomes ``files``): ``inputs`` are then
+    the training rows only.
+    """
     spec, config, split = spec or ColumnSpec.criteo(), config or PreprocessConfig(), split or SplitConfig()
-    paths = [Path(p) for p in inputs]
+    by_split = {"train": [Path(p) for p in inputs], "val": [Path(p) for p in val_inputs],
+                "test": [Path(p) for p in test_inputs]}
+    if by_split["val"] or by_split["test"]:
+        split = replace(split, method="files")
+    elif split.method == "files":
+        raise RecopsError("split by file: pass the validation and/or test files (--val-input / --test-input)")
+    paths = [p for files in by_split.values() for p in files]
     for p in paths:
         if not p.is_file():
             raise RecopsError(f"input {p}: no such file; pass existing data files")
-    hashes = [file_sha256(p) for p in paths]
-    version = version_id(hashes, spec, config, split)
+    hashes = {p: file_sha256(p) for p in paths}
+    version = version_id([f"{name}:{hashes[p]}" for name, files in by_split.items() for p in files], spec, config, split)
     final = Path(out_root) / version
     if (final / MANIFEST_FILE).is_file():
         return Dataset.open(final)
     remove_stale(final.parent)  # the staging directories of killed ingests
     with staging_dir(final) as tmp:
-        manifest = _ingest_into(tmp, paths, hashes, version, spec, config, split, progress)
+        manifest = _ingest_into(tmp, by_split, hashes, version, spec, config, split, progress)
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
         try:
             tmp.rename(final)
@@ -296,47 +358,81 @@ def ingest(
     return Dataset.open(final)
 
 
-def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress) -> dict[str, Any]:
+class _Ingest:
+    """One ingest's running state: the split writer, reject log and counts, the reference sample."""
+
+    def __init__(self, tmp: Path, spec: ColumnSpec, preprocessor: Preprocessor, split: SplitConfig,
+                 progress: Callable[[int], None] | None):
+        self.spec, self.preprocessor, self.split, self.progress = spec, preprocessor, split, progress
+        self.writer = _SplitWriter(tmp)
+        self.rejected: Counter[str] = Counter()
+        self.sample = BottomKSample(split.reference_rows)
+        self.seen = 0
+        self.templates: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+
+    def add(self, path: Path, fixed: str | None, rejects: TextIO) -> None:
+        """Every row of ``path``: into split ``fixed``, or the one the split config assigns."""
+        extra = (self.split.column,) if self.split.column and self.split.method != "random" else ()
+        for chunk in read_chunks(path, self.spec, passthrough=extra):
+            for line, reason, text in chunk.rejects:
+                self._reject(rejects, path, line, reason, text)
+            if chunk.frame.empty:
+                continue
+            values = chunk.frame[self.split.column] if extra else None
+            codes = np.full(len(chunk.frame), SPLITS.index(fixed)) if fixed else \
+                self.split.assign(np.arange(self.seen, self.seen + len(chunk.frame)), values)
+            for row in np.flatnonzero(codes < 0):
+                self._reject(rejects, path, int(chunk.lines[row]), "bad_split", str(values.iloc[row]))
+            self._write(chunk.frame[codes >= 0].reset_index(drop=True), codes[codes >= 0])
+
+    def _reject(self, out: TextIO, path: Path, line: int, reason: str, text: str) -> None:
+        self.rejected[reason] += 1
+        out.write(f"{path.name}\t{line}\t{reason}\t{text}\n")
+
+    def _write(self, frame: pd.DataFrame, codes: np.ndarray) -> None:
+        if frame.empty:
+            return
+        arrays = _arrays(self.preprocessor.transform(frame))
+        self.templates = {k: (v.dtype, v.shape[1:]) for k, v in arrays.items()}
+        for code, name in enumerate(SPLITS):
+            index = np.flatnonzero(codes == code)
+            if len(index):
+                self.writer.append(name, {k: v[index] for k, v in arrays.items()})
+        self.sample.add(frame[codes == 0])
+        self.seen += len(frame)
+        if self.progress:
+            self.progress(self.seen)
+
+
+def _ingest_into(tmp: Path, by_split: dict[str, list[Path]], hashes: dict[Path, str], version: str,
+                 spec: ColumnSpec, config: PreprocessConfig, split: SplitConfig,
+                 progress: Callable[[int], None] | None) -> dict[str, Any]:
     preprocessor = Preprocessor(spec, config)
-    if config.min_frequency > 0:
-        preprocessor = preprocessor.fit(c.frame for p in paths for c in read_chunks(p, spec))
+    if config.min_frequency > 0:  # vocabularies from the training inputs
+        preprocessor = preprocessor.fit(c.frame for p in by_split["train"] for c in read_chunks(p, spec))
     write_json_atomic(tmp / PREPROCESSOR_FILE, preprocessor.to_dict(), indent=None)
-    writer = _SplitWriter(tmp)
-    rejected = dict.fromkeys(REASONS, 0)
-    sample = BottomKSample(split.reference_rows)
-    seen = 0
-    templates: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
-    with open(tmp / "rejects.tsv", "w") as rejects_out:
-        rejects_out.write("file\tline\treason\trow\n")
-        for path in paths:
-            for chunk in read_chunks(path, spec):
-                for line, reason, text in chunk.rejects:
-                    rejected[reason] += 1
-                    rejects_out.write(f"{path.name}\t{line}\t{reason}\t{text}\n")
-                if chunk.frame.empty:
-                    continue
-                features = preprocessor.transform(chunk.frame)
-                assignment = split.assign(np.arange(seen, seen + len(features)))
-                arrays = _arrays(features)
-                templates = {k: (v.dtype, v.shape[1:]) for k, v in arrays.items()}
-                for code, name in enumerate(SPLITS):
-                    index = np.flatnonzero(assignment == code)
-                    if len(index):
-                        writer.append(name, {k: v[index] for k, v in arrays.items()})
-                seen += len(features)
-                sample.add(chunk.frame)
-                if progress:
-                    progress(seen)
-    if seen == 0:
-        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {rejected}); check the data and --spec")
-    rows = writer.finish(templates)
-    save_reference(tmp, sample.result(), spec, max_rows=split.reference_rows)
+    run = _Ingest(tmp, spec, preprocessor, split, progress)
+    with open(tmp / "rejects.tsv", "w") as rejects:
+        rejects.write("file\tline\treason\trow\n")
+        for name, files in by_split.items():
+            for path in files:
+                run.add(path, name if split.method == "files" else None, rejects)
+    paths = [p for files in by_split.values() for p in files]
+    if run.seen == 0:
+        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(run.rejected)}); "
+                          "check the data and --spec")
+    rows = run.writer.finish(run.templates)
+    reference = run.sample.result()
+    if reference.empty:
+        raise RecopsError(f"inputs {[str(p) for p in paths]}: no training rows ({rows}); check the split")
+    save_reference(tmp, reference, spec, max_rows=split.reference_rows)
     return {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": [{"path": str(p.resolve()), "sha256": h, "bytes": p.stat().st_size} for p, h in zip(paths, hashes)],
-        "rows": {"total": seen, **rows},
-        "rejected": {**rejected, "total": sum(rejected.values())},
+        "inputs": [{"path": str(p.resolve()), "sha256": hashes[p], "bytes": p.stat().st_size, "split": name}
+                   for name, files in by_split.items() for p in files],
+        "rows": {"total": run.seen, **rows},
+        "rejected": {**run.rejected, "total": sum(run.rejected.values())},  # reasons that occurred
         "rejects_file": "rejects.tsv",
         "schema": spec.to_dict(),
         "preprocess": config.to_dict(),

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from recops.cli.common import add_json_flag
+from recops.errors import RecopsError
 from recops.settings import settings
 from recops.training.dataset import SplitConfig
 from recops.training.spec import PreprocessConfig
@@ -33,17 +34,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=synth_command)
 
     ingest = data_sub.add_parser("ingest", help="raw file(s) -> versioned processed dataset under --out")
-    ingest.add_argument("--input", type=Path, nargs="+", required=True, help="Criteo TSV, CSV or Parquet file(s)")
+    ingest.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                        help="Criteo TSV, CSV or Parquet (plain or gzip): files, directories or globs such as "
+                             "'day_*.gz' (with --val-input/--test-input: the training rows)")
     ingest.add_argument("--out", type=Path, default=None,
-                        help="dataset root; the version becomes a sub-directory (default: $RECOPS_DATASETS or runs/datasets)")
-    ingest.add_argument("--spec", type=Path, help="column spec YAML (default: Criteo TSV)")
+                        help="dataset root; the version becomes a sub-directory (default: $RECOPS_DATASETS or "
+                             "runs/datasets)")
+    ingest.add_argument("--spec", type=Path, help="column spec YAML (default: Criteo TSV); see README 'Your data'")
     pre, split = PreprocessConfig(), SplitConfig()
     ingest.add_argument("--table-size", type=int, default=pre.table_size,
                         help="hash buckets per categorical feature (default %(default)s)")
     ingest.add_argument("--min-frequency", type=int, default=pre.min_frequency,
                         help=">0: vocabulary of values seen this often")
-    ingest.add_argument("--val-fraction", type=float, default=split.val_fraction, help="default %(default)s")
-    ingest.add_argument("--test-fraction", type=float, default=split.test_fraction, help="default %(default)s")
+    how = ingest.add_argument_group("split (default: random by --val-fraction/--test-fraction)")
+    how.add_argument("--val-fraction", type=float, default=split.val_fraction, help="default %(default)s")
+    how.add_argument("--test-fraction", type=float, default=split.test_fraction, help="default %(default)s")
+    how.add_argument("--seed", type=int, default=split.seed, help="seed of the random split (default %(default)s)")
+    how.add_argument("--val-input", nargs="+", default=[], metavar="FILE", help="validation rows: split by file")
+    how.add_argument("--test-input", nargs="+", default=[], metavar="FILE",
+                     help="test rows: split by file (e.g. the last day: --test-input day_23.gz)")
+    how.add_argument("--split-column", metavar="NAME", help="a column holding train, val or test for each row")
+    how.add_argument("--time-column", metavar="NAME", help="a column holding times (numbers or dates); with "
+                                                           "--val-from and --test-from")
+    how.add_argument("--val-from", metavar="T", help="with --time-column: first time of the validation rows")
+    how.add_argument("--test-from", metavar="T", help="with --time-column: first time of the test rows")
     add_json_flag(ingest)
     ingest.set_defaults(func=ingest_command)
 
@@ -56,17 +70,33 @@ def synth_command(args: argparse.Namespace) -> dict[str, Any]:
     return write(cfg, args.out)
 
 
+def split_config(args: argparse.Namespace) -> SplitConfig:
+    """The split the ingest flags ask for (one way at a time)."""
+    ways = [bool(args.val_input or args.test_input), bool(args.split_column), bool(args.time_column)]
+    if sum(ways) > 1:
+        raise RecopsError("choose one split: --val-input/--test-input, --split-column, or --time-column")
+    if (args.val_from or args.test_from) and not args.time_column:
+        raise RecopsError("--val-from/--test-from need --time-column")
+    method = "files" if ways[0] else "column" if ways[1] else "time" if ways[2] else "random"
+    return SplitConfig(method=method, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                       column=args.split_column or args.time_column, val_from=args.val_from, test_from=args.test_from)
+
+
 def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
     import sys
 
     from tqdm import tqdm
 
     from recops.training.dataset import ingest
+    from recops.training.inputs import expand_inputs
     from recops.training.spec import ColumnSpec
 
     spec = ColumnSpec.load(args.spec) if args.spec else ColumnSpec.criteo()
     config = PreprocessConfig(table_size=args.table_size, min_frequency=args.min_frequency)
-    split = SplitConfig(val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    split = split_config(args)
+    files = {k: expand_inputs(v) if v else [] for k, v in
+             (("train", args.input), ("val", args.val_input), ("test", args.test_input))}
     with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="ingest") as bar:
-        dataset = ingest(args.input, args.out or settings().datasets, spec, config, split, progress=lambda n: bar.update(n - bar.n))
+        dataset = ingest(files["train"], args.out or settings().datasets, spec, config, split,
+                         progress=lambda n: bar.update(n - bar.n), val_inputs=files["val"], test_inputs=files["test"])
     return dataset.summary()
