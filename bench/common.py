@@ -13,6 +13,7 @@ draw: ``{"x": "batch_size", "y": "samples_per_s", "series": "variant", "title": 
 ``"y"`` may be a list of columns (e.g. latency percentiles); when ``baseline`` is set the report
 also draws each series as a ratio against the row of the baseline series at the same x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,12 @@ def bench_parser(description: str | None) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark accepts."""
     parser = argparse.ArgumentParser(description=(description or "").splitlines()[0] if description else None)
     parser.add_argument("--quick", action="store_true", help="minimal sizes (smoke test, seconds)")
-    parser.add_argument("--results-dir", type=Path, default=None, help="where the JSON result goes (default: $RECOPS_BENCH_RESULTS or runs/bench)")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where the JSON result goes (default: $RECOPS_BENCH_RESULTS or runs/bench)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores this process may use)")
     return parser
 
@@ -84,8 +90,7 @@ class Timing:
         return min(self.times_s)
 
 
-def measure(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5,
-            sync: Callable[[], None] | None = None) -> Timing:
+def measure(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5, sync: Callable[[], None] | None = None) -> Timing:
     """Run ``fn`` ``warmup`` times untimed, then time ``repeats`` calls (``sync`` runs before each clock
     read, e.g. ``torch.cuda.synchronize``)."""
     if repeats < 1:
@@ -111,8 +116,12 @@ def peak_rss_mib() -> float:
 
 def _gpus() -> list[str]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
@@ -124,8 +133,12 @@ def hardware() -> dict[str, Any]:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = _gpus()
     info: dict[str, Any] = {
-        "cpu": cpu_model(), "cores": cores(), "memory_gib": round(mem_gib, 1), "gpus": gpus,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": cores(),
+        "memory_gib": round(mem_gib, 1),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }
     try:
         import torch
@@ -138,14 +151,29 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, rows: list[dict[str, Any]], results_dir: Path | None = None, *,
-                 baseline: str | None = None, plots: list[dict[str, Any]] | None = None,
-                 config: dict[str, Any] | None = None, **extra: Any) -> Path:
+def write_result(
+    name: str,
+    rows: list[dict[str, Any]],
+    results_dir: Path | None = None,
+    *,
+    baseline: str | None = None,
+    plots: list[dict[str, Any]] | None = None,
+    config: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     """Write ``<results_dir>/<name>.json`` with the rows, the hardware label, the date and the 1-minute load
     average (a busy host slows everything: compare ratios measured in the same run); returns the path."""
-    data = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "hardware": hardware(), "load_avg_1m": round(os.getloadavg()[0], 2), "baseline": baseline,
-            "config": config or {}, "rows": rows, "plots": plots or [], **extra}
+    data = {
+        "benchmark": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "baseline": baseline,
+        "config": config or {},
+        "rows": rows,
+        "plots": plots or [],
+        **extra,
+    }
     return write_json_atomic(Path(results_dir or default_results_dir()) / f"{name}.json", data)
 
 
@@ -178,8 +206,14 @@ def run_json_subprocess(args: list[str], timeout_s: float, env: dict[str, str] |
     """Run ``python <args>`` and return the JSON object on its last stdout line."""
     cmd = [sys.executable, *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
     except subprocess.TimeoutExpired as exc:
         raise RecopsError(f"{' '.join(args)}: still running after {timeout_s:.0f} s; use smaller sizes") from exc
     lines = proc.stdout.strip().splitlines()

@@ -3,6 +3,7 @@
 ``python -m recops.bench.dlrm_variants --variant NAME --config-json JSON`` measures one variant at every
 batch size and prints one JSON line (samples/s per timed repeat, peak RSS, the path measured).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ class EmbeddingBagDLRM(nn.Module):
 
     def __init__(self, config: ModelConfig, sparse_grad: bool, device: torch.device | str = "cpu"):
         super().__init__()
-        self.bags = nn.ModuleList(nn.EmbeddingBag(rows, config.embedding_dim, mode="sum", sparse=sparse_grad, device=device)
-                                  for rows in config.tables.values())
+        self.bags = nn.ModuleList(
+            nn.EmbeddingBag(rows, config.embedding_dim, mode="sum", sparse=sparse_grad, device=device)
+            for rows in config.tables.values()
+        )
         for bag in self.bags:  # TorchRec's default initialisation, so both variants start alike
             bound = math.sqrt(1.0 / bag.num_embeddings)
             nn.init.uniform_(bag.weight, -bound, bound)
@@ -87,13 +90,19 @@ def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Step, str]:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     config = cfg.model_config()
     model = DLRM(config, device="cpu")
-    apply_optimizer_in_backward(OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr})
+    apply_optimizer_in_backward(
+        OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr}
+    )
     sharders = [EmbeddingBagCollectionSharder()]
     constraints = {f"t_{k}": ParameterConstraints(sharding_types=["table_wise"]) for k in config.tables}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device=device.type), constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=1, compute_device=device.type), constraints=constraints
+    )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
@@ -108,12 +117,15 @@ def _torchrec_dmp(cfg: ThroughputConfig, device) -> tuple[Step, str]:
         dense_opt.step()
         return loss.detach()
 
-    return step, (f"DistributedModelParallel(world=1, table_wise) + fused in-backward {cfg.embedding_optimizer} "
-                  f"(fbgemm TBE {device.type} kernels)")
+    return step, (
+        f"DistributedModelParallel(world=1, table_wise) + fused in-backward {cfg.embedding_optimizer} "
+        f"(fbgemm TBE {device.type} kernels)"
+    )
 
 
-def _unfused_step(cfg: ThroughputConfig, model: nn.Module, embeddings: nn.Module,
-                  inputs: Callable[[Batch], tuple]) -> Callable[[Batch], torch.Tensor]:
+def _unfused_step(
+    cfg: ThroughputConfig, model: nn.Module, embeddings: nn.Module, inputs: Callable[[Batch], tuple]
+) -> Callable[[Batch], torch.Tensor]:
     """A step with separate optimizers: ``OPTIMIZER_CLASSES`` on ``embeddings``, Adam on ``model.head``;
     ``inputs(batch)`` gives the model's arguments and the label on the device."""
     emb_opt = OPTIMIZER_CLASSES[cfg.embedding_optimizer](embeddings.parameters(), lr=cfg.embedding_lr)
@@ -136,16 +148,21 @@ def _torchrec_unsharded(cfg: ThroughputConfig, device) -> tuple[Step, str]:
     """TorchRec's EBC without DMP (plain torch embedding-bag kernels) and regular optimizers."""
     model = DLRM(cfg.model_config(), device=device)
     step = _unfused_step(cfg, model, model.ebc, lambda b: _to(device, b[0], to_kjt(model.keys, b[1]), b[2]))
-    return step, (f"unsharded torchrec.EmbeddingBagCollection (plain torch {device.type} kernels, dense gradients) "
-                  f"+ torch.optim.{OPTIMIZER_CLASSES[cfg.embedding_optimizer].__name__}: "
-                  f"fbgemm-gpu {device.type} kernels not installed, no DMP")
+    return step, (
+        f"unsharded torchrec.EmbeddingBagCollection (plain torch {device.type} kernels, dense gradients) "
+        f"+ torch.optim.{OPTIMIZER_CLASSES[cfg.embedding_optimizer].__name__}: "
+        f"fbgemm-gpu {device.type} kernels not installed, no DMP"
+    )
 
 
 def _plain(cfg: ThroughputConfig, device, sparse_grad: bool) -> tuple[Step, str]:
     model = EmbeddingBagDLRM(cfg.model_config(), sparse_grad, device)
     step = _unfused_step(cfg, model, model.bags, lambda b: _to(device, *b))
     kind = "sparse=True, sparse gradients" if sparse_grad else "dense gradients"
-    return step, f"nn.EmbeddingBag(mode='sum', {kind}) x26 + torch.optim.{OPTIMIZER_CLASSES[cfg.embedding_optimizer].__name__}"
+    return (
+        step,
+        f"nn.EmbeddingBag(mode='sum', {kind}) x26 + torch.optim.{OPTIMIZER_CLASSES[cfg.embedding_optimizer].__name__}",
+    )
 
 
 def build_step(variant: str, cfg: ThroughputConfig) -> tuple[Step, str]:
@@ -187,10 +204,23 @@ def run_variant(variant: str, cfg: ThroughputConfig) -> dict[str, Any]:
         cpu_start = time.process_time()
         timing = measure(lambda steps=steps: [one() for _ in range(steps)], warmup=0, repeats=cfg.repeats, sync=sync)
         cpu_per_step = (time.process_time() - cpu_start) / (steps * cfg.repeats)
-        points.append({"batch_size": bs, "steps": steps, "samples_per_s": [steps * bs / t for t in timing.times_s],
-                       "samples_per_cpu_s": bs / max(cpu_per_step, 1e-9)})
-    result = {"variant": variant, "path": path, "init_s": init_s, "points": points, "peak_rss_mib": peak_rss_mib(),
-              "threads": torch.get_num_threads(), "load_avg_1m": [load_start, os.getloadavg()[0]]}
+        points.append(
+            {
+                "batch_size": bs,
+                "steps": steps,
+                "samples_per_s": [steps * bs / t for t in timing.times_s],
+                "samples_per_cpu_s": bs / max(cpu_per_step, 1e-9),
+            }
+        )
+    result = {
+        "variant": variant,
+        "path": path,
+        "init_s": init_s,
+        "points": points,
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": [load_start, os.getloadavg()[0]],
+    }
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
@@ -219,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="measure one DLRM training variant (worker of bench/train_throughput.py)")
     p.add_argument("--variant", required=True, choices=VARIANTS)
     p.add_argument("--config-json", required=True, help="ThroughputConfig as JSON")
-    p.add_argument("--profile-batch", type=int, default=0, help="print profiler top operators at this batch size instead")
+    p.add_argument(
+        "--profile-batch", type=int, default=0, help="print profiler top operators at this batch size instead"
+    )
     args = p.parse_args(argv)
     cfg = ThroughputConfig.from_dict(json.loads(args.config_json))
     if args.profile_batch:

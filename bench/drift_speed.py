@@ -12,12 +12,14 @@ Every report runs in its own process. Memory: ``data_rss_mib`` resident once the
 ``peak_rss_mib`` the process's whole peak (``ru_maxrss``, loading included). Wall and CPU seconds are
 both reported (CPU time is the fairer figure on a busy host). recops runs twice per pair: with
 categoricals as Python ``str`` objects (what ``recops.training.readers`` yields; the headline) and as pandas
-3 reads Parquet (Arrow-backed strings). recops: the reference statistics are built once (ingest time, from a 200k-row sample,
+3 reads Parquet (Arrow-backed strings). recops: the reference statistics are built once (ingest time, from a
+200k-row sample,
 timed separately), then each report loads them and tests the current rows (the median of
 ``--repeats`` runs). Evidently 0.7.23 compares the full reference and current frames. Evidently
 runs in its own venv (``--evidently-venv``, created on first use) so it never touches recops' pins.
 The JSON goes to ``bench/results/drift_speed.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,13 +56,21 @@ PAIRS = (Pair("no_drift", 1), Pair("partial_drift", 2, 0.2), Pair("strong_drift"
 
 def _parser():
     parser = bench_parser(__doc__)
-    parser.add_argument("--rows", default="1000000", help="rows of the reference and of each current set; a comma list runs several sizes")
+    parser.add_argument(
+        "--rows",
+        default="1000000",
+        help="rows of the reference and of each current set; a comma list runs several sizes",
+    )
     parser.add_argument("--evidently-max-rows", type=int, default=10**9, help="run Evidently only at sizes up to this")
     parser.add_argument("--repeats", type=int, default=3, help="recops reports per pair (median reported)")
     parser.add_argument("--skip-evidently", action="store_true", help="run the recops side only")
     parser.add_argument("--evidently-venv", type=Path, default=Path(".venv-evidently"), help="venv holding evidently")
-    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "recops-drift-bench",
-                        help="where the generated Parquet pairs are cached")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "recops-drift-bench",
+        help="where the generated Parquet pairs are cached",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per report")
     return parser
 
@@ -87,7 +97,12 @@ def _columns() -> list[str]:
 
 
 def _worker(python: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
-    cmd = [str(python), str(BENCH_DIR / "drift_workers.py"), *args, *_columns()]  # a script: the evidently venv lacks recops
+    cmd = [
+        str(python),
+        str(BENCH_DIR / "drift_workers.py"),
+        *args,
+        *_columns(),
+    ]  # a script: the evidently venv lacks recops
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, stdin=subprocess.DEVNULL)
@@ -95,7 +110,9 @@ def _worker(python: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
         raise RecopsError(f"drift_speed: {args[0]} still running after {timeout_s:.0f} s; use --rows smaller") from exc
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
-        raise RecopsError(f"drift_speed: {args[0]} worker failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
+        raise RecopsError(
+            f"drift_speed: {args[0]} worker failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}"
+        )
     return json.loads(lines[-1])
 
 
@@ -111,17 +128,25 @@ def ensure_evidently(venv: Path) -> Path:
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *EVIDENTLY], check=True)
     except subprocess.CalledProcessError as exc:
-        raise RecopsError(f"drift_speed: could not install Evidently into {venv} ({exc}); use --skip-evidently") from exc
+        raise RecopsError(
+            f"drift_speed: could not install Evidently into {venv} ({exc}); use --skip-evidently"
+        ) from exc
     return python
 
 
 def _row(pair: Pair, tool: str, rows: int, result: dict[str, Any]) -> dict[str, Any]:
     flagged, planted = result["flagged"], pair.planted
     return {
-        "pair": pair.name, "tool": tool, "rows": rows, "report_s": result["report_s"], "cpu_s": result["cpu_s"],
+        "pair": pair.name,
+        "tool": tool,
+        "rows": rows,
+        "report_s": result["report_s"],
+        "cpu_s": result["cpu_s"],
         **{k: result[k] for k in ("data_rss_mib", "report_peak_rss_mib", "peak_rss_mib")},
-        "flagged": len(flagged), "planted": len(planted),
-        "false_alarms": [f for f in flagged if f not in planted], "missed": [f for f in planted if f not in flagged],
+        "flagged": len(flagged),
+        "planted": len(planted),
+        "false_alarms": [f for f in flagged if f not in planted],
+        "missed": [f for f in planted if f not in flagged],
     }
 
 
@@ -131,13 +156,36 @@ def _jobs(args, rows: int, work: Path, stats_dir: Path) -> list[tuple[str, Pair,
     for pair in PAIRS:
         current = str(work / f"{pair.name}-{rows}.parquet")
         for tool, strings in (("recops", "object"), ("recops_native_strings", "native")):
-            jobs.append((tool, pair, Path(sys.executable), ["recops", "--current", current, "--out", str(stats_dir),
-                                                            "--repeats", str(args.repeats), "--strings", strings]))
+            jobs.append(
+                (
+                    tool,
+                    pair,
+                    Path(sys.executable),
+                    [
+                        "recops",
+                        "--current",
+                        current,
+                        "--out",
+                        str(stats_dir),
+                        "--repeats",
+                        str(args.repeats),
+                        "--strings",
+                        strings,
+                    ],
+                )
+            )
     if not args.skip_evidently and rows <= args.evidently_max_rows:
         python = ensure_evidently(args.evidently_venv)
         reference = str(work / f"reference-{rows}.parquet")
-        jobs += [("evidently", pair, python, ["evidently", "--reference", reference, "--current", str(work / f"{pair.name}-{rows}.parquet")])
-                 for pair in PAIRS]
+        jobs += [
+            (
+                "evidently",
+                pair,
+                python,
+                ["evidently", "--reference", reference, "--current", str(work / f"{pair.name}-{rows}.parquet")],
+            )
+            for pair in PAIRS
+        ]
     return jobs
 
 
@@ -146,10 +194,15 @@ def run_size(args, rows: int) -> tuple[list[dict[str, Any]], dict[str, Any], dic
     print(f"generating {rows}-row pairs in {args.work_dir} ...", file=sys.stderr)
     reference = _data(args.work_dir, "reference", rows, seed=0)
     for p in PAIRS:
-        _data(args.work_dir, p.name, rows, seed=p.seed, covariate_drift=p.covariate_drift, drift_features=p.drift_features)
+        _data(
+            args.work_dir, p.name, rows, seed=p.seed, covariate_drift=p.covariate_drift, drift_features=p.drift_features
+        )
     stats_dir = Path(tempfile.mkdtemp(prefix="recops-drift-ref-"))
-    details: dict[str, Any] = {"reference_build": _worker(Path(sys.executable), ["build", "--reference", str(reference),
-                                                                                "--out", str(stats_dir)], args.timeout)}
+    details: dict[str, Any] = {
+        "reference_build": _worker(
+            Path(sys.executable), ["build", "--reference", str(reference), "--out", str(stats_dir)], args.timeout
+        )
+    }
     out_rows, errors = [], {}
     for tool, pair, python, worker_args in _jobs(args, rows, args.work_dir, stats_dir):
         key = f"{tool}/{pair.name}/{rows}"
@@ -179,17 +232,52 @@ def main(argv: list[str] | None = None) -> int:
         rows += size_rows
         details[str(size)] = size_details
         errors.update(size_errors)
-    config = {"rows": sizes, "repeats": args.repeats, "pairs": [{**asdict(p), "planted": p.planted} for p in PAIRS],
-              "recops_reference_sample_rows": 200_000, "evidently_max_rows": args.evidently_max_rows,
-              "evidently": None if args.skip_evidently else EVIDENTLY[0]}
-    out = write_result(NAME, rows, args.results_dir, baseline="evidently", config=config, details=details, errors=errors,
-                       plots=[{"x": "rows", "y": "report_s", "series": "tool", "log_x": True, "title": "drift report seconds"}])
+    config = {
+        "rows": sizes,
+        "repeats": args.repeats,
+        "pairs": [{**asdict(p), "planted": p.planted} for p in PAIRS],
+        "recops_reference_sample_rows": 200_000,
+        "evidently_max_rows": args.evidently_max_rows,
+        "evidently": None if args.skip_evidently else EVIDENTLY[0],
+    }
+    out = write_result(
+        NAME,
+        rows,
+        args.results_dir,
+        baseline="evidently",
+        config=config,
+        details=details,
+        errors=errors,
+        plots=[{"x": "rows", "y": "report_s", "series": "tool", "log_x": True, "title": "drift report seconds"}],
+    )
     for size in sizes:
         build = details[str(size)]["reference_build"]
-        print(f"recops reference build at {size} rows (once per dataset, sample of at most 200k rows): {build['build_s']:.2f} s, "
-              f"{build['cpu_s']:.2f} s CPU, {build['peak_rss_mib']:.0f} MiB peak")
-    print(format_table(rows, ["pair", "tool", "rows", "report_s", "cpu_s", "data_rss_mib", "report_peak_rss_mib", "peak_rss_mib",
-                              "speedup_vs_evidently", "cpu_speedup_vs_evidently", "flagged", "planted", "false_alarms", "missed"]))
+        print(
+            f"recops reference build at {size} rows (once per dataset, sample of at most 200k rows): "
+            f"{build['build_s']:.2f} s, "
+            f"{build['cpu_s']:.2f} s CPU, {build['peak_rss_mib']:.0f} MiB peak"
+        )
+    print(
+        format_table(
+            rows,
+            [
+                "pair",
+                "tool",
+                "rows",
+                "report_s",
+                "cpu_s",
+                "data_rss_mib",
+                "report_peak_rss_mib",
+                "peak_rss_mib",
+                "speedup_vs_evidently",
+                "cpu_speedup_vs_evidently",
+                "flagged",
+                "planted",
+                "false_alarms",
+                "missed",
+            ],
+        )
+    )
     for key, message in errors.items():
         print(f"{key}: FAILED: {message}", file=sys.stderr)
     print(f"wrote {out}")

@@ -4,6 +4,7 @@ Top-level imports are stdlib only: the ``evidently`` worker runs under the separ
 which has neither recops' dependencies nor its pins. Each worker prints one JSON line with its
 timings and its own peak RSS (``ru_maxrss``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,11 @@ def _reset_peak() -> dict[str, float | None]:
 def _memory(before: dict[str, float | None]) -> dict[str, float | None]:
     """Resident data, the peak during the report, and the whole process's peak (load included)."""
     report_peak = _status_mib("VmHWM")
-    return {"data_rss_mib": before["data_rss_mib"], "report_peak_rss_mib": report_peak,
-            "peak_rss_mib": max(before["load_peak_rss_mib"], report_peak or 0.0, _peak_rss_mib())}
+    return {
+        "data_rss_mib": before["data_rss_mib"],
+        "report_peak_rss_mib": report_peak,
+        "peak_rss_mib": max(before["load_peak_rss_mib"], report_peak or 0.0, _peak_rss_mib()),
+    }
 
 
 def _read(path: str, categorical: list[str], strings: str = "object"):
@@ -71,7 +75,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     frame = _read(args.reference, list(spec.sparse))
     start, start_cpu = time.perf_counter(), time.process_time()
     save_reference(Path(args.out), frame, spec)
-    return {"build_s": time.perf_counter() - start, "cpu_s": time.process_time() - start_cpu, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "build_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - start_cpu,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def recops(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,9 +95,16 @@ def recops(args: argparse.Namespace) -> dict[str, Any]:
         report = detect_drift(load_reference(args.out), current)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return {"report_s": statistics.median(times), "cpu_s": statistics.median(cpu), "times_s": times,
-            **_memory(memory), "flagged": report.drifted_features,
-            "features": {name: {k: v for k, v in row.items() if k != "tests"} for name, row in report.to_dict()["features"].items()}}
+    return {
+        "report_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu),
+        "times_s": times,
+        **_memory(memory),
+        "flagged": report.drifted_features,
+        "features": {
+            name: {k: v for k, v in row.items() if k != "tests"} for name, row in report.to_dict()["features"].items()
+        },
+    }
 
 
 def evidently(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,8 +118,10 @@ def evidently(args: argparse.Namespace) -> dict[str, Any]:
     definition = DataDefinition(numerical_columns=dense, categorical_columns=categorical)
     memory = _reset_peak()
     start, start_cpu = time.perf_counter(), time.process_time()
-    snapshot = Report([DataDriftPreset()]).run(Dataset.from_pandas(current, data_definition=definition),
-                                              Dataset.from_pandas(reference, data_definition=definition))
+    snapshot = Report([DataDriftPreset()]).run(
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
     result = snapshot.dict()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     features, flagged = {}, []
@@ -117,8 +134,15 @@ def evidently(args: argparse.Namespace) -> dict[str, Any]:
         features[config["column"]] = {"test": method, "value": value, "threshold": threshold, "drifted": drifted}
         flagged += [config["column"]] if drifted else []
     order = dense + categorical
-    return {"report_s": elapsed, "cpu_s": cpu, "times_s": [elapsed], **_memory(memory), "version": ev.__version__,
-            "flagged": sorted(flagged, key=order.index), "features": features}
+    return {
+        "report_s": elapsed,
+        "cpu_s": cpu,
+        "times_s": [elapsed],
+        **_memory(memory),
+        "version": ev.__version__,
+        "flagged": sorted(flagged, key=order.index),
+        "features": features,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense", required=True, help="comma-separated numeric columns")
     parser.add_argument("--categorical", required=True, help="comma-separated categorical columns")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--strings", choices=("object", "native"), default="object", help="recops: in-memory string type")
+    parser.add_argument(
+        "--strings", choices=("object", "native"), default="object", help="recops: in-memory string type"
+    )
     args = parser.parse_args(argv)
     result = {"build": build, "recops": recops, "evidently": evidently}[args.worker](args)
     print(json.dumps(result), flush=True)

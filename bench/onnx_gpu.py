@@ -7,6 +7,7 @@ Latency percentiles and samples/s per batch size; ratios against ``torch_eager``
 A backend that cannot run here (e.g. no ``CUDAExecutionProvider`` without onnxruntime-gpu) is
 recorded under ``skipped`` with the reason.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -58,8 +59,10 @@ def _ort_backend(path: Path, provider: str) -> Callable[[dict[str, np.ndarray]],
 
     available = ort.get_available_providers()
     if provider not in available:
-        raise RecopsError(f"onnxruntime {ort.__version__} has no {provider} (available: {available}); "
-                          "the CUDA EP needs the onnxruntime-gpu wheel")
+        raise RecopsError(
+            f"onnxruntime {ort.__version__} has no {provider} (available: {available}); "
+            "the CUDA EP needs the onnxruntime-gpu wheel"
+        )
     session = ort.InferenceSession(str(path), providers=[provider])
     if session.get_providers()[0] != provider:
         raise RecopsError(f"onnxruntime fell back to {session.get_providers()} instead of {provider}")
@@ -78,8 +81,13 @@ def latency_row(run: Callable, inputs: dict[str, np.ndarray], min_seconds: float
         times.append(time.perf_counter() - t)
     ms = np.array(times) * 1000
     batch = len(inputs["dense"])
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "calls": len(times), "samples_per_s": batch * len(times) / sum(times)}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "calls": len(times),
+        "samples_per_s": batch * len(times) / sum(times),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="recops-onnx-bench-") as tmp:
         path = Path(tmp) / "model.onnx"
         example = layout.random_inputs(4, rng)
-        exporter = _onnx_export(module, tuple(torch.from_numpy(example[s.name]) for s in specs),
-                                [s.name for s in specs], path, external=True)
+        exporter = _onnx_export(
+            module,
+            tuple(torch.from_numpy(example[s.name]) for s in specs),
+            [s.name for s in specs],
+            path,
+            external=True,
+        )
         backends: dict[str, Callable] = {BASELINE: _torch_backend(module, layout, args.device)}
         skipped: dict[str, str] = {}
         for name, provider in (("ort_cuda", "CUDAExecutionProvider"), ("ort_cpu", "CPUExecutionProvider")):
@@ -123,16 +136,48 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r[f"throughput_vs_{BASELINE}"] = r["samples_per_s"] / base[r["batch_size"]]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    plots = [{"x": "batch_size", "y": ["p50_ms", "p99_ms"], "series": "backend", "log_x": True, "log_y": True,
-              "title": "DLRM inference latency per call (ms)"},
-             {"x": "batch_size", "y": "samples_per_s", "series": "backend", "log_x": True, "log_y": True,
-              "title": "DLRM inference throughput (samples/s)"}]
-    out = write_result(NAME, rows, args.results_dir, baseline=BASELINE, plots=plots, skipped=skipped, exporter=exporter,
-                       config={"max_rows": args.max_rows, "embedding_dim": args.embedding_dim, "device": args.device,
-                               "device_name": device_name, "batch_sizes": list(args.batch_sizes)},
-                       variants={BASELINE: f"InferenceDLRM eager on {device_name}",
-                                 "ort_cuda": "ONNX Runtime CUDAExecutionProvider", "ort_cpu": "ONNX Runtime CPUExecutionProvider"})
-    print(format_table(rows, ["backend", "batch_size", "p50_ms", "p99_ms", "samples_per_s", f"throughput_vs_{BASELINE}"]))
+    plots = [
+        {
+            "x": "batch_size",
+            "y": ["p50_ms", "p99_ms"],
+            "series": "backend",
+            "log_x": True,
+            "log_y": True,
+            "title": "DLRM inference latency per call (ms)",
+        },
+        {
+            "x": "batch_size",
+            "y": "samples_per_s",
+            "series": "backend",
+            "log_x": True,
+            "log_y": True,
+            "title": "DLRM inference throughput (samples/s)",
+        },
+    ]
+    out = write_result(
+        NAME,
+        rows,
+        args.results_dir,
+        baseline=BASELINE,
+        plots=plots,
+        skipped=skipped,
+        exporter=exporter,
+        config={
+            "max_rows": args.max_rows,
+            "embedding_dim": args.embedding_dim,
+            "device": args.device,
+            "device_name": device_name,
+            "batch_sizes": list(args.batch_sizes),
+        },
+        variants={
+            BASELINE: f"InferenceDLRM eager on {device_name}",
+            "ort_cuda": "ONNX Runtime CUDAExecutionProvider",
+            "ort_cpu": "ONNX Runtime CPUExecutionProvider",
+        },
+    )
+    print(
+        format_table(rows, ["backend", "batch_size", "p50_ms", "p99_ms", "samples_per_s", f"throughput_vs_{BASELINE}"])
+    )
     for name, why in skipped.items():
         print(f"{name}: skipped: {why}")
     print(f"wrote {out}")

@@ -5,6 +5,7 @@ every other ``*.json`` result written by ``recops.bench.common.write_result``. E
 numbers (titled with the hardware they were measured on) and, when the result names a baseline,
 each series as a ratio against the baseline measured in the same run. ``python -m recops.bench.report DIR``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -65,11 +66,14 @@ class Doc:
 
     def html(self, title: str) -> str:
         esc = html.escape
-        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-               "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-               "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-               "th{background:#f3f3f3}pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:12px}"
-               "img{max-width:100%}</style></head><body>"]
+        out = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+            "th{background:#f3f3f3}pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:12px}"
+            "img{max-width:100%}</style></head><body>"
+        ]
         for kind, value in self.blocks:
             if kind == "heading":
                 out.append(f"<h{value[0]}>{esc(value[1])}</h{value[0]}>")
@@ -127,9 +131,17 @@ def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Pat
         for i, y in enumerate(ys):
             vals = [points[v].get(y) for v in xs]
             label = name if len(ys) == 1 else f"{name} {y}"
-            ax.plot([v for v, w in zip(xs, vals) if w is not None], [w for w in vals if w is not None],
-                    styles[i % len(styles)], marker="o", color=colors[name], label=label)
-    ax.set(xlabel=x, ylabel=", ".join(ys), title=f"{spec.get('title', result['benchmark'])}\n{result['hardware']['label']}")
+            ax.plot(
+                [v for v, w in zip(xs, vals) if w is not None],
+                [w for w in vals if w is not None],
+                styles[i % len(styles)],
+                marker="o",
+                color=colors[name],
+                label=label,
+            )
+    ax.set(
+        xlabel=x, ylabel=", ".join(ys), title=f"{spec.get('title', result['benchmark'])}\n{result['hardware']['label']}"
+    )
     if ratio:
         rax = axes[0][1]
         base = groups[baseline]
@@ -138,8 +150,14 @@ def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Pat
             for i, y in enumerate(ys):
                 pairs = [(v, points[v].get(y), base[v].get(y)) for v in xs]
                 pairs = [(v, a / b) for v, a, b in pairs if a is not None and b]
-                rax.plot([p[0] for p in pairs], [p[1] for p in pairs], styles[i % len(styles)], marker="o",
-                         color=colors[name], label=name if len(ys) == 1 else f"{name} {y}")
+                rax.plot(
+                    [p[0] for p in pairs],
+                    [p[1] for p in pairs],
+                    styles[i % len(styles)],
+                    marker="o",
+                    color=colors[name],
+                    label=name if len(ys) == 1 else f"{name} {y}",
+                )
         rax.axhline(1.0, color="grey", linewidth=0.8)
         rax.set(xlabel=x, ylabel=f"ratio vs {baseline}", title=f"ratio vs {baseline} (same run)")
         rax.legend(fontsize=8)
@@ -164,7 +182,9 @@ def plot_gpu(suite: dict[str, Any] | None, path: Path) -> Path:
     series = (suite or {}).get("gpu_series") or []
     if not series:
         reasons = {r.get("gpu", {}).get("reason") for r in (suite or {}).get("runs", [])} - {None}
-        why = "; ".join(sorted(reasons)) or ("suite.json not found: run `recops bench`" if suite is None else "no samples")
+        why = "; ".join(sorted(reasons)) or (
+            "suite.json not found: run `recops bench`" if suite is None else "no samples"
+        )
         ax.text(0.5, 0.5, f"no GPU\n{why}", ha="center", va="center", fontsize=14, wrap=True, transform=ax.transAxes)
         ax.set_axis_off()
     else:
@@ -199,7 +219,9 @@ def _load(results_dir: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str,
     return suite, results, broken
 
 
-def _section(doc: Doc, name: str, result: dict[str, Any] | None, run: dict[str, Any] | None, results_dir: Path) -> list[Path]:
+def _section(
+    doc: Doc, name: str, result: dict[str, Any] | None, run: dict[str, Any] | None, results_dir: Path
+) -> list[Path]:
     status = run["status"] if run else ("ok" if result else "not run")
     doc.heading(f"{name} — {status.upper() if status != 'ok' else 'ok'}")
     if run and run["status"] != "ok":
@@ -210,8 +232,10 @@ def _section(doc: Doc, name: str, result: dict[str, Any] | None, run: dict[str, 
         if not run:
             doc.text("**NOT RUN**: no result JSON in this directory.")
         return []
-    doc.text(f"Measured {result['date']} on **{result['hardware']['label']}** (load average "
-             f"{result.get('load_avg_1m', '?')}). Baseline: `{result.get('baseline') or 'none'}`.")
+    doc.text(
+        f"Measured {result['date']} on **{result['hardware']['label']}** (load average "
+        f"{result.get('load_avg_1m', '?')}). Baseline: `{result.get('baseline') or 'none'}`."
+    )
     for label, key in (("Paths measured", "variants"), ("Errors", "errors")):
         if result.get(key):
             doc.text(f"{label}:\n" + "\n".join(f"- `{k}`: {v}" for k, v in result[key].items()))
@@ -242,16 +266,25 @@ def render(results_dir: Path | None = None) -> dict[str, Path]:
     hw = (suite or next(iter(results.values()), {})).get("hardware", {}).get("label", "unknown hardware")
     doc = Doc()
     doc.heading("recops benchmark report", 1)
-    doc.text(f"Hardware: **{hw}**. Suite run: {(suite or {}).get('date', 'none (results only)')}"
-             f"{' (quick sizes)' if (suite or {}).get('quick') else ''}. Ratios compare variants measured in the same run.")
+    doc.text(
+        f"Hardware: **{hw}**. Suite run: {(suite or {}).get('date', 'none (results only)')}"
+        f"{' (quick sizes)' if (suite or {}).get('quick') else ''}. Ratios compare variants measured in the same run."
+    )
     summary = []
     for name in names:
         run, result = runs.get(name), results.get(name)
         gpu = (run or {}).get("gpu") or {}
-        summary.append({"benchmark": name, "status": run["status"] if run else ("ok (not in this suite run)" if result else "not run"),
-                        "detail": (run or {}).get("detail") or broken.get(name, ""), "seconds": (run or {}).get("seconds"),
-                        "measured": (result or {}).get("date"), "gpu util mean %": gpu.get("util_mean_pct"),
-                        "gpu util max %": gpu.get("util_max_pct")})
+        summary.append(
+            {
+                "benchmark": name,
+                "status": run["status"] if run else ("ok (not in this suite run)" if result else "not run"),
+                "detail": (run or {}).get("detail") or broken.get(name, ""),
+                "seconds": (run or {}).get("seconds"),
+                "measured": (result or {}).get("date"),
+                "gpu util mean %": gpu.get("util_mean_pct"),
+                "gpu util max %": gpu.get("util_max_pct"),
+            }
+        )
     doc.table(summary)
     doc.heading("GPU utilisation")
     plots = [plot_gpu(suite, results_dir / GPU_PLOT)]
@@ -263,8 +296,6 @@ def render(results_dir: Path | None = None) -> dict[str, Path]:
     page = results_dir / HTML
     write_text_atomic(page, doc.html("recops benchmark report"))
     return {"markdown": md, "html": page, **{p.stem: p for p in plots}}
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ C++ load generator in the tritonclient wheel) is run too when it can start: it n
 (``--cudart-dir``, or the ``nvidia-cuda-runtime-cu12`` wheel installed) even on CPU hosts.
 Writes ``serve_latency.json`` and ``serve_latency.png`` to ``--results-dir``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,15 @@ NAME = "serve_latency"
 MODEL = "dlrm_bench"
 BACKENDS = ("torch_eager", "onnxruntime", "triton_http", "triton_grpc")
 BASELINE = "onnxruntime"  # ratios are against this backend at the same batch size and concurrency
-PA_COMPONENTS = ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
-                 "Server Compute Infer", "Server Compute Output", "Client Recv")  # they add up to the mean latency
+PA_COMPONENTS = (
+    "Client Send",
+    "Network+Server Send/Recv",
+    "Server Queue",
+    "Server Compute Input",
+    "Server Compute Infer",
+    "Server Compute Output",
+    "Client Recv",
+)  # they add up to the mean latency
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,9 @@ def random_checkpoint(out: Path, table_size: int, seed: int = 0) -> Path:
     config = ModelConfig(tables=preprocessor.table_sizes, num_dense=13)
     torch.manual_seed(seed)
     model = DLRM(config)
-    meta = checkpoint.CheckpointMeta(model=config, train=TrainConfig(), dataset=DatasetRef(out, "random"),
-                                     preprocessor=preprocessor.to_dict())
+    meta = checkpoint.CheckpointMeta(
+        model=config, train=TrainConfig(), dataset=DatasetRef(out, "random"), preprocessor=preprocessor.to_dict()
+    )
     checkpoint.save(out, {k: v.detach() for k, v in model.state_dict().items()}, {"dense": {}, "fused": {}}, meta)
     return out
 
@@ -95,13 +104,18 @@ class Cell:
     def summary(self, rows: int) -> dict[str, float]:
         """p50: median of the rounds' p50s; p99 over all requests; rows/s: median of the rounds'."""
         flat = np.concatenate(self.latencies) * 1e3
-        return {"requests": int(flat.size),
-                "p50_ms": float(np.median([np.percentile(lat * 1e3, 50) for lat in self.latencies])),
-                "p99_ms": float(np.percentile(flat, 99)), "mean_ms": float(flat.mean()),
-                "rows_per_s": float(np.median([lat.size * rows / wall for lat, wall in zip(self.latencies, self.walls)]))}
+        return {
+            "requests": int(flat.size),
+            "p50_ms": float(np.median([np.percentile(lat * 1e3, 50) for lat in self.latencies])),
+            "p99_ms": float(np.percentile(flat, 99)),
+            "mean_ms": float(flat.mean()),
+            "rows_per_s": float(np.median([lat.size * rows / wall for lat, wall in zip(self.latencies, self.walls)])),
+        }
 
 
-def run_round(make_call: Callable[[], Callable[[], Any]], concurrency: int, cfg: LatencyConfig) -> tuple[np.ndarray, float]:
+def run_round(
+    make_call: Callable[[], Callable[[], Any]], concurrency: int, cfg: LatencyConfig
+) -> tuple[np.ndarray, float]:
     """``concurrency`` threads, each with its own ``make_call()`` (made and warmed up in that thread: HTTP
     clients are bound to it), send requests back-to-back for ``cfg.seconds``: (latencies, wall seconds)."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
@@ -216,8 +230,10 @@ def perf_analyzer_env(cudart_dir: str | None) -> tuple[dict[str, str] | None, st
     if not b64:
         return None, "perf_analyzer needs libb64.so.0d; nvidia-pytriton's bundled copy was not found"
     if cudart is None:
-        return None, ("perf_analyzer is linked against libcudart.so.12 even for CPU runs; pass --cudart-dir "
-                      "(e.g. from the nvidia-cuda-runtime-cu12 wheel) to run it")
+        return None, (
+            "perf_analyzer is linked against libcudart.so.12 even for CPU runs; pass --cudart-dir "
+            "(e.g. from the nvidia-cuda-runtime-cu12 wheel) to run it"
+        )
     shim = Path(tempfile.mkdtemp(prefix="recops-pa-libs-"))
     (shim / "libb64.so.0d").symlink_to(b64[0])
     (shim / "libcudart.so.12").symlink_to(cudart)
@@ -225,38 +241,68 @@ def perf_analyzer_env(cudart_dir: str | None) -> tuple[dict[str, str] | None, st
     return env, ""
 
 
-def perf_analyzer_cell(env: dict[str, str], server, protocol: str, batch: int, concurrency: int,
-                       data_file: Path, seconds: float) -> dict[str, Any]:
+def perf_analyzer_cell(
+    env: dict[str, str], server, protocol: str, batch: int, concurrency: int, data_file: Path, seconds: float
+) -> dict[str, Any]:
     url = server.http_url if protocol == "http" else server.grpc_url
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
-        cmd = [env["PA_BINARY"], "-m", MODEL, "-x", "1", "-u", url.split("://")[1], "-i", protocol, "-b", str(batch),
-               f"--concurrency-range={concurrency}:{concurrency}", f"--input-data={data_file}",
-               # a shared host rarely gives 3 windows within 10%: report what was measured instead of failing
-               f"--measurement-interval={int(seconds * 1000)}", "--max-trials=6", "--stability-percentage=1000",
-               "-f", str(out)]
+        cmd = [
+            env["PA_BINARY"],
+            "-m",
+            MODEL,
+            "-x",
+            "1",
+            "-u",
+            url.split("://")[1],
+            "-i",
+            protocol,
+            "-b",
+            str(batch),
+            f"--concurrency-range={concurrency}:{concurrency}",
+            f"--input-data={data_file}",
+            # a shared host rarely gives 3 windows within 10%: report what was measured instead of failing
+            f"--measurement-interval={int(seconds * 1000)}",
+            "--max-trials=6",
+            "--stability-percentage=1000",
+            "-f",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not out.is_file():
             raise RecopsError(f"perf_analyzer exit {proc.returncode}: {(proc.stderr or proc.stdout)[-500:]}")
         row = next(csv.DictReader(out.open()))
-    return {"backend": f"perf_analyzer_{protocol}", "batch_size": batch, "concurrency": concurrency,
-            "p50_ms": float(row["p50 latency"]) / 1e3, "p99_ms": float(row["p99 latency"]) / 1e3,
-            "mean_ms": sum(float(row[c]) for c in PA_COMPONENTS) / 1e3, "rows_per_s": float(row["Inferences/Second"]),
-            "server_queue_ms": float(row["Server Queue"]) / 1e3,
-            "server_compute_ms": (float(row["Server Compute Input"]) + float(row["Server Compute Infer"])
-                                  + float(row["Server Compute Output"])) / 1e3}
+    return {
+        "backend": f"perf_analyzer_{protocol}",
+        "batch_size": batch,
+        "concurrency": concurrency,
+        "p50_ms": float(row["p50 latency"]) / 1e3,
+        "p99_ms": float(row["p99 latency"]) / 1e3,
+        "mean_ms": sum(float(row[c]) for c in PA_COMPONENTS) / 1e3,
+        "rows_per_s": float(row["Inferences/Second"]),
+        "server_queue_ms": float(row["Server Queue"]) / 1e3,
+        "server_compute_ms": (
+            float(row["Server Compute Input"])
+            + float(row["Server Compute Infer"])
+            + float(row["Server Compute Output"])
+        )
+        / 1e3,
+    }
 
 
 def perf_analyzer_data(layout, path: Path, rows: int = 64) -> Path:
     inputs = layout.random_inputs(rows, np.random.default_rng(7))
-    path.write_text(json.dumps({"data": [{name: value[i].tolist() for name, value in inputs.items()}
-                                         for i in range(rows)]}))
+    path.write_text(
+        json.dumps({"data": [{name: value[i].tolist() for name, value in inputs.items()} for i in range(rows)]})
+    )
     return path
 
 
 # ---- aims, plot --------------------------------------------------------------------------------------
 def _cell(rows: list[dict], backend: str, batch: int, concurrency: int) -> dict | None:
-    return next((r for r in rows if (r["backend"], r["batch_size"], r["concurrency"]) == (backend, batch, concurrency)), None)
+    return next(
+        (r for r in rows if (r["backend"], r["batch_size"], r["concurrency"]) == (backend, batch, concurrency)), None
+    )
 
 
 def aims(rows: list[dict]) -> dict[str, Any]:
@@ -270,13 +316,20 @@ def aims(rows: list[dict]) -> dict[str, Any]:
         tri1 = _cell(rows, f"triton_{protocol}", 1, 1)
         if tri1 and ort1:
             extra = tri1["p50_ms"] - ort1["p50_ms"]
-            out[f"triton_{protocol}_extra_p50_ms_batch1"] = {"value": round(extra, 3), "aim": "<= 0.5", "met": extra <= 0.5}
+            out[f"triton_{protocol}_extra_p50_ms_batch1"] = {
+                "value": round(extra, 3),
+                "aim": "<= 0.5",
+                "met": extra <= 0.5,
+            }
         for conc in (1, 4):
             tri, ort = _cell(rows, f"triton_{protocol}", 1024, conc), _cell(rows, "onnxruntime", 1024, conc)
             if tri and ort:
                 ratio = tri["rows_per_s"] / ort["rows_per_s"]
                 out[f"triton_{protocol}_throughput_share_batch1024_c{conc}"] = {
-                    "value": round(ratio, 3), "aim": ">= 0.8", "met": ratio >= 0.8}
+                    "value": round(ratio, 3),
+                    "aim": ">= 0.8",
+                    "met": ratio >= 0.8,
+                }
     return out
 
 
@@ -287,7 +340,9 @@ def add_ratios(rows: list[dict]) -> None:
         row["variant"] = f"{row['backend']} c{row['concurrency']}"
         base = _cell(rows, BASELINE, row["batch_size"], row["concurrency"])
         row["p50_vs_onnxruntime"] = row["p50_ms"] / base["p50_ms"] if base and base["p50_ms"] else None
-        row["rows_per_s_vs_onnxruntime"] = row["rows_per_s"] / base["rows_per_s"] if base and base["rows_per_s"] else None
+        row["rows_per_s_vs_onnxruntime"] = (
+            row["rows_per_s"] / base["rows_per_s"] if base and base["rows_per_s"] else None
+        )
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
@@ -301,18 +356,31 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     for i, backend in enumerate(backends):
         color = f"C{i}"
         for conc, style in ((1, "-"), (4, "--")):
-            cells = sorted((r for r in rows if r["backend"] == backend and r["concurrency"] == conc),
-                           key=lambda r: r["batch_size"])
+            cells = sorted(
+                (r for r in rows if r["backend"] == backend and r["concurrency"] == conc), key=lambda r: r["batch_size"]
+            )
             if not cells:
                 continue
             xs = [r["batch_size"] for r in cells]
             marker = "s" if backend.startswith("perf_analyzer") else "o"
             left.plot(xs, [r["p50_ms"] for r in cells], style, marker=marker, color=color, label=f"{backend} c{conc}")
-            right.plot(xs, [r["rows_per_s"] for r in cells], style, marker=marker, color=color, label=f"{backend} c{conc}")
-    left.set(xscale="log", yscale="log", xlabel="batch size (rows per request)", ylabel="p50 latency (ms)",
-             title="latency per request")
-    right.set(xscale="log", yscale="log", xlabel="batch size (rows per request)", ylabel="rows / s",
-              title="throughput (c = concurrent clients)")
+            right.plot(
+                xs, [r["rows_per_s"] for r in cells], style, marker=marker, color=color, label=f"{backend} c{conc}"
+            )
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size (rows per request)",
+        ylabel="p50 latency (ms)",
+        title="latency per request",
+    )
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size (rows per request)",
+        ylabel="rows / s",
+        title="throughput (c = concurrent clients)",
+    )
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=7, loc="lower right")
@@ -334,14 +402,24 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
     t0 = time.perf_counter()
     ckpt = random_checkpoint(work / "checkpoint", cfg.table_size)
     instances = cfg.instances or cores()
-    options = ServingOptions(max_batch_size=max(cfg.batch_sizes), intra_op_threads=threads, instance_count=instances,
-                             warmup=(WarmupRequest(batch_size=1, data="zero"),))
+    options = ServingOptions(
+        max_batch_size=max(cfg.batch_sizes),
+        intra_op_threads=threads,
+        instance_count=instances,
+        warmup=(WarmupRequest(batch_size=1, data="zero"),),
+    )
     published = export_to_repository(ckpt, work / "repo", MODEL, config=ExportConfig(), options=options)
-    log(f"exported ({published.record.exporter}, parity {published.parity.max_abs_diff:.2g}) in "
-        f"{time.perf_counter() - t0:.1f}s")
-    info: dict[str, Any] = {"exporter": published.record.exporter, "parity_max_abs_diff": published.parity.max_abs_diff,
-                            "onnx_bytes": published.onnx_path.stat().st_size, "threads": threads,
-                            "triton_instances": instances}
+    log(
+        f"exported ({published.record.exporter}, parity {published.parity.max_abs_diff:.2g}) in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
+    info: dict[str, Any] = {
+        "exporter": published.record.exporter,
+        "parity_max_abs_diff": published.parity.max_abs_diff,
+        "onnx_bytes": published.onnx_path.stat().st_size,
+        "threads": threads,
+        "triton_instances": instances,
+    }
     rows: list[dict] = []
     layout = published.record.layout
     with TritonServer(ServerConfig(repo=work / "repo", load_models=(MODEL,))) as server:
@@ -357,8 +435,10 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
                             cell.latencies.append(latencies)
                             cell.walls.append(wall)
                             backends.close()
-                    rows += [{"backend": backend, "batch_size": batch, "concurrency": conc, **cell.summary(batch)}
-                             for backend, cell in cells.items()]
+                    rows += [
+                        {"backend": backend, "batch_size": batch, "concurrency": conc, **cell.summary(batch)}
+                        for backend, cell in cells.items()
+                    ]
                 log(f"batch {batch}: done ({time.perf_counter() - t0:.0f}s)")
         finally:
             backends.close()
@@ -366,8 +446,9 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
     return rows, info
 
 
-def run_perf_analyzer(cfg: LatencyConfig, server, layout, work: Path, rows: list[dict],
-                      log: Callable[[str], None]) -> dict[str, Any]:
+def run_perf_analyzer(
+    cfg: LatencyConfig, server, layout, work: Path, rows: list[dict], log: Callable[[str], None]
+) -> dict[str, Any]:
     if not cfg.perf_analyzer:
         return {"ran": False, "reason": "disabled (--no-perf-analyzer)"}
     env, reason = perf_analyzer_env(cfg.cudart_dir)
@@ -389,20 +470,33 @@ def run_perf_analyzer(cfg: LatencyConfig, server, layout, work: Path, rows: list
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--table-size", type=int, default=LatencyConfig.table_size, help="rows per embedding table")
-    parser.add_argument("--seconds", type=float, default=LatencyConfig.seconds,
-                        help="measured seconds per round of each cell (3 rounds)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=LatencyConfig.seconds,
+        help="measured seconds per round of each cell (3 rounds)",
+    )
     parser.add_argument("--batch-sizes", default=",".join(map(str, LatencyConfig.batch_sizes)))
     parser.add_argument("--no-perf-analyzer", action="store_true")
-    parser.add_argument("--instances", type=int, default=LatencyConfig.instances,
-                        help="Triton model instances (0 = one per usable core)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=LatencyConfig.instances,
+        help="Triton model instances (0 = one per usable core)",
+    )
     parser.set_defaults(threads=LatencyConfig.threads)  # 0 still means all cores
     parser.add_argument("--cudart-dir", default=None, help="directory with libcudart.so.12 (perf_analyzer needs it)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning on a shared host
-    cfg = LatencyConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                        table_size=args.table_size if not args.quick else 10_000,
-                        seconds=args.seconds if not args.quick else 0.2, threads=args.threads,
-                        instances=args.instances, perf_analyzer=not args.no_perf_analyzer, cudart_dir=args.cudart_dir)
+    cfg = LatencyConfig(
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        table_size=args.table_size if not args.quick else 10_000,
+        seconds=args.seconds if not args.quick else 0.2,
+        threads=args.threads,
+        instances=args.instances,
+        perf_analyzer=not args.no_perf_analyzer,
+        cudart_dir=args.cudart_dir,
+    )
     if args.quick:
         cfg = LatencyConfig(**{**asdict(cfg), "batch_sizes": (1, 64, 1024), "warmup": 1})
     load_before = os.getloadavg()
@@ -411,20 +505,63 @@ def main(argv: list[str] | None = None) -> int:
     goals = aims(rows)
     info["load_average"] = {"before": load_before, "after": os.getloadavg()}
     add_ratios(rows)
-    path = write_result(NAME, rows, args.results_dir, baseline=BASELINE, config=asdict(cfg), aims=goals, **info,
-                        plots=[{"x": "batch_size", "y": "p50_vs_onnxruntime", "series": "variant",
-                                "title": "p50 latency / in-process ONNX Runtime's (same batch, clients)",
-                                "log_x": True, "log_y": True},
-                               {"x": "batch_size", "y": ["p50_ms", "p99_ms"], "series": "variant",
-                                "title": "latency percentiles (p50 solid, p99 dashed)",
-                                "log_x": True, "log_y": True},
-                               {"x": "batch_size", "y": "rows_per_s", "series": "variant", "title": "throughput",
-                                "log_x": True, "log_y": True}])
+    path = write_result(
+        NAME,
+        rows,
+        args.results_dir,
+        baseline=BASELINE,
+        config=asdict(cfg),
+        aims=goals,
+        **info,
+        plots=[
+            {
+                "x": "batch_size",
+                "y": "p50_vs_onnxruntime",
+                "series": "variant",
+                "title": "p50 latency / in-process ONNX Runtime's (same batch, clients)",
+                "log_x": True,
+                "log_y": True,
+            },
+            {
+                "x": "batch_size",
+                "y": ["p50_ms", "p99_ms"],
+                "series": "variant",
+                "title": "latency percentiles (p50 solid, p99 dashed)",
+                "log_x": True,
+                "log_y": True,
+            },
+            {
+                "x": "batch_size",
+                "y": "rows_per_s",
+                "series": "variant",
+                "title": "throughput",
+                "log_x": True,
+                "log_y": True,
+            },
+        ],
+    )
     load = max(info["load_average"]["before"][0], info["load_average"]["after"][0])
-    png = plot(rows, Path(args.results_dir) / f"{NAME}.png",
-               f"{hardware()['label']}; 1-min load average up to {load:.1f} during the run")
-    print(format_table(rows, ["backend", "batch_size", "concurrency", "requests", "p50_ms", "p99_ms", "rows_per_s",
-                              "p50_vs_onnxruntime", "rows_per_s_vs_onnxruntime"]))
+    png = plot(
+        rows,
+        Path(args.results_dir) / f"{NAME}.png",
+        f"{hardware()['label']}; 1-min load average up to {load:.1f} during the run",
+    )
+    print(
+        format_table(
+            rows,
+            [
+                "backend",
+                "batch_size",
+                "concurrency",
+                "requests",
+                "p50_ms",
+                "p99_ms",
+                "rows_per_s",
+                "p50_vs_onnxruntime",
+                "rows_per_s_vs_onnxruntime",
+            ],
+        )
+    )
     print(json.dumps(goals, indent=1))
     print(f"wrote {path} and {png}")
     return 0

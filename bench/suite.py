@@ -5,6 +5,7 @@ sampled meanwhile (``recops.ops.gpu.gpu_monitor``), then one report (``bench/rep
 same as ``recops bench``. A benchmark that is missing, fails or writes no JSON is recorded as such in
 ``suite.json`` and in the report, never skipped silently.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,14 +70,28 @@ def _monitor():
 
 
 def _series(samples, t0: float) -> list[dict[str, Any]]:
-    return [{"t": round(s.ts - t0, 2), "gpu": s.index, "util_pct": s.utilization_pct,
-             "memory_gib": round(s.memory_used_bytes / 2**30, 3)} for s in samples]
+    return [
+        {
+            "t": round(s.ts - t0, 2),
+            "gpu": s.index,
+            "util_pct": s.utilization_pct,
+            "memory_gib": round(s.memory_used_bytes / 2**30, 3),
+        }
+        for s in samples
+    ]
 
 
 def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], t0: float) -> tuple[BenchRun, list]:
     """Run one benchmark in a subprocess under the GPU monitor; returns its record and GPU samples."""
-    cmd = [sys.executable, "-m", f"recops.bench.{bench.name}", "--results-dir", str(results_dir),
-           *(("--quick", *bench.quick) if quick else bench.full), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        f"recops.bench.{bench.name}",
+        "--results-dir",
+        str(results_dir),
+        *(("--quick", *bench.quick) if quick else bench.full),
+        *extra,
+    ]
     run = BenchRun(bench.name, "missing", command=cmd[1:], start_s=round(time.time() - t0, 2))
     if not bench.script.exists():
         run.detail = f"bench/{bench.name}.py does not exist"
@@ -109,8 +124,15 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
 
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (its workers too)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**BENCH_ENV, **os.environ}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**BENCH_ENV, **os.environ},
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -120,8 +142,13 @@ def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def run_suite(benchmarks: list[Benchmark], results_dir: Path | None = None, quick: bool = False,
-              extra: dict[str, list[str]] | None = None, echo: bool = True) -> dict[str, Any]:
+def run_suite(
+    benchmarks: list[Benchmark],
+    results_dir: Path | None = None,
+    quick: bool = False,
+    extra: dict[str, list[str]] | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
     """Run ``benchmarks``, write ``suite.json`` and the report; returns the suite record."""
     results_dir = Path(results_dir or default_results_dir())
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +162,13 @@ def run_suite(benchmarks: list[Benchmark], results_dir: Path | None = None, quic
         series += [{**s, "benchmark": bench.name} for s in samples]
         if echo:
             print(f"[suite] {bench.name}: {run.status} {run.detail} ({run.seconds:.0f} s)", file=sys.stderr, flush=True)
-    suite = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "hardware": hardware(), "quick": quick,
-             "runs": [asdict(r) for r in runs], "gpu_series": series}
+    suite = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "quick": quick,
+        "runs": [asdict(r) for r in runs],
+        "gpu_series": series,
+    }
     write_json_atomic(results_dir / SUITE_FILE, suite)
     suite["report"] = {k: str(v) for k, v in render(results_dir).items()}
     return suite
@@ -148,33 +180,52 @@ def parse_extra(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         name, sep, args = item.partition("=")
         if not sep or not name:
-            raise RecopsError(f"bench: --extra {item!r} must look like NAME=\"ARGS\"")
+            raise RecopsError(f'bench: --extra {item!r} must look like NAME="ARGS"')
         out.setdefault(name, []).extend(shlex.split(args))
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="minimal sizes (a smoke run, about a minute)")
-    parser.add_argument("--only", type=lambda s: [n for n in s.split(",") if n], default=None,
-                        help=f"comma-separated subset of: {', '.join(b.name for b in BENCHMARKS)}")
-    parser.add_argument("--results-dir", type=Path, default=None,
-                        help="JSON results, PNG plots and the report (default: $RECOPS_BENCH_RESULTS or runs/bench)")
-    parser.add_argument("--extra", action="append", default=[], metavar='NAME="ARGS"',
-                        help="extra arguments for one benchmark, e.g. train_throughput=\"--device cuda\"")
+    parser.add_argument(
+        "--only",
+        type=lambda s: [n for n in s.split(",") if n],
+        default=None,
+        help=f"comma-separated subset of: {', '.join(b.name for b in BENCHMARKS)}",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="JSON results, PNG plots and the report (default: $RECOPS_BENCH_RESULTS or runs/bench)",
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar='NAME="ARGS"',
+        help='extra arguments for one benchmark, e.g. train_throughput="--device cuda"',
+    )
     parser.add_argument("--report-only", action="store_true", help="re-render the report from existing JSON")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Shared by ``python -m recops.bench.suite`` and ``recops bench``: a summary dict; raises if any benchmark failed."""
+    """Shared by ``python -m recops.bench.suite`` and ``recops bench``: a summary dict; raises if any benchmark
+    failed."""
     if args.report_only:
         return {"report": {k: str(v) for k, v in render(args.results_dir).items()}}
     suite = run_suite(select(args.only), args.results_dir, args.quick, parse_extra(args.extra))
-    summary = {"results_dir": str(args.results_dir or default_results_dir()), "report": suite["report"].get("markdown"),
-               "benchmarks": {r["name"]: r["status"] + (f" ({r['detail']})" if r["detail"] else "") for r in suite["runs"]}}
+    summary = {
+        "results_dir": str(args.results_dir or default_results_dir()),
+        "report": suite["report"].get("markdown"),
+        "benchmarks": {r["name"]: r["status"] + (f" ({r['detail']})" if r["detail"] else "") for r in suite["runs"]},
+    }
     bad = [r["name"] for r in suite["runs"] if r["status"] not in ("ok", "skipped")]
     if bad:
-        raise RecopsError(f"{len(bad)} of {len(suite['runs'])} benchmarks did not complete ({', '.join(bad)}); "
-                          f"see {summary['report']}")
+        raise RecopsError(
+            f"{len(bad)} of {len(suite['runs'])} benchmarks did not complete ({', '.join(bad)}); "
+            f"see {summary['report']}"
+        )
     return summary
 
 

@@ -10,6 +10,7 @@ summed over trials), so ``wall_s - train_s`` is what the orchestration costs.
 
 ``python -m recops.bench.sweep_overhead [--trials 4] [--epochs 2] [--rows 20000] [--concurrency 1,2] [--quick]``
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,16 @@ def sequential(dataset: Path, rates: list[float], epochs: int, out: Path) -> dic
 
     arch = ModelConfig.from_dict(ARCH)
     start = time.perf_counter()
-    results = [fit(dataset, arch, TrainConfig(epochs=epochs, batch_size=512, embedding_lr=lr, threads=1, device="cpu"),
-                   out / f"run{i}", resume=False) for i, lr in enumerate(rates)]
+    results = [
+        fit(
+            dataset,
+            arch,
+            TrainConfig(epochs=epochs, batch_size=512, embedding_lr=lr, threads=1, device="cpu"),
+            out / f"run{i}",
+            resume=False,
+        )
+        for i, lr in enumerate(rates)
+    ]
     wall = time.perf_counter() - start
     return {"wall_s": wall, "train_s": wall, "best_auc": max(r.val_auc for r in results)}
 
@@ -52,11 +61,21 @@ def through_ray(dataset: Path, rates: list[float], epochs: int, concurrency: int
     from recops.training.sweep import run_sweep
     from recops.training.sweep_config import SweepConfig
 
-    config = SweepConfig.from_dict({
-        "name": f"bench-c{concurrency}", "dataset": str(dataset), "model": ARCH, "train": {"batch_size": 512},
-        "search": {"embedding_lr": {"grid": rates}}, "epochs": epochs, "num_samples": 1, "scheduler": "fifo",
-        "max_concurrent_trials": concurrency, "max_failures": 0, "storage_path": str(out),
-    })
+    config = SweepConfig.from_dict(
+        {
+            "name": f"bench-c{concurrency}",
+            "dataset": str(dataset),
+            "model": ARCH,
+            "train": {"batch_size": 512},
+            "search": {"embedding_lr": {"grid": rates}},
+            "epochs": epochs,
+            "num_samples": 1,
+            "scheduler": "fifo",
+            "max_concurrent_trials": concurrency,
+            "max_failures": 0,
+            "storage_path": str(out),
+        }
+    )
     start = time.perf_counter()
     result = run_sweep(config)
     wall = time.perf_counter() - start
@@ -64,8 +83,12 @@ def through_ray(dataset: Path, rates: list[float], epochs: int, concurrency: int
         raise RuntimeError(f"sweep {result.experiment_dir} ended {result.status} with {result.num_errors} errors")
     train_s = 0.0
     for trial in result.trials:
-        events = [json.loads(line) for line in (result.experiment_dir / "trials" / trial.trial_id / "work" / "events.jsonl")
-                  .read_text().splitlines()]
+        events = [
+            json.loads(line)
+            for line in (result.experiment_dir / "trials" / trial.trial_id / "work" / "events.jsonl")
+            .read_text()
+            .splitlines()
+        ]
         start_t = next(e["time"] for e in events if e["event"] == "start")
         train_s += events[-1]["time"] - start_t
     return {"wall_s": wall, "train_s": train_s, "best_auc": result.best_metrics["auc"]}
@@ -80,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.epochs, args.rows = 2, 1, 6000
-    rates = list(LEARNING_RATES[:args.trials])
+    rates = list(LEARNING_RATES[: args.trials])
     levels = [int(c) for c in args.concurrency.split(",")]
     import recops.training.train  # noqa: F401  - import torch/torchrec before any clock starts
 
@@ -91,15 +114,34 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             measured[f"ray_c{c}"] = through_ray(dataset, rates, args.epochs, c, work / "sweeps")
     base = measured["sequential"]["wall_s"]
-    rows = [{"variant": name, "trials": args.trials, "max_concurrent": 1 if name == "sequential" else int(name[5:]),
-             "wall_s": round(m["wall_s"], 2), "train_s": round(m["train_s"], 2),
-             "overhead_s_per_trial": round((m["wall_s"] - m["train_s"]) / args.trials, 2),
-             "ratio_vs_sequential": round(m["wall_s"] / base, 2), "best_auc": round(m["best_auc"], 4)}
-            for name, m in measured.items()]
-    path = write_result(NAME, rows, args.results_dir, baseline="sequential",
-                        plots=[{"x": "max_concurrent", "y": "wall_s", "series": "variant",
-                                "title": f"{args.trials} trainings: wall time (s)"}],
-                        config={"trials": args.trials, "epochs": args.epochs, "rows": args.rows, "threads_per_training": 1})
+    rows = [
+        {
+            "variant": name,
+            "trials": args.trials,
+            "max_concurrent": 1 if name == "sequential" else int(name[5:]),
+            "wall_s": round(m["wall_s"], 2),
+            "train_s": round(m["train_s"], 2),
+            "overhead_s_per_trial": round((m["wall_s"] - m["train_s"]) / args.trials, 2),
+            "ratio_vs_sequential": round(m["wall_s"] / base, 2),
+            "best_auc": round(m["best_auc"], 4),
+        }
+        for name, m in measured.items()
+    ]
+    path = write_result(
+        NAME,
+        rows,
+        args.results_dir,
+        baseline="sequential",
+        plots=[
+            {
+                "x": "max_concurrent",
+                "y": "wall_s",
+                "series": "variant",
+                "title": f"{args.trials} trainings: wall time (s)",
+            }
+        ],
+        config={"trials": args.trials, "epochs": args.epochs, "rows": args.rows, "threads_per_training": 1},
+    )
     print(format_table(rows))
     print(f"wrote {path}")
     return 0

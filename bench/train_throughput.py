@@ -16,6 +16,7 @@ MLPs: Adam):
 Each variant runs in its own process (its peak RSS is its own); rounds interleave the variants so
 a busy machine slows them alike; the median over rounds is reported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,34 @@ from recops.errors import RecopsError
 
 NAME = "train_throughput"
 # Criteo Kaggle (Display Advertising Challenge) cardinalities of C1..C26.
-CRITEO_KAGGLE_ROWS = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
-                      14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+CRITEO_KAGGLE_ROWS = (
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+)
 VARIANTS = ("torchrec", "plain_sparse", "plain_dense")
 BASELINE = "plain_sparse"
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}  # PASSIVE: no spinning threads on a shared host
@@ -73,14 +100,21 @@ class ThroughputConfig:
             raise RecopsError("train_throughput: batch sizes, rounds and repeats must be >= 1")
 
     def tables(self) -> dict[str, int]:
-        return {f"C{i + 1}": min(rows, self.max_rows) if self.max_rows else rows
-                for i, rows in enumerate(CRITEO_KAGGLE_ROWS)}
+        return {
+            f"C{i + 1}": min(rows, self.max_rows) if self.max_rows else rows
+            for i, rows in enumerate(CRITEO_KAGGLE_ROWS)
+        }
 
     def model_config(self):
         from recops.training.config import ModelConfig
 
-        return ModelConfig(tables=self.tables(), num_dense=13, embedding_dim=self.embedding_dim,
-                           dense_arch=self.dense_arch, over_arch=self.over_arch)
+        return ModelConfig(
+            tables=self.tables(),
+            num_dense=13,
+            embedding_dim=self.embedding_dim,
+            dense_arch=self.dense_arch,
+            over_arch=self.over_arch,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,10 +142,16 @@ def summarize(runs: dict[str, list[dict[str, Any]]], cfg: ThroughputConfig) -> l
             if not values:
                 continue
             med = statistics.median(values)
-            row = {"variant": variant, "batch_size": bs, "samples_per_s": med, "samples_per_s_min": min(values),
-                   "samples_per_s_max": max(values), "measurements": len(values),
-                   "samples_per_cpu_s": statistics.median(cpu_rates[(variant, bs)]),
-                   "peak_rss_mib": max(r["peak_rss_mib"] for r in results)}
+            row = {
+                "variant": variant,
+                "batch_size": bs,
+                "samples_per_s": med,
+                "samples_per_s_min": min(values),
+                "samples_per_s_max": max(values),
+                "measurements": len(values),
+                "samples_per_cpu_s": statistics.median(cpu_rates[(variant, bs)]),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+            }
             if "peak_gpu_mib" in results[0]:
                 row["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in results)
             for base in ("plain_sparse", "plain_dense"):
@@ -144,14 +184,15 @@ def _measure_variant(cfg: ThroughputConfig, variant: str, timeout_s: float) -> d
     return run_json_subprocess(args, timeout_s, env=WORKER_ENV)
 
 
-def run_all(cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float,
-            concurrent: bool = False) -> tuple[dict[str, list], dict[str, str]]:
+def run_all(
+    cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float, concurrent: bool = False
+) -> tuple[dict[str, list], dict[str, str]]:
     """Every variant ``cfg.rounds`` times, each run in a fresh process, rotating the order per round.
     ``concurrent`` runs a round's processes side by side: faster, but only good for smoke tests."""
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     for r in range(cfg.rounds):
-        order = [v for v in variants[r % len(variants):] + variants[:r % len(variants)] if v not in errors]
+        order = [v for v in variants[r % len(variants) :] + variants[: r % len(variants)] if v not in errors]
         with ThreadPoolExecutor(max_workers=len(order) if concurrent else 1) as pool:
             futures = {v: pool.submit(_measure_variant, cfg, v, timeout_s) for v in order}
         for variant, future in futures.items():
@@ -159,30 +200,61 @@ def run_all(cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float,
                 runs[variant].append(future.result())
             except RecopsError as exc:
                 errors[variant] = str(exc)
-            print(f"round {r + 1}/{cfg.rounds} {variant}: {'failed' if variant in errors else 'done'}", file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1}/{cfg.rounds} {variant}: {'failed' if variant in errors else 'done'}",
+                file=sys.stderr,
+                flush=True,
+            )
     return runs, errors
 
 
 def _config_from_args(args) -> ThroughputConfig:
     if args.quick:
-        return ThroughputConfig(batch_sizes=(64, 256), embedding_dim=8, max_rows=2000, dense_arch=(16,), over_arch=(16,),
-                                warmup_steps=1, min_seconds=0.05, rounds=1, device=args.device, threads=args.threads,
-                                torchrec_path=args.torchrec_path)
+        return ThroughputConfig(
+            batch_sizes=(64, 256),
+            embedding_dim=8,
+            max_rows=2000,
+            dense_arch=(16,),
+            over_arch=(16,),
+            warmup_steps=1,
+            min_seconds=0.05,
+            rounds=1,
+            device=args.device,
+            threads=args.threads,
+            torchrec_path=args.torchrec_path,
+        )
     default = ThroughputConfig()
     return ThroughputConfig(
-        batch_sizes=args.batch_sizes or ((4096, 8192, 16384, 32768, 65536) if args.device.startswith("cuda") else default.batch_sizes),
-        embedding_dim=args.embedding_dim, max_rows=args.max_rows, dense_arch=args.dense_arch, over_arch=args.over_arch,
-        embedding_optimizer=args.embedding_optimizer, min_seconds=args.min_seconds, rounds=args.rounds,
-        device=args.device, threads=args.threads, tf32=not args.no_tf32, torchrec_path=args.torchrec_path)
+        batch_sizes=args.batch_sizes
+        or ((4096, 8192, 16384, 32768, 65536) if args.device.startswith("cuda") else default.batch_sizes),
+        embedding_dim=args.embedding_dim,
+        max_rows=args.max_rows,
+        dense_arch=args.dense_arch,
+        over_arch=args.over_arch,
+        embedding_optimizer=args.embedding_optimizer,
+        min_seconds=args.min_seconds,
+        rounds=args.rounds,
+        device=args.device,
+        threads=args.threads,
+        tf32=not args.no_tf32,
+        torchrec_path=args.torchrec_path,
+    )
 
 
 def _parser():
     p = bench_parser(__doc__)
     d = ThroughputConfig()
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--batch-sizes", type=_ints, default=None, help="e.g. 512,1024 (default: 512..8192 on CPU, 4096..65536 on CUDA)")
+    p.add_argument(
+        "--batch-sizes", type=_ints, default=None, help="e.g. 512,1024 (default: 512..8192 on CPU, 4096..65536 on CUDA)"
+    )
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
-    p.add_argument("--max-rows", type=int, default=d.max_rows, help="cap on each table's Criteo Kaggle cardinality; 0 = full (33.8M rows)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=d.max_rows,
+        help="cap on each table's Criteo Kaggle cardinality; 0 = full (33.8M rows)",
+    )
     p.add_argument("--dense-arch", type=_ints, default=d.dense_arch)
     p.add_argument("--over-arch", type=_ints, default=d.over_arch)
     p.add_argument("--embedding-optimizer", choices=("adagrad", "sgd"), default=d.embedding_optimizer)
@@ -190,11 +262,17 @@ def _parser():
     p.add_argument("--rounds", type=int, default=d.rounds, help="processes per variant (interleaved); median over them")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls")
-    p.add_argument("--torchrec-path", choices=("auto", "dmp", "unsharded"), default="auto",
-                   help="torchrec variant: DMP + fused optimizer, or the unsharded EBC + regular optimizer "
-                        "(auto: unsharded on CUDA without fbgemm-gpu's CUDA kernels)")
+    p.add_argument(
+        "--torchrec-path",
+        choices=("auto", "dmp", "unsharded"),
+        default="auto",
+        help="torchrec variant: DMP + fused optimizer, or the unsharded EBC + regular optimizer "
+        "(auto: unsharded on CUDA without fbgemm-gpu's CUDA kernels)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per variant process")
-    p.add_argument("--profile", metavar="VARIANT", help="print torch.profiler's top operators for VARIANT instead of benchmarking")
+    p.add_argument(
+        "--profile", metavar="VARIANT", help="print torch.profiler's top operators for VARIANT instead of benchmarking"
+    )
     p.add_argument("--profile-batch", type=int, default=4096)
     return p
 
@@ -205,8 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         import subprocess
 
-        worker = ["-m", "recops.bench.dlrm_variants", "--variant", args.profile, "--config-json", json.dumps(cfg.to_dict()),
-                  "--profile-batch", str(args.profile_batch)]
+        worker = [
+            "-m",
+            "recops.bench.dlrm_variants",
+            "--variant",
+            args.profile,
+            "--config-json",
+            json.dumps(cfg.to_dict()),
+            "--profile-batch",
+            str(args.profile_batch),
+        ]
         return subprocess.run([sys.executable, *worker], env={**os.environ, **WORKER_ENV}).returncode
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = set(variants) - set(VARIANTS)
@@ -215,17 +301,38 @@ def main(argv: list[str] | None = None) -> int:
     runs, errors = run_all(cfg, variants, args.timeout, concurrent=args.quick)
     rows = summarize(runs, cfg)
     paths = {v: results[0]["path"] for v, results in runs.items() if results}
-    plots = [{"x": "batch_size", "y": "samples_per_s", "series": "variant", "log_x": True,
-              "title": "DLRM training throughput (samples/s)"}]
+    plots = [
+        {
+            "x": "batch_size",
+            "y": "samples_per_s",
+            "series": "variant",
+            "log_x": True,
+            "title": "DLRM training throughput (samples/s)",
+        }
+    ]
     best = max(rows, key=lambda r: r["samples_per_s"], default=None)
     best = best and {k: best[k] for k in ("variant", "batch_size", "samples_per_s")}
-    out = write_result(NAME, rows, args.results_dir, baseline=BASELINE, plots=plots, config=cfg.to_dict(),
-                       variants=paths, errors=errors, device=cfg.device, best=best, runs=runs)
+    out = write_result(
+        NAME,
+        rows,
+        args.results_dir,
+        baseline=BASELINE,
+        plots=plots,
+        config=cfg.to_dict(),
+        variants=paths,
+        errors=errors,
+        device=cfg.device,
+        best=best,
+        runs=runs,
+    )
     print(pivot_table(rows) if rows else "no results")
     if args.quick:
         print("quick: variants ran concurrently on tiny tables; a smoke test, not a measurement")
     if best:
-        print(f"best: {best['samples_per_s']:,.0f} samples/s ({best['variant']}, batch {best['batch_size']}, {cfg.device})")
+        print(
+            f"best: {best['samples_per_s']:,.0f} samples/s ({best['variant']}, batch {best['batch_size']}, "
+            f"{cfg.device})"
+        )
     for v, msg in errors.items():
         print(f"{v}: FAILED: {msg}", file=sys.stderr)
     print(f"wrote {out}")

@@ -1,5 +1,6 @@
 """Example configs shipped with recops: ``sweep_demo.yaml`` (the demo's sweep, fits 2 cores) and
 ``sweep_gpu.yaml`` (a GPU Ray cluster). Installed as ``recops.configs``; :func:`config_path` finds one."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """KubeRay: the Ray cluster sweeps run on, the sweep config it reads, and the RayJob that starts a sweep."""
+
 from __future__ import annotations
 
 import re
@@ -68,15 +69,26 @@ def sweep_config(values: Values) -> dict[str, Any]:
 
 
 def sweep_config_map(values: Values) -> list[Object]:
-    return [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(values, SWEEP_CONFIG_MAP, "ray"),
-             "data": {SWEEP_FILE: yaml.safe_dump(sweep_config(values), sort_keys=False)}}]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": metadata(values, SWEEP_CONFIG_MAP, "ray"),
+            "data": {SWEEP_FILE: yaml.safe_dump(sweep_config(values), sort_keys=False)},
+        }
+    ]
 
 
 def _ray_pod(values: Values, container: str, cpu: str, memory: str, gpus: int, head: bool) -> Object:
     mounts = [*volume_mounts(values, "runs"), SHM_MOUNT]
     volumes = [*claim_volumes("runs"), shm_volume(values.ray.shm_size)]
-    ray_container: Object = {"name": container, "image": values.image_ref, "imagePullPolicy": "IfNotPresent",
-                             "env": recops_env(values), "resources": resources(cpu, memory, gpus)}
+    ray_container: Object = {
+        "name": container,
+        "image": values.image_ref,
+        "imagePullPolicy": "IfNotPresent",
+        "env": recops_env(values),
+        "resources": resources(cpu, memory, gpus),
+    }
     if head:
         ray_container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS.items()]
         mounts.append({"name": "sweep-config", "mountPath": SWEEP_DIR, "readOnly": True})
@@ -88,13 +100,27 @@ def _ray_pod(values: Values, container: str, cpu: str, memory: str, gpus: int, h
 def ray_cluster(values: Values) -> list[Object]:
     """A head that schedules no trials (no CPUs or GPUs for Ray) and one fixed-size group of GPU workers."""
     ray = values.ray
-    head = {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
-            "template": _ray_pod(values, "ray-head", ray.head_cpu, ray.head_memory, 0, head=True)}
+    head = {
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
+        "template": _ray_pod(values, "ray-head", ray.head_cpu, ray.head_memory, 0, head=True),
+    }
     worker = _ray_pod(values, "ray-worker", ray.worker_cpu, ray.worker_memory, ray.worker_gpus, head=False)
-    workers = {"groupName": "gpu", "replicas": ray.workers, "minReplicas": ray.workers, "maxReplicas": ray.workers,
-               "rayStartParams": {}, "template": worker}
-    return [{"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": metadata(values, RAY_CLUSTER, "ray"),
-             "spec": {"rayVersion": ray_version(), "headGroupSpec": head, "workerGroupSpecs": [workers]}}]
+    workers = {
+        "groupName": "gpu",
+        "replicas": ray.workers,
+        "minReplicas": ray.workers,
+        "maxReplicas": ray.workers,
+        "rayStartParams": {},
+        "template": worker,
+    }
+    return [
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": metadata(values, RAY_CLUSTER, "ray"),
+            "spec": {"rayVersion": ray_version(), "headGroupSpec": head, "workerGroupSpecs": [workers]},
+        }
+    ]
 
 
 def sweep_entrypoint() -> str:
@@ -104,6 +130,15 @@ def sweep_entrypoint() -> str:
 
 def ray_job(values: Values) -> list[Object]:
     """A RayJob submitting the sweep to the RayCluster above (a new sweep: delete the finished RayJob, create it)."""
-    return [{"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata(values, "recops-sweep", "ray"),
-             "spec": {"clusterSelector": {"ray.io/cluster": RAY_CLUSTER}, "entrypoint": sweep_entrypoint(),
-                      "submissionMode": "K8sJobMode"}}]
+    return [
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "metadata": metadata(values, "recops-sweep", "ray"),
+            "spec": {
+                "clusterSelector": {"ray.io/cluster": RAY_CLUSTER},
+                "entrypoint": sweep_entrypoint(),
+                "submissionMode": "K8sJobMode",
+            },
+        }
+    ]

@@ -1,4 +1,5 @@
 """Pieces every manifest shares: object names, labels, metadata, the recops environment, volumes, resources."""
+
 from __future__ import annotations
 
 from pathlib import PurePosixPath
@@ -24,13 +25,20 @@ def selector(component: str) -> dict[str, str]:
 
 
 def labels(values: Values, component: str) -> dict[str, str]:
-    return {**selector(component), "app.kubernetes.io/part-of": "recops", "app.kubernetes.io/version": values.tag,
-            "app.kubernetes.io/managed-by": "recops-manifests"}
+    return {
+        **selector(component),
+        "app.kubernetes.io/part-of": "recops",
+        "app.kubernetes.io/version": values.tag,
+        "app.kubernetes.io/managed-by": "recops-manifests",
+    }
 
 
 def metadata(values: Values, name: str, component: str, extra_labels: dict[str, str] | None = None) -> Object:
-    return {"name": name, "namespace": values.namespace,
-            "labels": {**labels(values, component), **(extra_labels or {})}}
+    return {
+        "name": name,
+        "namespace": values.namespace,
+        "labels": {**labels(values, component), **(extra_labels or {})},
+    }
 
 
 def locations(values: Values) -> dict[str, str]:
@@ -81,8 +89,11 @@ def resources(cpu: str, memory: str, gpus: int) -> Object:
 
 def pod_spec(values: Values, containers: list[Object], volumes: list[Object], gpus: int) -> Object:
     """A pod running as the image's user, tolerating the usual GPU-node taint when it asks for GPUs."""
-    spec: Object = {"securityContext": {"runAsUser": values.uid, "runAsNonRoot": True, "fsGroup": values.uid},
-                    "containers": containers, "volumes": volumes}
+    spec: Object = {
+        "securityContext": {"runAsUser": values.uid, "runAsNonRoot": True, "fsGroup": values.uid},
+        "containers": containers,
+        "volumes": volumes,
+    }
     if gpus:
         spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
     return spec

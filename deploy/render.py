@@ -1,4 +1,5 @@
 """Render every manifest from one :class:`~recops.deploy.values.Values` and write them to a directory."""
+
 from __future__ import annotations
 
 import os

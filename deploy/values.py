@@ -4,6 +4,7 @@ A values file is YAML with the keys of :class:`Values` (nested sections as mappi
 their defaults, an unknown key or a value of the wrong type is an error naming the file, the key and the
 fix. ``deploy/values.yaml`` lists every key with its default.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,9 @@ def _port(key: str, value: int) -> None:
 
 
 def _quantity(key: str, value: str) -> None:
-    _check(bool(_QUANTITY.fullmatch(value)), f"{key} must be a Kubernetes quantity such as 4, 500m or 16Gi, "
-                                              f"got {value!r}")
+    _check(
+        bool(_QUANTITY.fullmatch(value)), f"{key} must be a Kubernetes quantity such as 4, 500m or 16Gi, got {value!r}"
+    )
 
 
 def _count(key: str, value: int) -> None:
@@ -43,8 +45,10 @@ def _count(key: str, value: int) -> None:
 
 def _under_runs(key: str, value: str) -> None:
     path = PurePosixPath(value)
-    _check(bool(value) and not path.is_absolute() and ".." not in path.parts,
-           f"{key} is a directory under `runs` and must be relative without '..', got {value!r}")
+    _check(
+        bool(value) and not path.is_absolute() and ".." not in path.parts,
+        f"{key} is a directory under `runs` and must be relative without '..', got {value!r}",
+    )
 
 
 @dataclass(frozen=True)
@@ -148,11 +152,15 @@ class MonitoringValues:
 
     def __post_init__(self) -> None:
         for key in ("interval", "auc_window", "no_feedback_for"):
-            _check(bool(re.fullmatch(r"([0-9]+(ms|s|m|h|d|w|y))+", getattr(self, key))),
-                   f"monitoring.{key} must be a Prometheus duration such as 30s, 5m or 1d, got {getattr(self, key)!r}")
+            _check(
+                bool(re.fullmatch(r"([0-9]+(ms|s|m|h|d|w|y))+", getattr(self, key))),
+                f"monitoring.{key} must be a Prometheus duration such as 30s, 5m or 1d, got {getattr(self, key)!r}",
+            )
         _check(0 < self.auc_drop < 1, f"monitoring.auc_drop must be in (0, 1), got {self.auc_drop}")
-        _check(0 < self.triton_failure_ratio <= 1,
-               f"monitoring.triton_failure_ratio must be in (0, 1], got {self.triton_failure_ratio}")
+        _check(
+            0 < self.triton_failure_ratio <= 1,
+            f"monitoring.triton_failure_ratio must be in (0, 1], got {self.triton_failure_ratio}",
+        )
         _check(self.triton_latency_ms > 0, f"monitoring.triton_latency_ms must be > 0, got {self.triton_latency_ms}")
 
 
@@ -173,16 +181,24 @@ class Values:
     monitoring: MonitoringValues = field(default_factory=MonitoringValues)
 
     def __post_init__(self) -> None:
-        _check(bool(_DNS_LABEL.fullmatch(self.namespace)),
-               f"namespace must be a DNS label (lower-case letters, digits, '-'), got {self.namespace!r}")
-        _check(bool(self.image) and not any(c.isspace() for c in self.image),
-               f"image must be an image name without spaces, got {self.image!r}")
-        _check(bool(_IMAGE_TAG.fullmatch(self.tag)),
-               f"tag {self.tag!r} is not a valid image tag: set `tag:` to the tag you built Dockerfile.gpu with")
+        _check(
+            bool(_DNS_LABEL.fullmatch(self.namespace)),
+            f"namespace must be a DNS label (lower-case letters, digits, '-'), got {self.namespace!r}",
+        )
+        _check(
+            bool(self.image) and not any(c.isspace() for c in self.image),
+            f"image must be an image name without spaces, got {self.image!r}",
+        )
+        _check(
+            bool(_IMAGE_TAG.fullmatch(self.tag)),
+            f"tag {self.tag!r} is not a valid image tag: set `tag:` to the tag you built Dockerfile.gpu with",
+        )
         _check(self.uid > 0, f"uid must be a non-root user id > 0, got {self.uid}")
         for key in ("model_repository", "runs"):
-            _check(PurePosixPath(getattr(self, key)).is_absolute(),
-                   f"{key} is a path inside the containers and must be absolute, got {getattr(self, key)!r}")
+            _check(
+                PurePosixPath(getattr(self, key)).is_absolute(),
+                f"{key} is a path inside the containers and must be absolute, got {getattr(self, key)!r}",
+            )
 
     @property
     def image_ref(self) -> str:
@@ -226,8 +242,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     known = [f.name for f in fields(cls) if f.init]
     unknown = sorted(set(data) - set(known), key=str)
     if unknown:
-        raise RecopsError(f"unknown key {where + '.' if where else ''}{unknown[0]}; known keys there: "
-                          f"{', '.join(known)}")
+        raise RecopsError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]}; known keys there: {', '.join(known)}"
+        )
     prefix = f"{where}." if where else ""
     return cls(**{name: _convert(hints[name], value, prefix + name) for name, value in data.items()})
 
@@ -247,4 +264,3 @@ def load_values(path: Path | str | None = None) -> Values:
         return _build(Values, data, "")
     except RecopsError as exc:
         raise RecopsError(f"values file {path}: {exc}; see deploy/values.yaml for every key and its type") from exc
-

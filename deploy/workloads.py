@@ -1,4 +1,5 @@
 """The core Kubernetes objects: the namespace, the two volumes, Triton and the closed loop."""
+
 from __future__ import annotations
 
 from pathlib import PurePosixPath
@@ -28,8 +29,13 @@ DEPLOYER_FLAGS = ("--model-control-mode=explicit", "--strict-readiness=false")
 
 
 def namespace(values: Values) -> list[Object]:
-    return [{"apiVersion": "v1", "kind": "Namespace",
-             "metadata": {"name": values.namespace, "labels": labels(values, "namespace")}}]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": values.namespace, "labels": labels(values, "namespace")},
+        }
+    ]
 
 
 def claims(values: Values) -> list[Object]:
@@ -40,8 +46,12 @@ def claims(values: Values) -> list[Object]:
         spec: Object = {"accessModes": [storage.access_mode], "resources": {"requests": {"storage": size}}}
         if storage.storage_class is not None:
             spec["storageClassName"] = storage.storage_class
-        return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata(values, name, component),
-                "spec": spec}
+        return {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": metadata(values, name, component),
+            "spec": spec,
+        }
 
     return [claim(MODELS_CLAIM, "models", storage.models_size), claim(RUNS_CLAIM, "runs", storage.runs_size)]
 
@@ -49,9 +59,16 @@ def claims(values: Values) -> list[Object]:
 def triton_args(values: Values) -> list[str]:
     """The tritonserver command line (the image's entrypoint runs it)."""
     t = values.triton
-    return ["tritonserver", f"--model-repository={values.model_repository}", *DEPLOYER_FLAGS,
-            f"--http-port={t.http_port}", f"--grpc-port={t.grpc_port}", f"--metrics-port={t.metrics_port}",
-            "--exit-timeout-secs=10", *[f"--load-model={model}" for model in t.models]]
+    return [
+        "tritonserver",
+        f"--model-repository={values.model_repository}",
+        *DEPLOYER_FLAGS,
+        f"--http-port={t.http_port}",
+        f"--grpc-port={t.grpc_port}",
+        f"--metrics-port={t.metrics_port}",
+        "--exit-timeout-secs=10",
+        *[f"--load-model={model}" for model in t.models],
+    ]
 
 
 def _http_probe(path: str, port: str, period_s: int, failures: int) -> Object:
@@ -60,16 +77,31 @@ def _http_probe(path: str, port: str, period_s: int, failures: int) -> Object:
 
 def _deployment(values: Values, name: str, component: str, pod: Object) -> Object:
     """One replica, replaced (not rolled): GPUs are scarce and the loop's state directory has one writer."""
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(values, name, component),
-            "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": selector(component)},
-                     "template": {"metadata": {"labels": labels(values, component)}, "spec": pod}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(values, name, component),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector(component)},
+            "template": {"metadata": {"labels": labels(values, component)}, "spec": pod},
+        },
+    }
 
 
 def _service(values: Values, name: str, component: str, ports: dict[str, int]) -> Object:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(values, name, component),
-            "spec": {"selector": selector(component),
-                     "ports": [{"name": port, "port": number, "targetPort": port, "protocol": "TCP"}
-                               for port, number in ports.items()]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(values, name, component),
+        "spec": {
+            "selector": selector(component),
+            "ports": [
+                {"name": port, "port": number, "targetPort": port, "protocol": "TCP"} for port, number in ports.items()
+            ],
+        },
+    }
 
 
 def triton_ports(values: Values) -> dict[str, int]:
@@ -84,9 +116,13 @@ def triton(values: Values) -> list[Object]:
     replicas behind one Service would serve different versions."""
     t = values.triton
     container = {
-        "name": "triton", "image": values.image_ref, "imagePullPolicy": "IfNotPresent", "args": triton_args(values),
-        "ports": [{"name": port, "containerPort": number, "protocol": "TCP"}
-                  for port, number in triton_ports(values).items()],
+        "name": "triton",
+        "image": values.image_ref,
+        "imagePullPolicy": "IfNotPresent",
+        "args": triton_args(values),
+        "ports": [
+            {"name": port, "containerPort": number, "protocol": "TCP"} for port, number in triton_ports(values).items()
+        ],
         "resources": resources(t.cpu, t.memory, t.gpus),
         "startupProbe": _http_probe("/v2/health/live", "http", 10, 60),  # --load-model loads before serving
         "livenessProbe": _http_probe("/v2/health/live", "http", 10, 3),
@@ -101,17 +137,35 @@ def loop_args(values: Values) -> list[str]:
     """``recops loop`` following the stream against the Triton Service, serving /metrics to the cluster."""
     loop, t = values.loop, values.triton
     runs = PurePosixPath(values.runs)
-    return ["recops", "loop", "--state-dir", str(runs / loop.state_dir), "--stream", str(runs / loop.stream),
-            "--name", loop.model, "--url", f"http://{TRITON}:{t.http_port}",
-            "--metrics-url", f"http://{TRITON}:{t.metrics_port}/metrics", "--follow",
-            "--metrics-port", str(loop.metrics_port), "--metrics-address", "0.0.0.0"]
+    return [
+        "recops",
+        "loop",
+        "--state-dir",
+        str(runs / loop.state_dir),
+        "--stream",
+        str(runs / loop.stream),
+        "--name",
+        loop.model,
+        "--url",
+        f"http://{TRITON}:{t.http_port}",
+        "--metrics-url",
+        f"http://{TRITON}:{t.metrics_port}/metrics",
+        "--follow",
+        "--metrics-port",
+        str(loop.metrics_port),
+        "--metrics-address",
+        "0.0.0.0",
+    ]
 
 
 def loop(values: Values) -> list[Object]:
     """The closed loop (it writes new versions into the model repository volume Triton serves) and its Service."""
     loop_values = values.loop
     container = {
-        "name": "loop", "image": values.image_ref, "imagePullPolicy": "IfNotPresent", "args": loop_args(values),
+        "name": "loop",
+        "image": values.image_ref,
+        "imagePullPolicy": "IfNotPresent",
+        "args": loop_args(values),
         "env": recops_env(values),
         "ports": [{"name": "metrics", "containerPort": loop_values.metrics_port, "protocol": "TCP"}],
         "resources": resources(loop_values.cpu, loop_values.memory, loop_values.gpus),
@@ -119,5 +173,7 @@ def loop(values: Values) -> list[Object]:
         "volumeMounts": volume_mounts(values, "models", "runs"),
     }
     pod = pod_spec(values, [container], claim_volumes("models", "runs"), loop_values.gpus)
-    return [_deployment(values, LOOP, "loop", pod),
-            _service(values, LOOP, "loop", {"metrics": loop_values.metrics_port})]
+    return [
+        _deployment(values, LOOP, "loop", pod),
+        _service(values, LOOP, "loop", {"metrics": loop_values.metrics_port}),
+    ]

@@ -1,6 +1,7 @@
 """The loop's canary stage: a validated version serves a deterministic share of keys beside production, then the
 arms' online metrics decide promote or roll back (:func:`compare_arms`); the registry's aliases and served records
 follow every move."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,12 @@ def compare_arms(windows: list[dict[str, Any]], production: str, canary: str, co
     figures = {}
     for arm, version in (("production", production), ("canary", canary)):
         rows = [w[version] for w in windows if version in w]
-        figures[arm] = {"version": version, "impressions": sum(r["impressions"] for r in rows),
-                        "auc": _weighted(rows, "auc"), "logloss": _weighted(rows, "logloss")}
+        figures[arm] = {
+            "version": version,
+            "impressions": sum(r["impressions"] for r in rows),
+            "auc": _weighted(rows, "auc"),
+            "logloss": _weighted(rows, "logloss"),
+        }
     prod, cand = figures["production"], figures["canary"]
     failures = []
     if not cand["impressions"]:
@@ -38,11 +43,15 @@ def compare_arms(windows: list[dict[str, Any]], production: str, canary: str, co
         if cand["auc"] < prod["auc"] - config.auc_margin:
             failures.append(f"canary AUC {cand['auc']:.4f} < production {prod['auc']:.4f} - {config.auc_margin}")
         if cand["logloss"] > prod["logloss"] * (1 + config.logloss_margin):
-            failures.append(f"canary logloss {cand['logloss']:.4f} > production {prod['logloss']:.4f} "
-                            f"x {1 + config.logloss_margin:g}")
-    summary = (f"canary v{canary} AUC {fmt(cand['auc'])} logloss {fmt(cand['logloss'])} ({cand['impressions']} "
-               f"rows) vs production v{production} AUC {fmt(prod['auc'])} logloss {fmt(prod['logloss'])} "
-               f"({prod['impressions']} rows)")
+            failures.append(
+                f"canary logloss {cand['logloss']:.4f} > production {prod['logloss']:.4f} "
+                f"x {1 + config.logloss_margin:g}"
+            )
+    summary = (
+        f"canary v{canary} AUC {fmt(cand['auc'])} logloss {fmt(cand['logloss'])} ({cand['impressions']} "
+        f"rows) vs production v{production} AUC {fmt(prod['auc'])} logloss {fmt(prod['logloss'])} "
+        f"({prod['impressions']} rows)"
+    )
     if failures:
         return Decision("rollback", (*failures, summary), figures)
     return Decision("promote", (summary,), figures)

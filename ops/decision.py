@@ -1,5 +1,6 @@
 """The one answer type of the loop's judges: the retraining policy, the validation gate and the canary each return
 a :class:`Decision` — a verdict, the reasons for it and the figures it was based on."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

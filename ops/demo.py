@@ -6,6 +6,7 @@ through Triton, with feedback from the planted labels -> drift injected midway -
 retraining -> validation gate -> canary -> promotion -> an HTML report. The server (and Ray) are
 always stopped at the end.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,9 @@ class DemoConfig:
     datasets: Path = field(default_factory=lambda: settings().datasets)
     rows: int = 20_000  # initial training data
     table_size: int = 1000
-    stream: StreamConfig = StreamConfig(windows=8, rows=4000, drift_at=3,
-                                        synth=SynthConfig(seed=1000, covariate_drift=0.5, concept_drift=0.5))
+    stream: StreamConfig = StreamConfig(
+        windows=8, rows=4000, drift_at=3, synth=SynthConfig(seed=1000, covariate_drift=0.5, concept_drift=0.5)
+    )
     use_sweep: bool = True  # the first model: a Ray Tune sweep (else one training run)
     retrain_sweep: bool = False  # retraining in the loop: a sweep (else a warm-started training run, faster)
     sweep_config: Path = field(default_factory=lambda: config_path("sweep_demo.yaml"))
@@ -70,8 +72,10 @@ class DemoConfig:
         if self.rows < 2000:
             raise RecopsError(f"demo: --rows {self.rows} is too few to train on; use at least 2000")
         if self.stream.windows < self.stream.drift_at + 3:
-            raise RecopsError(f"demo: {self.stream.windows} windows leave no room after the drift at window "
-                              f"{self.stream.drift_at} for detection (2 windows) and a canary window; use --windows 6 or more")
+            raise RecopsError(
+                f"demo: {self.stream.windows} windows leave no room after the drift at window "
+                f"{self.stream.drift_at} for detection (2 windows) and a canary window; use --windows 6 or more"
+            )
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -79,8 +83,9 @@ def prepare_workdir(workdir: Path) -> Path:
     workdir = Path(workdir).resolve()
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).is_file():
-            raise RecopsError(f"demo workdir {workdir} is not empty and was not made by the demo; pass an empty or new "
-                              "--workdir")
+            raise RecopsError(
+                f"demo workdir {workdir} is not empty and was not made by the demo; pass an empty or new --workdir"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("made by `recops demo`; deleted by the next demo run in this directory\n")
@@ -107,12 +112,25 @@ class Demo:
 
     # ---- the first model -----------------------------------------------------------------------
     def dataset(self) -> Dataset:
-        summary = write(replace(self.config.stream.synth, rows=self.config.rows, seed=self.config.seed,
-                                covariate_drift=0.0, concept_drift=0.0), self.workdir / "synth")
-        dataset = ingest([self.workdir / "synth" / "data.tsv"], self.config.datasets,
-                         config=PreprocessConfig(table_size=self.config.table_size))
-        self.log(f"data: {self.config.rows} synthetic rows (oracle AUC {summary['oracle_auc']:.4f}) -> dataset "
-                 f"{dataset.version} ({dataset.rows})")
+        summary = write(
+            replace(
+                self.config.stream.synth,
+                rows=self.config.rows,
+                seed=self.config.seed,
+                covariate_drift=0.0,
+                concept_drift=0.0,
+            ),
+            self.workdir / "synth",
+        )
+        dataset = ingest(
+            [self.workdir / "synth" / "data.tsv"],
+            self.config.datasets,
+            config=PreprocessConfig(table_size=self.config.table_size),
+        )
+        self.log(
+            f"data: {self.config.rows} synthetic rows (oracle AUC {summary['oracle_auc']:.4f}) -> dataset "
+            f"{dataset.version} ({dataset.rows})"
+        )
         return dataset
 
     def first_model(self, dataset: Dataset, registry: LocalRegistry) -> ModelVersion:
@@ -125,14 +143,21 @@ class Demo:
             self.log(f"train: one run (sweep disabled), val AUC {result.val_auc:.4f} -> registry v{version.version}")
             return version
         limit = min(float(template.get("time_limit_s") or SWEEP_TIME_LIMIT_S), SWEEP_TIME_LIMIT_S)
-        data = {**template, "dataset": str(dataset.path), "storage_path": str(self.workdir / "sweeps"),
-                "time_limit_s": limit, "warm_start": None}
+        data = {
+            **template,
+            "dataset": str(dataset.path),
+            "storage_path": str(self.workdir / "sweeps"),
+            "time_limit_s": limit,
+            "warm_start": None,
+        }
         result, version = sweep_and_register(SweepConfig.from_dict(data), registry)
         if version is None:
             raise RecopsError(f"demo sweep {result.experiment_dir} was interrupted; run the demo again")
-        self.log(f"sweep: {len(result.trials)} trials ({self.config.sweep_config.name}) in {result.wall_s:.0f}s, best "
-                 f"{result.best_trial} val AUC {result.best_metrics.get('val_auc', 0):.4f} -> registry "
-                 f"v{version.version} (alias candidate)")
+        self.log(
+            f"sweep: {len(result.trials)} trials ({self.config.sweep_config.name}) in {result.wall_s:.0f}s, best "
+            f"{result.best_trial} val AUC {result.best_metrics.get('val_auc', 0):.4f} -> registry "
+            f"v{version.version} (alias candidate)"
+        )
         return version
 
     # ---- the story ---------------------------------------------------------------------------
@@ -141,11 +166,14 @@ class Demo:
         dataset = self.timed("data", self.dataset)
         version = self.timed("train", lambda: self.first_model(dataset, registry))
         repo = ModelRepository(self.workdir / "triton")
-        published = self.timed("export", lambda: publish_model(registry, version, repo, MODEL_NAME,
-                                                                dataset=dataset.path))
-        self.log(f"export: registry v{version.version} -> ONNX ({published.record.exporter}), parity max |diff| "
-                 f"{published.parity.max_abs_diff:.2g}, val AUC torch {published.parity.auc_torch:.4f} / onnx "
-                 f"{published.parity.auc_onnx:.4f} -> {MODEL_NAME} version {published.version}")
+        published = self.timed(
+            "export", lambda: publish_model(registry, version, repo, MODEL_NAME, dataset=dataset.path)
+        )
+        self.log(
+            f"export: registry v{version.version} -> ONNX ({published.record.exporter}), parity max |diff| "
+            f"{published.parity.max_abs_diff:.2g}, val AUC torch {published.parity.auc_torch:.4f} / onnx "
+            f"{published.parity.auc_onnx:.4f} -> {MODEL_NAME} version {published.version}"
+        )
         server = TritonServer(ServerConfig(repo=repo.root))
         try:
             self.timed("server_start", server.start)
@@ -156,31 +184,54 @@ class Demo:
                 server.stop()
             self.log("triton: stopped")
 
-    def _serve(self, server: TritonServer, repo: ModelRepository, registry: LocalRegistry, repo_version: int,
-               registry_version: int) -> dict[str, Any]:
+    def _serve(
+        self,
+        server: TritonServer,
+        repo: ModelRepository,
+        registry: LocalRegistry,
+        repo_version: int,
+        registry_version: int,
+    ) -> dict[str, Any]:
         deployer = Deployer(server, repo, MODEL_NAME, DeployConfig(drain_s=0.2))
         Rollout(deployer, registry, repo).deploy(repo_version, registry_version, "demo: first deployment")
         self.log(f"deploy: {MODEL_NAME} version {repo_version} (registry v{registry_version}) is production")
         stream = self.config.stream
         self.timed("stream", lambda: write_synthetic_stream(stream, self.workdir / "stream"))
-        self.log(f"stream: {stream.windows} windows x {stream.rows} rows; from window {stream.drift_at} covariate drift "
-                 f"{stream.synth.covariate_drift} on {', '.join(stream.synth.drift_features)} and concept drift "
-                 f"{stream.synth.concept_drift}")
+        self.log(
+            f"stream: {stream.windows} windows x {stream.rows} rows; from window {stream.drift_at} covariate drift "
+            f"{stream.synth.covariate_drift} on {', '.join(stream.synth.drift_features)} and concept drift "
+            f"{stream.synth.concept_drift}"
+        )
         with Loop(self.loop_config(server)) as loop:
             self.timed("loop", lambda: loop.run(on_event=self._print_event))
             predictions = self.sample_predictions(server, loop)
-            return {"production_before": repo_version, "production_after": loop.state.production.repo_version,
-                    "predictions": predictions, "state_dir": str(loop.state_dir), "events": loop.events()}
+            return {
+                "production_before": repo_version,
+                "production_after": loop.state.production.repo_version,
+                "predictions": predictions,
+                "state_dir": str(loop.state_dir),
+                "events": loop.events(),
+            }
 
     def loop_config(self, server: TritonServer) -> LoopConfig:
         return LoopConfig(
-            state_dir=self.workdir / "loop", stream_dir=self.workdir / "stream", repo=self.workdir / "triton",
-            model_name=MODEL_NAME, server_url=server.http_url, datasets_root=self.config.datasets,
-            registry=self.workdir / "registry", metrics_url=server.metrics_url, window_s=60.0, feedback_delay_s=5.0,
+            state_dir=self.workdir / "loop",
+            stream_dir=self.workdir / "stream",
+            repo=self.workdir / "triton",
+            model_name=MODEL_NAME,
+            server_url=server.http_url,
+            datasets_root=self.config.datasets,
+            registry=self.workdir / "registry",
+            metrics_url=server.metrics_url,
+            window_s=60.0,
+            feedback_delay_s=5.0,
             policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
-            retrain=RetrainConfig(use_sweep=self.config.retrain_sweep, sweep_config=self.config.sweep_config,
-                                  min_windows=2),
-            gate=GateConfig(), canary=CanaryConfig(share=0.5, windows=1, drain_s=0.2))
+            retrain=RetrainConfig(
+                use_sweep=self.config.retrain_sweep, sweep_config=self.config.sweep_config, min_windows=2
+            ),
+            gate=GateConfig(),
+            canary=CanaryConfig(share=0.5, windows=1, drain_s=0.2),
+        )
 
     def _print_event(self, event: dict[str, Any]) -> None:
         self.log(f"{event['kind']:<18} {event['reason']}")
@@ -194,11 +245,21 @@ class Demo:
         preprocessor = read_preprocessor(loop.repo.model_dir(MODEL_NAME) / str(version))
         with Predictor(server.grpc_url, MODEL_NAME, protocol="grpc", preprocess=preprocessor.transform) as predictor:
             scores = predictor.predict_frame(frame.drop(columns=[spec.label]), model_version=version).ravel()
-        out = [{"row": i, "version": version, "score": round(float(s), 4), "planted": round(float(truth[i]), 4)
-                if truth is not None else None, "clicked": int(frame[spec.label].iloc[i])} for i, s in enumerate(scores)]
+        out = [
+            {
+                "row": i,
+                "version": version,
+                "score": round(float(s), 4),
+                "planted": round(float(truth[i]), 4) if truth is not None else None,
+                "clicked": int(frame[spec.label].iloc[i]),
+            }
+            for i, s in enumerate(scores)
+        ]
         self.log(f"predictions via tritonclient gRPC, {MODEL_NAME} v{version}, window {index}:")
         for p in out:
-            self.say(f"          row {p['row']}: score {p['score']:.4f}  planted p {p['planted']}  clicked {p['clicked']}")
+            self.say(
+                f"          row {p['row']}: score {p['score']:.4f}  planted p {p['planted']}  clicked {p['clicked']}"
+            )
         return out
 
 
@@ -215,18 +276,29 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = partial(print, flu
         outcome = demo.run()
     finally:
         del os.environ[RUN_TOKEN]
-    summary = {"production_before": outcome["production_before"], "production_after": outcome["production_after"],
-               **{f"{k}_s": v for k, v in demo.timings.items()}}
+    summary = {
+        "production_before": outcome["production_before"],
+        "production_after": outcome["production_after"],
+        **{f"{k}_s": v for k, v in demo.timings.items()},
+    }
     report = demo.timed("report", lambda: write_report(Path(outcome["state_dir"]), demo.workdir / "report", summary))
     leftovers = leftover_processes(token)
     demo.log(f"report: {report}")
-    demo.log(f"production: version {outcome['production_before']} -> {outcome['production_after']}; "
-             f"{len(leftovers)} processes of the demo left running")
+    demo.log(
+        f"production: version {outcome['production_before']} -> {outcome['production_after']}; "
+        f"{len(leftovers)} processes of the demo left running"
+    )
     events = [{k: e[k] for k in ("t", "kind", "reason", "window", "version") if k in e} for e in outcome["events"]]
-    return {"events": events, "production_before": outcome["production_before"],
-            "production_after": outcome["production_after"], "report": str(report), "workdir": str(demo.workdir),
-            "predictions": outcome["predictions"], "timings_s": {**demo.timings, "total": round(time.time() - demo.started, 1)},
-            "leftover_processes": leftovers}
+    return {
+        "events": events,
+        "production_before": outcome["production_before"],
+        "production_after": outcome["production_after"],
+        "report": str(report),
+        "workdir": str(demo.workdir),
+        "predictions": outcome["predictions"],
+        "timings_s": {**demo.timings, "total": round(time.time() - demo.started, 1)},
+        "leftover_processes": leftovers,
+    }
 
 
 def leftover_processes(token: str) -> list[str]:
@@ -248,9 +320,14 @@ def leftover_processes(token: str) -> list[str]:
     return found
 
 
-def demo_config(workdir: Path | None = None, rows: int | None = None, windows: int | None = None,
-                window_rows: int | None = None, use_sweep: bool | None = None,
-                retrain_sweep: bool | None = None) -> DemoConfig:
+def demo_config(
+    workdir: Path | None = None,
+    rows: int | None = None,
+    windows: int | None = None,
+    window_rows: int | None = None,
+    use_sweep: bool | None = None,
+    retrain_sweep: bool | None = None,
+) -> DemoConfig:
     """The embedded defaults with the CLI's overrides (drift starts at 3/8 of the windows)."""
     config = DemoConfig()
     stream = config.stream
@@ -258,6 +335,9 @@ def demo_config(workdir: Path | None = None, rows: int | None = None, windows: i
         stream = replace(stream, windows=windows, drift_at=max(1, windows * 3 // 8))
     if window_rows is not None:
         stream = replace(stream, rows=window_rows)
-    changes = {k: v for k, v in {"workdir": workdir, "rows": rows, "use_sweep": use_sweep,
-                                 "retrain_sweep": retrain_sweep}.items() if v is not None}
+    changes = {
+        k: v
+        for k, v in {"workdir": workdir, "rows": rows, "use_sweep": use_sweep, "retrain_sweep": retrain_sweep}.items()
+        if v is not None
+    }
     return replace(config, stream=stream, **changes)

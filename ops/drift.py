@@ -19,6 +19,7 @@ large samples the floors keep statistically detectable but practically irrelevan
 Categories whose expected count in the smaller sample is below ``min_expected`` are folded into
 ``other`` so the chi-square approximation holds (20 keeps small windows near the nominal rate).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,9 @@ class DriftConfig:
             raise RecopsError(f"drift config: alpha must be in (0, 1), got {self.alpha}")
         unknown = set(self.dense_tests) - {"ks", "psi"}
         if unknown or not self.dense_tests:
-            raise RecopsError(f"drift config: dense_tests {self.dense_tests} must be a non-empty subset of ('ks', 'psi')")
+            raise RecopsError(
+                f"drift config: dense_tests {self.dense_tests} must be a non-empty subset of ('ks', 'psi')"
+            )
         if self.top_k < 1 or self.min_expected <= 0:
             raise RecopsError("drift config: top_k must be >= 1 and min_expected > 0")
 
@@ -73,7 +76,12 @@ class FeatureTest:
     drifted: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"test": self.test, "value": _json_float(self.value), "threshold": _json_float(self.threshold), "drifted": self.drifted}
+        return {
+            "test": self.test,
+            "value": _json_float(self.value),
+            "threshold": _json_float(self.threshold),
+            "drifted": self.drifted,
+        }
 
 
 @dataclass
@@ -142,8 +150,9 @@ def _check_columns(current: pd.DataFrame, reference: Reference) -> None:
         raise RecopsError("drift: current data has no rows; pass a non-empty window")
 
 
-def _missing_tests(names: list[str], ref_rates: np.ndarray, n: int, missing: np.ndarray, m: int, alpha: float,
-                   config: DriftConfig) -> list[FeatureTest]:
+def _missing_tests(
+    names: list[str], ref_rates: np.ndarray, n: int, missing: np.ndarray, m: int, alpha: float, config: DriftConfig
+) -> list[FeatureTest]:
     """Missing-rate change per feature. Noise bound: the larger of the two-proportion z bound and the
     exact binomial tail of the current count under the reference rate (small windows, rare missing)."""
     rates = missing / m
@@ -176,7 +185,9 @@ def _psi(ref_counts: np.ndarray, cur_counts: np.ndarray) -> float:
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-def _dense_tests(name: str, values: np.ndarray, reference: Reference, alpha: float, config: DriftConfig) -> list[FeatureTest]:
+def _dense_tests(
+    name: str, values: np.ndarray, reference: Reference, alpha: float, config: DriftConfig
+) -> list[FeatureTest]:
     """KS and/or PSI of one dense feature (values transformed, NaN = missing)."""
     stats = reference.stats["dense"][name]
     cur = np.sort(values[~np.isnan(values)])
@@ -236,15 +247,21 @@ def detect_drift(reference: Reference, current: pd.DataFrame, config: DriftConfi
         values, n_missing = categorical_values(current, name, spec)
         missing.append(n_missing)
         tests.append(_js_test(name, values, reference, alpha, config))
-    ref_rates = np.array([reference.stats["dense" if f in spec.dense else "categorical"][f]["missing_rate"] for f in names])
-    tests += _missing_tests(names, ref_rates, reference.rows, np.array(missing, dtype=np.float64), len(current), alpha, config)
+    ref_rates = np.array(
+        [reference.stats["dense" if f in spec.dense else "categorical"][f]["missing_rate"] for f in names]
+    )
+    tests += _missing_tests(
+        names, ref_rates, reference.rows, np.array(missing, dtype=np.float64), len(current), alpha, config
+    )
     return DriftReport(tests, reference.rows, len(current), tuple(names))
 
 
 def _auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     """Hanley & McNeil (1982) standard error of an AUC estimated from P positives and N negatives."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (positives * negatives)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
+        positives * negatives
+    )
     return math.sqrt(max(var, 0.0))
 
 
@@ -268,11 +285,21 @@ def concept_drift(
     auc_drop = baseline_auc - window_auc
     auc_threshold = config.auc_drop_min
     if positives and negatives and math.isfinite(window_auc):
-        auc_threshold = max(auc_threshold, float(ndtri(1 - config.alpha)) * _auc_standard_error(window_auc, positives, negatives))
+        auc_threshold = max(
+            auc_threshold, float(ndtri(1 - config.alpha)) * _auc_standard_error(window_auc, positives, negatives)
+        )
     rise = window_logloss / baseline_logloss - 1 if baseline_logloss > 0 else float("nan")
     reasons = []
     if math.isfinite(auc_drop) and auc_drop > auc_threshold:
-        reasons.append(f"AUC {window_auc:.4f} is {auc_drop:.4f} below the baseline {baseline_auc:.4f} (threshold {auc_threshold:.4f})")
+        reasons.append(
+            f"AUC {window_auc:.4f} is {auc_drop:.4f} below the baseline {baseline_auc:.4f} "
+            f"(threshold {auc_threshold:.4f})"
+        )
     if math.isfinite(rise) and rise > config.logloss_rise_min:
-        reasons.append(f"logloss {window_logloss:.4f} is {rise:.1%} above the baseline {baseline_logloss:.4f} (threshold {config.logloss_rise_min:.1%})")
-    return ConceptVerdict(bool(reasons), float(auc_drop), float(auc_threshold), float(rise), config.logloss_rise_min, reasons)
+        reasons.append(
+            f"logloss {window_logloss:.4f} is {rise:.1%} above the baseline {baseline_logloss:.4f} "
+            f"(threshold {config.logloss_rise_min:.1%})"
+        )
+    return ConceptVerdict(
+        bool(reasons), float(auc_drop), float(auc_threshold), float(rise), config.logloss_rise_min, reasons
+    )

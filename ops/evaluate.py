@@ -5,6 +5,7 @@ The model is a checkpoint, a registry version or alias (both scored in process b
 a model served by Triton; the rows are a processed dataset's split or raw labelled files, prepared by the model's
 own preprocessor. ``recops evaluate`` and the loop's validation gate use this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,10 +59,17 @@ def open_scorer(source: ModelSource, registry: ModelRegistry, repo: ModelReposit
     versions = repo.versions(source.name)
     version = source.version or read_deploy_state(repo, source.name).production or (versions[-1] if versions else None)
     if version not in versions:
-        raise RecopsError(f"model {source.name!r} version {version} is not in {repo.root} (versions: {versions}); its "
-                          "preprocessing is read from there: pass --repo")
-    return TritonScorer(source.url, source.name, read_preprocessor(repo.model_dir(source.name) / str(version)),
-                        source.version, source.protocol)
+        raise RecopsError(
+            f"model {source.name!r} version {version} is not in {repo.root} (versions: {versions}); its "
+            "preprocessing is read from there: pass --repo"
+        )
+    return TritonScorer(
+        source.url,
+        source.name,
+        read_preprocessor(repo.model_dir(source.name) / str(version)),
+        source.version,
+        source.protocol,
+    )
 
 
 @dataclass
@@ -74,8 +82,13 @@ class Labelled:
     source: str
 
 
-def labelled_rows(data: str | Path | list[str | Path], preprocessor: Preprocessor, split: str = "test",
-                  spec: ColumnSpec | None = None, slice_columns: tuple[str, ...] = ()) -> Labelled:
+def labelled_rows(
+    data: str | Path | list[str | Path],
+    preprocessor: Preprocessor,
+    split: str = "test",
+    spec: ColumnSpec | None = None,
+    slice_columns: tuple[str, ...] = (),
+) -> Labelled:
     """A processed dataset's ``split`` (made with the model's preprocessing) or raw labelled files (files,
     directories, globs)."""
     names = [data] if isinstance(data, (str, Path)) else list(data)
@@ -87,24 +100,31 @@ def labelled_rows(data: str | Path | list[str | Path], preprocessor: Preprocesso
     frames = [c.frame for c in chunks if len(c.frame)]
     if not frames:
         rejected = sum(len(c.rejects) for c in chunks)
-        raise RecopsError(f"{', '.join(map(str, paths))}: no labelled row to evaluate ({rejected} rejected); pass "
-                          "rows in the model's format with their labels (--spec for CSV/Parquet)")
+        raise RecopsError(
+            f"{', '.join(map(str, paths))}: no labelled row to evaluate ({rejected} rejected); pass "
+            "rows in the model's format with their labels (--spec for CSV/Parquet)"
+        )
     frame = pd.concat(frames, ignore_index=True)
     features = preprocessor.transform(frame)
-    return Labelled(features, np.asarray(frame[spec.label], np.float64), frame[list(slice_columns)],
-                    ", ".join(map(str, paths)))
+    return Labelled(
+        features, np.asarray(frame[spec.label], np.float64), frame[list(slice_columns)], ", ".join(map(str, paths))
+    )
 
 
 def _dataset_rows(dataset: Dataset, preprocessor: Preprocessor, split: str, slice_columns: tuple[str, ...]) -> Labelled:
     if _normal(dataset.preprocessor_dict) != _normal(preprocessor.to_dict()):
-        raise RecopsError(f"dataset {dataset.path} was processed differently from the model's preprocessing; "
-                          "evaluate on the raw files instead (--data FILE --spec YAML)")
+        raise RecopsError(
+            f"dataset {dataset.path} was processed differently from the model's preprocessing; "
+            "evaluate on the raw files instead (--data FILE --spec YAML)"
+        )
     features = dataset.split(split)
     categorical = list(dataset.spec.sparse)
     unknown = [c for c in slice_columns if c not in categorical]
     if unknown:
-        raise RecopsError(f"--slices {unknown}: a processed dataset slices by its categorical columns "
-                          f"({', '.join(categorical)}); pass the raw file to slice by other columns")
+        raise RecopsError(
+            f"--slices {unknown}: a processed dataset slices by its categorical columns "
+            f"({', '.join(categorical)}); pass the raw file to slice by other columns"
+        )
     slices = pd.DataFrame({c: np.asarray(features.sparse[:, categorical.index(c)]) for c in slice_columns})
     return Labelled(features, np.asarray(features.label, np.float64), slices, f"{dataset.path} ({split} split)")
 
@@ -120,31 +140,44 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     entropy = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
     loss = logloss(labels, probs) if len(labels) else float("nan")
     predicted = float(probs.mean()) if len(probs) else float("nan")
-    return {"rows": int(len(labels)), "positives": int(labels.sum()), "auc": _num(auc(labels, probs)),
-            "logloss": _num(loss), "normalized_entropy": _num(loss / entropy),
-            "calibration": {"predicted_ctr": _num(predicted), "observed_ctr": _num(ctr),
-                            "ratio": _num(predicted / ctr) if ctr else None}}
+    return {
+        "rows": int(len(labels)),
+        "positives": int(labels.sum()),
+        "auc": _num(auc(labels, probs)),
+        "logloss": _num(loss),
+        "normalized_entropy": _num(loss / entropy),
+        "calibration": {
+            "predicted_ctr": _num(predicted),
+            "observed_ctr": _num(ctr),
+            "ratio": _num(predicted / ctr) if ctr else None,
+        },
+    }
 
 
 def _num(x: float) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
 
 
-def slice_metrics(labels: np.ndarray, probs: np.ndarray, slices: pd.DataFrame, top: int = 10,
-                  min_rows: int = 50) -> dict[str, list[dict[str, Any]]]:
+def slice_metrics(
+    labels: np.ndarray, probs: np.ndarray, slices: pd.DataFrame, top: int = 10, min_rows: int = 50
+) -> dict[str, list[dict[str, Any]]]:
     """Per column: the metrics of its ``top`` most frequent values with at least ``min_rows`` rows."""
     out = {}
     for column in slices.columns:
         values = slices[column].astype("string").fillna("(missing)").to_numpy()
         kept, counts = np.unique(values, return_counts=True)
         order = np.argsort(-counts, kind="stable")[:top]
-        out[column] = [{"value": str(kept[i]), **metrics(labels[values == kept[i]], probs[values == kept[i]])}
-                       for i in order if counts[i] >= min_rows]
+        out[column] = [
+            {"value": str(kept[i]), **metrics(labels[values == kept[i]], probs[values == kept[i]])}
+            for i in order
+            if counts[i] >= min_rows
+        ]
     return out
 
 
-def compare(labels: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 200, seed: int = 0,
-            confidence: float = 0.95) -> dict[str, Any]:
+def compare(
+    labels: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 200, seed: int = 0, confidence: float = 0.95
+) -> dict[str, Any]:
     """Model b minus model a on the same rows: AUC and logloss differences with bootstrap confidence intervals."""
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -158,15 +191,26 @@ def compare(labels: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 2
         diffs["logloss"].append(logloss(y, b[rows]) - logloss(y, a[rows]))
     tail = (1 - confidence) / 2 * 100
     point = {"auc": auc(labels, b) - auc(labels, a), "logloss": logloss(labels, b) - logloss(labels, a)}
-    return {k: {"difference": float(point[k]), "ci": [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
-                if v else None, "confidence": confidence, "resamples": len(v)} for k, v in diffs.items()}
+    return {
+        k: {
+            "difference": float(point[k]),
+            "ci": [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v else None,
+            "confidence": confidence,
+            "resamples": len(v),
+        }
+        for k, v in diffs.items()
+    }
 
 
 def evaluate(scorer: Scorer, rows: Labelled, other: Scorer | None = None) -> dict[str, Any]:
     """The report of ``recops evaluate``: metrics, slices, and the comparison with ``other`` when given."""
     probs = scorer.score(rows.features)
-    report = {**metrics(rows.labels, probs), "model": scorer.description, "data": rows.source,
-              "slices": slice_metrics(rows.labels, probs, rows.slices)}
+    report = {
+        **metrics(rows.labels, probs),
+        "model": scorer.description,
+        "data": rows.source,
+        "slices": slice_metrics(rows.labels, probs, rows.slices),
+    }
     if scorer.versions:
         report["served_versions"] = sorted(scorer.versions)
     if other is not None:

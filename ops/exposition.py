@@ -4,6 +4,7 @@
 fed by the closed loop after each evaluation; Triton's own ``nv_inference_*`` metrics are scraped by
 Prometheus from Triton directly. ``ops/dashboards/recops_grafana.json`` charts both.
 """
+
 from __future__ import annotations
 
 import threading
@@ -28,7 +29,10 @@ _WINDOW_FIGURES = {  # WindowMetrics field -> (metric, help)
     "impressions": ("recops_online_impressions", "impressions in the latest complete window"),
     "clicks": ("recops_online_clicks", "clicks in the latest complete window"),
     "late_feedback": ("recops_online_late_feedback", "feedback that arrived after the window closed (attributed)"),
-    "missing_feedback": ("recops_online_missing_feedback", "impressions without feedback after the max delay (non-clicks)"),
+    "missing_feedback": (
+        "recops_online_missing_feedback",
+        "impressions without feedback after the max delay (non-clicks)",
+    ),
     "window_end": ("recops_online_window_end_timestamp_seconds", "end of the latest complete window"),
 }
 
@@ -43,19 +47,27 @@ class Exporter:
             return Gauge(name, doc, labels, registry=self.registry)
 
         self.window = {k: gauge(n, d, ("model_version",)) for k, (n, d) in _WINDOW_FIGURES.items()}
-        self.pending = gauge("recops_online_pending_impressions", "impressions still waiting for feedback", ("model_version",))
+        self.pending = gauge(
+            "recops_online_pending_impressions", "impressions still waiting for feedback", ("model_version",)
+        )
         self.orphan = gauge("recops_online_orphan_feedback", "feedback events for unknown request ids")
         self.expired = gauge("recops_online_expired_feedback", "feedback events later than the max delay (ignored)")
         self.drift_value = gauge("recops_drift_value", "drift test statistic per feature", ("feature", "test"))
         self.drift_threshold = gauge("recops_drift_threshold", "drift test threshold per feature", ("feature", "test"))
-        self.drift_detected = gauge("recops_drift_detected", "1 if the feature drifted in the latest report", ("feature",))
+        self.drift_detected = gauge(
+            "recops_drift_detected", "1 if the feature drifted in the latest report", ("feature",)
+        )
         self.drifted = gauge("recops_drift_drifted_features", "number of drifted features in the latest report")
         self.drift_rows = gauge("recops_drift_current_rows", "rows in the latest drift report's current data")
         self.streak = gauge("recops_policy_streak", "consecutive windows meeting a condition", ("condition",))
-        self.latched = gauge("recops_policy_latched", "1 if the condition is latched by the current incident", ("condition",))
+        self.latched = gauge(
+            "recops_policy_latched", "1 if the condition is latched by the current incident", ("condition",)
+        )
         self.triggers = gauge("recops_policy_triggers", "retrainings triggered since the policy state began")
         self.last_trigger = gauge("recops_policy_last_trigger_timestamp_seconds", "time of the last retrain trigger")
-        self.last_decision = gauge("recops_policy_last_decision_trigger", "1 if the latest decision triggered retraining")
+        self.last_decision = gauge(
+            "recops_policy_last_decision_trigger", "1 if the latest decision triggered retraining"
+        )
         self.model = gauge("recops_model_info", "the serving model version (value 1)", ("version",))
         self.model_trained = gauge("recops_model_trained_timestamp_seconds", "when the serving model was trained")
 
@@ -130,7 +142,9 @@ class MetricsServer:
         self.thread.join()
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None) -> MetricsServer:
+def start_metrics_server(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> MetricsServer:
     """Serve ``registry`` (an :class:`Exporter`'s) on ``addr:port`` (0 = any free port) in a daemon thread."""
     try:
         server, thread = start_http_server(port, addr=addr, registry=registry or CollectorRegistry())

@@ -4,6 +4,7 @@ Without a GPU or driver, NVML is unavailable: one log line says so ("no GPU: NVM
 (reason)"), readings are empty with that reason, and nothing raises. A reading a device does not
 support (power on some boards, utilisation under MIG) is None.
 """
+
 from __future__ import annotations
 
 import collections
@@ -232,7 +233,9 @@ class GpuMonitor:
         """Prometheus collector protocol: the latest reading as gauges labelled by gpu index and name."""
         with self._lock:
             reading = self.latest
-        yield GaugeMetricFamily("recops_gpu_available", "1 if NVML reports at least one GPU", value=float(bool(reading.gpus)))
+        yield GaugeMetricFamily(
+            "recops_gpu_available", "1 if NVML reports at least one GPU", value=float(bool(reading.gpus))
+        )
         for attr, (name, doc) in _GAUGES.items():
             family = GaugeMetricFamily(name, doc, labels=["gpu", "name"])
             for s in reading.gpus:

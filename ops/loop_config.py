@@ -1,5 +1,6 @@
 """Configuration of the closed loop (``recops.ops.loop``) and of each of its stages: where it reads, serves and
 writes, and how each stage judges."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,19 +97,32 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or not 0 <= self.feedback_delay_s < self.window_s:
-            raise RecopsError(f"loop config: need window_s > 0 and 0 <= feedback_delay_s < window_s, got "
-                              f"{self.window_s}, {self.feedback_delay_s}")
+            raise RecopsError(
+                f"loop config: need window_s > 0 and 0 <= feedback_delay_s < window_s, got "
+                f"{self.window_s}, {self.feedback_delay_s}"
+            )
         if not 0 < self.canary.share < 1 or self.canary.windows < 1:
-            raise RecopsError(f"loop config: canary share must be in (0, 1) and windows >= 1, got "
-                              f"{self.canary.share}, {self.canary.windows}")
+            raise RecopsError(
+                f"loop config: canary share must be in (0, 1) and windows >= 1, got "
+                f"{self.canary.share}, {self.canary.windows}"
+            )
 
     @property
     def datasets(self) -> Path:
         return Path(self.datasets_root) if self.datasets_root else Path(self.state_dir) / "datasets"
 
     def observe_config(self) -> ObserveConfig:
-        return ObserveConfig(Path(self.state_dir), Path(self.stream_dir), Path(self.repo), self.model_name,
-                             self.server_url, self.metrics_url, self.window_s, self.feedback_delay_s, self.drift)
+        return ObserveConfig(
+            Path(self.state_dir),
+            Path(self.stream_dir),
+            Path(self.repo),
+            self.model_name,
+            self.server_url,
+            self.metrics_url,
+            self.window_s,
+            self.feedback_delay_s,
+            self.drift,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

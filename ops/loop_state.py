@@ -4,6 +4,7 @@ Every step is committed: its events (``{seq, t, kind, reason, ...}``) are append
 then ``state.json`` is replaced atomically. Events with ``seq`` beyond the state's ``next_seq`` (a crash between
 the two writes) belong to a step that will run again and are dropped when the journal is opened.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,19 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "loop_config.json"  # the configuration of the latest start (read by `recops monitor`)
 EVENTS_FILE = "events.jsonl"
 DECISIONS_FILE = "decisions.jsonl"
-EVENT_KINDS = ("window", "drift_detected", "retrain_started", "retrain_finished", "validation_passed",
-               "validation_failed", "exported", "canary_started", "promoted", "rolled_back", "error")
+EVENT_KINDS = (
+    "window",
+    "drift_detected",
+    "retrain_started",
+    "retrain_finished",
+    "validation_passed",
+    "validation_failed",
+    "exported",
+    "canary_started",
+    "promoted",
+    "rolled_back",
+    "error",
+)
 
 
 class Step(str, Enum):
@@ -80,11 +92,12 @@ class Trained:
     def event(self) -> dict[str, Any]:
         """The ``retrain_finished`` event."""
         val_auc = self.metrics.get("val_auc")
-        return {"kind": "retrain_finished", "registry_version": self.registry_version, "method": self.method,
-                "warm_start": self.warm_start, "metrics": self.metrics,
-                "reason": f"{self.method} on {self.rows['total']} rows (dataset {self.dataset_version}, "
-                          f"{self.warm_start}): val AUC {'n/a' if val_auc is None else f'{val_auc:.4f}'}; "
-                          f"registered as v{self.registry_version}"}
+        reason = (
+            f"{self.method} on {self.rows['total']} rows (dataset {self.dataset_version}, {self.warm_start}): "
+            f"val AUC {'n/a' if val_auc is None else f'{val_auc:.4f}'}; registered as v{self.registry_version}"
+        )
+        fields = {"registry_version": self.registry_version, "method": self.method, "warm_start": self.warm_start}
+        return event("retrain_finished", reason, **fields, metrics=self.metrics)
 
 
 @dataclass
@@ -127,12 +140,23 @@ class LoopState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
         canary, candidate = data.get("canary"), data.get("candidate")
-        return cls(**{**data, "step": Step(data["step"]), "production": ModelRef(**data["production"]),
-                      "canary": ModelRef(**canary) if canary else None,
-                      "candidate": Candidate.from_dict(candidate) if candidate else None})
+        return cls(
+            **{
+                **data,
+                "step": Step(data["step"]),
+                "production": ModelRef(**data["production"]),
+                "canary": ModelRef(**canary) if canary else None,
+                "candidate": Candidate.from_dict(candidate) if candidate else None,
+            }
+        )
 
     def window_ts(self, index: int, window_s: float) -> float:
         return self.start_ts + index * window_s
+
+
+def event(kind: str, reason: str, **fields: Any) -> dict[str, Any]:
+    """One loop event: its kind (``EVENT_KINDS``), why, and its figures (the journal adds ``seq`` and ``t``)."""
+    return {"kind": kind, **fields, "reason": reason}
 
 
 def jsonable(value: Any) -> Any:
@@ -156,7 +180,7 @@ def read_events(state_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     data = path.read_bytes()
-    return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].splitlines() if line.strip()]
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
 
 
 class Journal:
@@ -173,8 +197,19 @@ class Journal:
         try:
             lock.acquire()
         except Timeout:
-            raise RecopsError(f"another loop runs on {self.state_dir}; stop it first (one loop per state dir)") from None
+            raise RecopsError(
+                f"another loop runs on {self.state_dir}; stop it first (one loop per state dir)"
+            ) from None
         return lock
+
+    @property
+    def decisions(self) -> Path:
+        """The retraining policy's decision log."""
+        return self.state_dir / DECISIONS_FILE
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        """The configuration of the latest start (what `recops monitor` reads)."""
+        write_json_atomic(self.state_dir / CONFIG_FILE, config)
 
     def load(self) -> LoopState | None:
         """The committed state (None for a new state dir); drops events a crash left uncommitted."""
@@ -184,7 +219,9 @@ class Journal:
         try:
             state = LoopState.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError) as exc:
-            raise RecopsError(f"loop state {path} is unreadable ({exc}); move the state dir away to start afresh") from exc
+            raise RecopsError(
+                f"loop state {path} is unreadable ({exc}); move the state dir away to start afresh"
+            ) from exc
         self._drop_uncommitted(state.next_seq)
         return state
 

@@ -5,6 +5,7 @@ features) and the production dataset's reference statistics; with a loop state d
 latest processed window's logs and the production dataset are taken from the loop. Triton's
 ``/metrics`` adds request rates, failures and latency per served version.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,22 @@ class MonitorSources:
             state = json.loads((state_dir / STATE_FILE).read_text())
             config = json.loads((state_dir / CONFIG_FILE).read_text())
         except (OSError, ValueError) as exc:
-            raise RecopsError(f"{state_dir} is not a loop state dir ({exc}); pass the --state-dir of `recops loop`") from exc
+            raise RecopsError(
+                f"{state_dir} is not a loop state dir ({exc}); pass the --state-dir of `recops loop`"
+            ) from exc
         index = state["next_window"] - 1
         if index < 0:
             raise RecopsError(f"loop {state_dir} has processed no window yet; run `recops loop` first")
         logs = state_dir / "logs"
-        return cls(logs / f"predictions-{index:05d}.jsonl", logs / f"feedback-{index:05d}.jsonl",
-                   Path(state["production"]["dataset"]), metrics_url or config.get("metrics_url") or _server_metrics(config),
-                   config["model_name"], float(config["window_s"]), float(config["window_s"]))
+        return cls(
+            logs / f"predictions-{index:05d}.jsonl",
+            logs / f"feedback-{index:05d}.jsonl",
+            Path(state["production"]["dataset"]),
+            metrics_url or config.get("metrics_url") or _server_metrics(config),
+            config["model_name"],
+            float(config["window_s"]),
+            float(config["window_s"]),
+        )
 
 
 def _server_metrics(config: dict[str, Any]) -> str | None:
@@ -72,8 +81,10 @@ class Monitor:
         from recops.ops.online import LogFollower, parse_feedback, prediction_parser
 
         keep_s = sources.max_delay_s + 2 * sources.window_s
-        return (LogFollower(sources.predictions, prediction_parser(self.spec), keep_s),
-                LogFollower(sources.feedback, parse_feedback, keep_s))
+        return (
+            LogFollower(sources.predictions, prediction_parser(self.spec), keep_s),
+            LogFollower(sources.feedback, parse_feedback, keep_s),
+        )
 
     def report(self) -> dict[str, Any]:
         from recops.ops.drift import detect_drift
@@ -90,8 +101,14 @@ class Monitor:
         latest = predictions["ts"] // src.window_s == (predictions["ts"] // src.window_s).max()
         current = predictions[latest]
         drift = detect_drift(self.reference, current)
-        return {"rows": int(len(current)), "window_start": float((current["ts"] // src.window_s).max() * src.window_s),
-                "torn_bytes": torn, "online": online, "drift": drift, "triton": self._triton()}
+        return {
+            "rows": int(len(current)),
+            "window_start": float((current["ts"] // src.window_s).max() * src.window_s),
+            "torn_bytes": torn,
+            "online": online,
+            "drift": drift,
+            "triton": self._triton(),
+        }
 
     def _triton(self) -> dict[str, Any] | None:
         from recops.ops.online import scrape_triton
@@ -104,9 +121,11 @@ class Monitor:
             return {"error": str(exc)}
         before, since = (self._scrape[1], now - self._scrape[0]) if self._scrape else ({}, 0.0)
         self._scrape = (now, scrape)
-        return {f"{model}/{version}": stats.since(before.get((model, version)), since)
-                for (model, version), stats in scrape.items()
-                if self.sources.model_name in (None, model)}
+        return {
+            f"{model}/{version}": stats.since(before.get((model, version)), since)
+            for (model, version), stats in scrape.items()
+            if self.sources.model_name in (None, model)
+        }
 
     def close(self) -> None:
         """Close the log files being followed."""
@@ -118,11 +137,19 @@ def report_dict(report: dict[str, Any]) -> dict[str, Any]:
     """A report as JSON-able values."""
     online = report["online"]
     latest = {w.model_version: w.to_dict() for w in online.complete_windows()}
-    return {"rows": report["rows"], "window_start": report["window_start"], "torn_bytes": report["torn_bytes"],
-            "online": {"latest_complete": latest, "orphan_feedback": online.orphan_feedback,
-                       "expired_feedback": online.expired_feedback,
-                       "pending": sum(w.pending for w in online.windows)},
-            "drift": report["drift"].to_dict(), "triton": report["triton"]}
+    return {
+        "rows": report["rows"],
+        "window_start": report["window_start"],
+        "torn_bytes": report["torn_bytes"],
+        "online": {
+            "latest_complete": latest,
+            "orphan_feedback": online.orphan_feedback,
+            "expired_feedback": online.expired_feedback,
+            "pending": sum(w.pending for w in online.windows),
+        },
+        "drift": report["drift"].to_dict(),
+        "triton": report["triton"],
+    }
 
 
 def format_report(data: dict[str, Any]) -> str:
@@ -130,25 +157,35 @@ def format_report(data: dict[str, Any]) -> str:
     lines = [f"window starting {data['window_start']:.0f}: {data['rows']} predictions"]
     features = data["drift"]["features"]
     drifted = data["drift"]["drifted_features"]
-    lines.append(f"drift: {len(drifted)} of {len(features)} features drifted" + (f" ({', '.join(drifted)})" if drifted else ""))
+    lines.append(
+        f"drift: {len(drifted)} of {len(features)} features drifted" + (f" ({', '.join(drifted)})" if drifted else "")
+    )
     ranked = sorted(features.items(), key=lambda kv: -(kv[1]["value"] or 0) / (kv[1]["threshold"] or 1))
-    for name, row in ranked[:max(5, len(drifted))]:
+    for name, row in ranked[: max(5, len(drifted))]:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
-        lines.append(f"  {name:<6} {row['test']:<8} {value:>8} / {row['threshold']:.4f}  {'DRIFT' if row['drifted'] else ''}")
+        lines.append(
+            f"  {name:<6} {row['test']:<8} {value:>8} / {row['threshold']:.4f}  {'DRIFT' if row['drifted'] else ''}"
+        )
     lines.append("online (latest complete window per version):")
     for version, w in data["online"]["latest_complete"].items():
-        lines.append(f"  v{version}: {w['impressions']} impressions, CTR {_f(w['ctr'])}, AUC {_f(w['auc'])}, "
-                     f"logloss {_f(w['logloss'])}, calibration {_f(w['calibration'])}")
-    lines.append(f"  pending feedback {data['online']['pending']}, orphan {data['online']['orphan_feedback']}, "
-                 f"expired {data['online']['expired_feedback']}")
+        lines.append(
+            f"  v{version}: {w['impressions']} impressions, CTR {_f(w['ctr'])}, AUC {_f(w['auc'])}, "
+            f"logloss {_f(w['logloss'])}, calibration {_f(w['calibration'])}"
+        )
+    lines.append(
+        f"  pending feedback {data['online']['pending']}, orphan {data['online']['orphan_feedback']}, "
+        f"expired {data['online']['expired_feedback']}"
+    )
     if data["triton"] is not None and "error" in data["triton"]:
         lines.append(f"triton: {data['triton']['error']}")
     elif data["triton"] is not None:
         lines.append("triton (since the previous report, or since the server started):")
         for key, t in data["triton"].items():
-            lines.append(f"  {key}: {t['requests']:.0f} requests, {t['failures']:.0f} failures, mean latency "
-                         f"{_f(t['mean_latency_ms'], 2)} ms (queue {_f(t['mean_queue_ms'], 2)} ms), "
-                         f"{_f(t['requests_per_s'], 1)} req/s")
+            lines.append(
+                f"  {key}: {t['requests']:.0f} requests, {t['failures']:.0f} failures, mean latency "
+                f"{_f(t['mean_latency_ms'], 2)} ms (queue {_f(t['mean_queue_ms'], 2)} ms), "
+                f"{_f(t['requests_per_s'], 1)} req/s"
+            )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ kept as ``data/window-*.tsv`` (training data for a retraining). The window's rec
 arm, data drift against the production model's dataset reference, concept drift of the production arm against its
 baseline (judged once, with ``DriftConfig``'s thresholds) and Triton's request figures.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -25,6 +26,7 @@ from recops.ops.exposition import Exporter
 from recops.ops.loop_config import ObserveConfig
 from recops.ops.loop_state import ModelRef
 from recops.ops.online import OnlineConfig, log_feedback, log_predictions, read_online, scrape_triton
+from recops.ops.policy import Observation
 from recops.ops.stream import read_truth, window_path
 from recops.serving.client import Predictor
 from recops.serving.deploy import Router
@@ -55,8 +57,9 @@ class Observer:
             predictor.close()
         self._predictors.clear()
 
-    def observe(self, index: int, frame: pd.DataFrame, ts: float, production: ModelRef,
-                canary: ModelRef | None) -> tuple[dict[str, Any], ConceptVerdict | None]:
+    def observe(
+        self, index: int, frame: pd.DataFrame, ts: float, production: ModelRef, canary: ModelRef | None
+    ) -> tuple[dict[str, Any], ConceptVerdict | None]:
         """Process window ``index`` (its labelled rows ``frame``, starting at ``ts``): the ``window`` event's
         payload and the production arm's concept-drift verdict."""
         spec = Dataset.open(production.dataset).spec
@@ -75,10 +78,17 @@ class Observer:
             self.exporter.set_model(str(production.repo_version), production.since_ts)
         truth = read_truth(self.config.stream_dir, index)
         record = {
-            "window": index, "ts": ts, "rows": len(frame), "production": production.repo_version,
-            "canary": canary.repo_version if canary else None, "arms": arms, "drifted": drift.drifted_features,
-            "drift": {f: {k: v[k] for k in ("test", "value", "threshold", "drifted")}
-                      for f, v in drift.to_dict()["features"].items()},
+            "window": index,
+            "ts": ts,
+            "rows": len(frame),
+            "production": production.repo_version,
+            "canary": canary.repo_version if canary else None,
+            "arms": arms,
+            "drifted": drift.drifted_features,
+            "drift": {
+                f: {k: v[k] for k in ("test", "value", "threshold", "drifted")}
+                for f, v in drift.to_dict()["features"].items()
+            },
             "concept": concept.to_dict() if concept else None,
             "oracle_auc": auc(labels, truth) if truth is not None and len(truth) == len(labels) else None,
             "triton": self._triton_figures(),
@@ -98,20 +108,31 @@ class Observer:
             probs[rows] = routed.scores.ravel()
             versions[rows] = routed.version
         if not np.isfinite(probs).all():
-            raise RecopsError(f"Triton returned {int((~np.isfinite(probs)).sum())} non-finite scores; check the "
-                              "served versions (recops deploy --status)")
+            raise RecopsError(
+                f"Triton returned {int((~np.isfinite(probs)).sum())} non-finite scores; check the "
+                "served versions (recops deploy --status)"
+            )
         return probs, versions
 
     def _predictor(self, version: int) -> Predictor:
         """A client whose preprocessing is the one shipped with ``version``."""
         if version not in self._predictors:
             preprocessor = read_preprocessor(self.repo.model_dir(self.config.model_name) / str(version))
-            self._predictors[version] = Predictor(self.config.server_url, self.config.model_name,
-                                                  preprocess=preprocessor.transform)
+            self._predictors[version] = Predictor(
+                self.config.server_url, self.config.model_name, preprocess=preprocessor.transform
+            )
         return self._predictors[version]
 
-    def _log(self, index: int, ts: float, ids: np.ndarray, probs: np.ndarray, versions: np.ndarray,
-             features: pd.DataFrame, labels: np.ndarray):
+    def _log(
+        self,
+        index: int,
+        ts: float,
+        ids: np.ndarray,
+        probs: np.ndarray,
+        versions: np.ndarray,
+        features: pd.DataFrame,
+        labels: np.ndarray,
+    ):
         logs = Path(self.config.state_dir) / "logs"
         logs.mkdir(exist_ok=True)
         predictions, feedback = logs / f"predictions-{index:05d}.jsonl", logs / f"feedback-{index:05d}.jsonl"
@@ -138,8 +159,15 @@ class Observer:
     def _concept_drift(self, production: ModelRef, arm: dict[str, Any]) -> ConceptVerdict | None:
         if production.baseline_auc is None or arm.get("auc") is None or arm.get("logloss") is None:
             return None
-        return concept_drift(arm["auc"], arm["logloss"], production.baseline_auc, production.baseline_logloss,
-                             self.config.drift, arm["clicks"], arm["impressions"] - arm["clicks"])
+        return concept_drift(
+            arm["auc"],
+            arm["logloss"],
+            production.baseline_auc,
+            production.baseline_logloss,
+            self.config.drift,
+            arm["clicks"],
+            arm["impressions"] - arm["clicks"],
+        )
 
     def _metrics_url(self) -> str | None:
         if self.config.metrics_url:
@@ -159,15 +187,21 @@ class Observer:
         before = self._last_scrape[1] if self._last_scrape else {}
         interval = now - self._last_scrape[0] if self._last_scrape else 0.0
         self._last_scrape = (now, scrape)
-        return {version: stats.since(before.get((model, version)), interval)
-                for (model, version), stats in scrape.items() if model == self.config.model_name}
+        return {
+            version: stats.since(before.get((model, version)), interval)
+            for (model, version), stats in scrape.items()
+            if model == self.config.model_name
+        }
 
 
-def _summary(index: int, rows: int, production: ModelRef, canary: ModelRef | None, arms: dict[str, Any],
-             drifted: list[str]) -> str:
+def _summary(
+    index: int, rows: int, production: ModelRef, canary: ModelRef | None, arms: dict[str, Any], drifted: list[str]
+) -> str:
     prod = arms.get(str(production.repo_version), {})
-    text = (f"window {index}: {rows} rows, production v{production.repo_version} AUC {fmt(prod.get('auc'))} "
-            f"logloss {fmt(prod.get('logloss'))}")
+    text = (
+        f"window {index}: {rows} rows, production v{production.repo_version} AUC {fmt(prod.get('auc'))} "
+        f"logloss {fmt(prod.get('logloss'))}"
+    )
     if canary:
         text += f", canary v{canary.repo_version} AUC {fmt(arms.get(str(canary.repo_version), {}).get('auc'))}"
     return text + (f"; drift in {', '.join(drifted)}" if drifted else "; no drift")
@@ -175,10 +209,21 @@ def _summary(index: int, rows: int, production: ModelRef, canary: ModelRef | Non
 
 def drift_events(record: dict[str, Any], concept: ConceptVerdict | None) -> list[dict[str, Any]]:
     """A ``drift_detected`` event when the window drifted (data or concept), else none."""
-    reasons = ([f"data drift in {', '.join(record['drifted'])}"] if record["drifted"] else []) + \
-        [f"concept drift: {r}" for r in (concept.reasons if concept and concept.drifted else [])]
-    return [{"kind": "drift_detected", "window": record["window"], "features": record["drifted"],
-             "reason": f"window {record['window']}: {'; '.join(reasons)}"}] if reasons else []
+    reasons = ([f"data drift in {', '.join(record['drifted'])}"] if record["drifted"] else []) + [
+        f"concept drift: {r}" for r in (concept.reasons if concept and concept.drifted else [])
+    ]
+    return (
+        [
+            {
+                "kind": "drift_detected",
+                "window": record["window"],
+                "features": record["drifted"],
+                "reason": f"window {record['window']}: {'; '.join(reasons)}",
+            }
+        ]
+        if reasons
+        else []
+    )
 
 
 def labelled_rows(state_dir: Path, data_files: dict[str, str], since_window: int) -> int:
@@ -189,3 +234,19 @@ def labelled_rows(state_dir: Path, data_files: dict[str, str], since_window: int
             with open(Path(state_dir) / path, "rb") as fh:
                 total += sum(1 for line in fh if line.strip())
     return total
+
+
+def policy_observation(
+    record: dict[str, Any], concept: ConceptVerdict | None, production: ModelRef, new_rows: int
+) -> Observation:
+    """What the retraining policy sees of a window: drift, the concept-drift verdict, labelled rows, model age."""
+    return Observation(
+        ts=record["ts"],
+        model_version=str(production.repo_version),
+        model_trained_at=production.since_ts,
+        window=record["ts"],
+        drifted_features=tuple(record["drifted"]),
+        concept_drifted=concept.drifted if concept else None,
+        concept_reasons=tuple(concept.reasons) if concept else (),
+        new_labelled_rows=new_rows,
+    )

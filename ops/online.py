@@ -24,6 +24,7 @@ Attribution rules (``OnlineConfig``):
 A line still being written (no trailing newline yet) is not read; ``torn_bytes`` reports it. Long-running
 readers follow the logs with :class:`LogFollower` (incremental, bounded, rotation-aware).
 """
+
 from __future__ import annotations
 
 import io
@@ -48,7 +49,9 @@ from recops.errors import RecopsError
 from recops.training.metrics import auc, logloss
 from recops.training.spec import ColumnSpec
 
-PREDICTION_SCHEMA = pa.schema([("request_id", pa.string()), ("ts", pa.float64()), ("model_version", pa.string()), ("prob", pa.float64())])
+PREDICTION_SCHEMA = pa.schema(
+    [("request_id", pa.string()), ("ts", pa.float64()), ("model_version", pa.string()), ("prob", pa.float64())]
+)
 FEEDBACK_SCHEMA = pa.schema([("request_id", pa.string()), ("ts", pa.float64()), ("clicked", pa.int8())])
 
 
@@ -61,7 +64,9 @@ class OnlineConfig:
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.max_delay_s < 0:
-            raise RecopsError(f"online config: window_s must be > 0 and max_delay_s >= 0, got {self.window_s}, {self.max_delay_s}")
+            raise RecopsError(
+                f"online config: window_s must be > 0 and max_delay_s >= 0, got {self.window_s}, {self.max_delay_s}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -79,8 +84,14 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     return lines.count("\n")
 
 
-def log_predictions(path: Path, request_ids: Iterable, probs: Iterable[float], model_version: str,
-                    ts: float | None = None, features: pd.DataFrame | None = None) -> int:
+def log_predictions(
+    path: Path,
+    request_ids: Iterable,
+    probs: Iterable[float],
+    model_version: str,
+    ts: float | None = None,
+    features: pd.DataFrame | None = None,
+) -> int:
     """Append one prediction record per request (``features``: the raw rows, same order, optional)."""
     ts = time.time() if ts is None else ts
     rows = features.astype(object).where(features.notna(), None).to_dict("records") if features is not None else None
@@ -96,7 +107,9 @@ def log_predictions(path: Path, request_ids: Iterable, probs: Iterable[float], m
 def log_feedback(path: Path, request_ids: Iterable, clicked: Iterable, ts: float | None = None) -> int:
     """Append one feedback record per request id."""
     ts = time.time() if ts is None else ts
-    return append_jsonl(path, ({"request_id": str(r), "ts": float(ts), "clicked": int(bool(c))} for r, c in zip(request_ids, clicked)))
+    return append_jsonl(
+        path, ({"request_id": str(r), "ts": float(ts), "clicked": int(bool(c))} for r, c in zip(request_ids, clicked))
+    )
 
 
 def _complete_lines(data: bytes) -> tuple[bytes, int]:
@@ -113,7 +126,9 @@ def _parse_table(data: bytes, schema: pa.Schema, source: Path) -> pa.Table:
         options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         table = pajson.read_json(io.BytesIO(data), parse_options=options)
     except pa.ArrowInvalid as exc:
-        raise RecopsError(f"log {source}: not valid JSONL for fields {schema.names} ({exc}); fix or move the bad lines") from exc
+        raise RecopsError(
+            f"log {source}: not valid JSONL for fields {schema.names} ({exc}); fix or move the bad lines"
+        ) from exc
     required = [n for n in schema.names if n != "features"]
     lacking = [n for n in required if table.column(n).null_count]
     if lacking:
@@ -126,7 +141,9 @@ def prediction_parser(spec: ColumnSpec | None = None) -> Callable[[bytes, Path],
     columns (dense float with NaN, categorical str/None: the drift detector's input)."""
     if spec is None:
         return lambda data, source: _parse_table(data, PREDICTION_SCHEMA, source).to_pandas()
-    fields = [pa.field(n, pa.float64()) for n in spec.dense] + [pa.field(n, pa.string()) for n in (*spec.sparse, *spec.multi_hot)]
+    fields = [pa.field(n, pa.float64()) for n in spec.dense] + [
+        pa.field(n, pa.string()) for n in (*spec.sparse, *spec.multi_hot)
+    ]
     schema = PREDICTION_SCHEMA.append(pa.field("features", pa.struct(fields)))
     categorical = [f.name for f in fields if f.type == pa.string()]
 
@@ -164,7 +181,8 @@ class LogFollower:
     lines appended since the last one and keeps the records of the last ``keep_s`` seconds (by ``ts``), so
     time and memory per read stay bounded however long the log grows. A rotated log (the path now names
     another file: logrotate's rename-and-create) is followed: the old file is read to its end first, then
-    the new one from its start. A truncated log is read again from its start; records already read are kept either way."""
+    the new one from its start. A truncated log is read again from its start; records already read are kept either
+    way."""
 
     def __init__(self, path: Path, parse: Callable[[bytes, Path], pd.DataFrame], keep_s: float):
         self.path, self.keep_s, self._parse = Path(path), keep_s, parse
@@ -185,7 +203,7 @@ class LogFollower:
             data += self._drain()
         buffered = self._pending + data
         complete, _ = _complete_lines(buffered)
-        self._pending = buffered[len(complete):]
+        self._pending = buffered[len(complete) :]
         new = self._parse(complete, self.path)
         frame = new if self._frame is None else pd.concat([self._frame, new], ignore_index=True)
         if len(frame):
@@ -265,7 +283,10 @@ class OnlineReport:
         return [w for w in self.windows if w.complete and (model_version is None or w.model_version == model_version)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "windows"}, "windows": [w.to_dict() for w in self.windows]}
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "windows"},
+            "windows": [w.to_dict() for w in self.windows],
+        }
 
 
 def _finite(x: float) -> float | None:
@@ -293,9 +314,17 @@ def _window(group: pd.DataFrame, start: float, version: str, config: OnlineConfi
     complete = pending == 0
     ctr = clicks / len(group) if complete else None
     return WindowMetrics(
-        window_start=start, window_end=end, model_version=version, impressions=len(group), feedback=int(has.sum()),
-        clicks=clicks, late_feedback=int((has & (group["arrived"] >= end)).sum()),
-        missing_feedback=int((~has & overdue).sum()), pending=pending, complete=complete, ctr=ctr,
+        window_start=start,
+        window_end=end,
+        model_version=version,
+        impressions=len(group),
+        feedback=int(has.sum()),
+        clicks=clicks,
+        late_feedback=int((has & (group["arrived"] >= end)).sum()),
+        missing_feedback=int((~has & overdue).sum()),
+        pending=pending,
+        complete=complete,
+        ctr=ctr,
         mean_prediction=float(probs.mean()),
         calibration=_finite(probs.mean() / ctr) if ctr else None,
         auc=_finite(auc(labels, probs)) if complete else None,
@@ -303,8 +332,9 @@ def _window(group: pd.DataFrame, start: float, version: str, config: OnlineConfi
     )
 
 
-def online_metrics(predictions: pd.DataFrame, feedback: pd.DataFrame, config: OnlineConfig | None = None,
-                   now: float | None = None) -> OnlineReport:
+def online_metrics(
+    predictions: pd.DataFrame, feedback: pd.DataFrame, config: OnlineConfig | None = None, now: float | None = None
+) -> OnlineReport:
     """Windowed CTR/AUC/logloss/calibration per model version under the module's attribution rules."""
     config = config or OnlineConfig()
     now = time.time() if now is None else now
@@ -312,12 +342,16 @@ def online_metrics(predictions: pd.DataFrame, feedback: pd.DataFrame, config: On
     counted, orphan, expired = _labels(unique, feedback, config)
     rows = unique.join(counted, on="request_id")
     rows["window"] = np.floor(rows["ts"] / config.window_s) * config.window_s
-    windows = [_window(g, float(start), str(version), config, now)
-               for (start, version), g in rows.groupby(["window", "model_version"], sort=True)]
+    windows = [
+        _window(g, float(start), str(version), config, now)
+        for (start, version), g in rows.groupby(["window", "model_version"], sort=True)
+    ]
     return OnlineReport(windows, orphan, expired, len(predictions) - len(unique), now)
 
 
-def read_online(prediction_log: Path, feedback_log: Path, config: OnlineConfig | None = None, now: float | None = None) -> OnlineReport:
+def read_online(
+    prediction_log: Path, feedback_log: Path, config: OnlineConfig | None = None, now: float | None = None
+) -> OnlineReport:
     """:func:`online_metrics` over the two JSONL logs."""
     predictions, _ = read_predictions(prediction_log)
     feedback, _ = read_feedback(feedback_log)
@@ -386,14 +420,20 @@ def parse_triton_metrics(text: str) -> dict[tuple[str, str], TritonModelStats]:
                     fields = values.setdefault(key, {})
                     fields[field] = fields.get(field, 0.0) + float(sample.value)
     except ValueError as exc:
-        raise RecopsError(f"triton metrics: not Prometheus text format ({exc}); pass the body of Triton's /metrics") from exc
+        raise RecopsError(
+            f"triton metrics: not Prometheus text format ({exc}); pass the body of Triton's /metrics"
+        ) from exc
     return {key: TritonModelStats(*key, **fields) for key, fields in values.items()}
 
 
-def scrape_triton(url: str = "http://127.0.0.1:8002/metrics", timeout_s: float = 5.0) -> dict[tuple[str, str], TritonModelStats]:
+def scrape_triton(
+    url: str = "http://127.0.0.1:8002/metrics", timeout_s: float = 5.0
+) -> dict[tuple[str, str], TritonModelStats]:
     """Fetch and parse Triton's metrics endpoint."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return parse_triton_metrics(response.read().decode())
     except (urllib.error.URLError, OSError) as exc:
-        raise RecopsError(f"triton metrics {url}: unreachable ({exc}); is the server running with metrics enabled?") from exc
+        raise RecopsError(
+            f"triton metrics {url}: unreachable ({exc}); is the server running with metrics enabled?"
+        ) from exc

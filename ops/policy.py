@@ -17,6 +17,7 @@ has cleared, after the model version changes (a new model resets streaks and lat
 within ``cooldown_s`` of the previous trigger; conditions rising during the cooldown are latched
 with it (same incident). Every decision can be appended to a JSONL log with its inputs and reasons.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,9 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if min(self.drift_windows, self.drift_min_features, self.quality_windows, self.min_new_rows) < 1:
-            raise RecopsError("policy config: drift_windows, drift_min_features, quality_windows and min_new_rows must be >= 1")
+            raise RecopsError(
+                "policy config: drift_windows, drift_min_features, quality_windows and min_new_rows must be >= 1"
+            )
         if min(self.max_model_age_s, self.cooldown_s, self.retry_after_s) < 0:
             raise RecopsError("policy config: max_model_age_s, cooldown_s and retry_after_s must be >= 0")
 
@@ -79,7 +82,9 @@ class PolicyState:
 class RetrainPolicy:
     """Turns observations into retrain decisions; see the module docstring for the rules."""
 
-    def __init__(self, config: PolicyConfig | None = None, state: PolicyState | None = None, log_path: Path | None = None):
+    def __init__(
+        self, config: PolicyConfig | None = None, state: PolicyState | None = None, log_path: Path | None = None
+    ):
         self.config = config or PolicyConfig()
         self.state = state or PolicyState()
         self.log_path = Path(log_path) if log_path else None
@@ -89,7 +94,13 @@ class RetrainPolicy:
         if obs.model_version != s.model_version:
             if s.model_version is not None:
                 notes.append(f"model changed {s.model_version} -> {obs.model_version}: streaks and latches reset")
-            s.model_version, s.drift_streak, s.quality_streak, s.latched, s.last_window = obs.model_version, 0, 0, [], None
+            s.model_version, s.drift_streak, s.quality_streak, s.latched, s.last_window = (
+                obs.model_version,
+                0,
+                0,
+                [],
+                None,
+            )
         if obs.window is not None and s.last_window is not None and obs.window <= s.last_window:
             notes.append(f"window {obs.window} already counted: streaks unchanged")
             return
@@ -106,10 +117,22 @@ class RetrainPolicy:
         age = obs.ts - obs.model_trained_at
         drifted = ", ".join(obs.drifted_features or ()) or "none this window"
         return {
-            "drift": (s.drift_streak >= c.drift_windows, f"drift: {s.drift_streak}/{c.drift_windows} consecutive drifted windows ({drifted})"),
-            "quality": (s.quality_streak >= c.quality_windows, f"quality: {s.quality_streak}/{c.quality_windows} consecutive windows below the baseline"),
-            "rows": (obs.new_labelled_rows >= c.min_new_rows, f"rows: {obs.new_labelled_rows}/{c.min_new_rows} new labelled rows"),
-            "age": (age >= c.max_model_age_s, f"age: model {age / 86_400:.2f}/{c.max_model_age_s / 86_400:.2f} days old"),
+            "drift": (
+                s.drift_streak >= c.drift_windows,
+                f"drift: {s.drift_streak}/{c.drift_windows} consecutive drifted windows ({drifted})",
+            ),
+            "quality": (
+                s.quality_streak >= c.quality_windows,
+                f"quality: {s.quality_streak}/{c.quality_windows} consecutive windows below the baseline",
+            ),
+            "rows": (
+                obs.new_labelled_rows >= c.min_new_rows,
+                f"rows: {obs.new_labelled_rows}/{c.min_new_rows} new labelled rows",
+            ),
+            "age": (
+                age >= c.max_model_age_s,
+                f"age: model {age / 86_400:.2f}/{c.max_model_age_s / 86_400:.2f} days old",
+            ),
         }
 
     def decide(self, obs: Observation) -> Decision:
@@ -128,14 +151,22 @@ class RetrainPolicy:
             s.latched = met
         if trigger:
             s.last_trigger_ts, s.triggers = obs.ts, s.triggers + 1
-            reasons = [conditions[k][1] for k in rising] + (["retry: same model long after the last trigger"] if retry else [])
+            reasons = [conditions[k][1] for k in rising] + (
+                ["retry: same model long after the last trigger"] if retry else []
+            )
         elif rising:
-            reasons = [f"cooldown: {cooldown_left:.0f} s left; same incident, not retraining: " + "; ".join(conditions[k][1] for k in rising)]
+            reasons = [
+                f"cooldown: {cooldown_left:.0f} s left; same incident, not retraining: "
+                + "; ".join(conditions[k][1] for k in rising)
+            ]
         else:
             reasons = [f"latched (already triggered): {', '.join(s.latched)}"] if s.latched else []
             reasons += [conditions[k][1] for k in CONDITIONS if k not in s.latched]
-        decision = Decision("retrain" if trigger else "wait", tuple(reasons + notes),
-                            {"fired": rising if trigger else [], "inputs": {"observation": asdict(obs), "state": asdict(s)}})
+        decision = Decision(
+            "retrain" if trigger else "wait",
+            tuple(reasons + notes),
+            {"fired": rising if trigger else [], "inputs": {"observation": asdict(obs), "state": asdict(s)}},
+        )
         if self.log_path:
             append_jsonl(self.log_path, [{"ts": obs.ts, **decision.to_dict()}])
         return decision

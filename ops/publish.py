@@ -6,6 +6,7 @@ versions is served (``exported``, then ``production`` / ``canary`` / ``retired``
 exported directly is registered first (found again by its fingerprint), so every served version answers "which
 registry version, trained on what" in one lookup.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,14 +29,25 @@ def environment_lineage(**fields) -> Lineage:
     return Lineage(code=env.code, libraries=env.libraries, hardware=env.hardware, **fields)
 
 
-def register_checkpoint(registry: ModelRegistry, checkpoint: Checkpoint, metrics: dict[str, float] | None = None,
-                        params: dict | None = None, lineage: Lineage | None = None) -> ModelVersion:
+def register_checkpoint(
+    registry: ModelRegistry,
+    checkpoint: Checkpoint,
+    metrics: dict[str, float] | None = None,
+    params: dict | None = None,
+    lineage: Lineage | None = None,
+) -> ModelVersion:
     """Register ``checkpoint`` (metrics by default: its best epoch's, named by split; params: its configs)."""
     if metrics is None:
         metrics = {k: v for k, v in checkpoint.meta.metrics.items() if k.startswith("val_") and v is not None}
     params = params if params is not None else {"model": _arch(checkpoint), "train": checkpoint.meta.train.to_dict()}
-    return registry.register(checkpoint.path, metrics, params, checkpoint.meta.dataset,
-                             lineage or environment_lineage(), checkpoint.fingerprint)
+    return registry.register(
+        checkpoint.path,
+        metrics,
+        params,
+        checkpoint.meta.dataset,
+        lineage or environment_lineage(),
+        checkpoint.fingerprint,
+    )
 
 
 def _arch(checkpoint: Checkpoint) -> dict:
@@ -49,16 +61,38 @@ def registered(registry: ModelRegistry, checkpoint: Checkpoint) -> ModelVersion:
 
 def lineage_of(registry: ModelRegistry, model: ModelVersion) -> ModelLineage:
     fingerprint = model.fingerprint or Checkpoint.open(model.checkpoint).fingerprint
-    return ModelLineage(str(model.checkpoint), fingerprint, model.dataset, model.version,
-                        str(Path(getattr(registry, "root", "")).resolve()))
+    return ModelLineage(
+        str(model.checkpoint),
+        fingerprint,
+        model.dataset,
+        model.version,
+        str(Path(getattr(registry, "root", "")).resolve()),
+    )
 
 
-def publish_model(registry: ModelRegistry, model: ModelVersion, repo: ModelRepository, name: str,
-                  target: str | None = None, config: ExportConfig | None = None, options: ServingOptions | None = None,
-                  dataset: Path | str | None = None, version: int | None = None) -> PublishResult:
+def publish_model(
+    registry: ModelRegistry,
+    model: ModelVersion,
+    repo: ModelRepository,
+    name: str,
+    target: str | None = None,
+    config: ExportConfig | None = None,
+    options: ServingOptions | None = None,
+    dataset: Path | str | None = None,
+    version: int | None = None,
+) -> PublishResult:
     """Export registered ``model`` as a version of ``name`` (behind the parity gate) and record it as served."""
-    result = export_to_repository(model.checkpoint, repo, name, target=target, config=config, options=options,
-                                  dataset=dataset, lineage=lineage_of(registry, model), version=version)
+    result = export_to_repository(
+        model.checkpoint,
+        repo,
+        name,
+        target=target,
+        config=config,
+        options=options,
+        dataset=dataset,
+        lineage=lineage_of(registry, model),
+        version=version,
+    )
     registry.record_served(model.version, str(repo.root.resolve()), name, result.version, "exported")
     return result
 
@@ -80,8 +114,9 @@ def served_registry_version(registry: ModelRegistry, repo: ModelRepository, name
     return found.version if found else None
 
 
-def record_deployment(registry: ModelRegistry, repo: ModelRepository, name: str, before: DeployState,
-                      after: DeployState) -> None:
+def record_deployment(
+    registry: ModelRegistry, repo: ModelRepository, name: str, before: DeployState, after: DeployState
+) -> None:
     """Tell the registry which of its versions a deployment change made production, canary or retired."""
     statuses = {v: "retired" for v in before.loaded if v not in after.loaded}
     statuses.update({v: s for v, s in ((after.production, "production"), (after.canary, "canary")) if v is not None})
@@ -91,15 +126,17 @@ def record_deployment(registry: ModelRegistry, repo: ModelRepository, name: str,
             registry.record_served(registry_version, str(repo.root.resolve()), name, served, status)
 
 
-
-def production_model(repo: ModelRepository, registry: ModelRegistry, name: str, datasets: Path,
-                     start_ts: float) -> ModelRef:
+def production_model(
+    repo: ModelRepository, registry: ModelRegistry, name: str, datasets: Path, start_ts: float
+) -> ModelRef:
     """The version the deployment record calls production, traced through its export's lineage to its registry
     version, checkpoint and dataset (a dataset moved since is looked for under ``datasets``)."""
     production = read_deploy_state(repo, name).production
     if production is None:
-        raise RecopsError(f"model {name!r} has no production version in {repo.root}; deploy one first "
-                          f"(`recops deploy --name {name} --version V --repo {repo.root}`)")
+        raise RecopsError(
+            f"model {name!r} has no production version in {repo.root}; deploy one first "
+            f"(`recops deploy --name {name} --version V --repo {repo.root}`)"
+        )
     lineage = served_lineage(repo, name, production)
     if lineage is None:
         raise RecopsError(f"{name} version {production} has no export.json; export it with `recops export`")

@@ -14,6 +14,7 @@ Checkpoints are copied into a hidden temporary directory first and renamed into 
 JSON file is written to a temporary file and ``os.replace``-d, so readers never see partial state
 and concurrent registrations from several processes get distinct versions.
 """
+
 from __future__ import annotations
 
 import abc
@@ -92,8 +93,15 @@ class ModelRegistry(abc.ABC):
     """Stores model versions and the aliases (``candidate``, ``production``, ...) pointing at them."""
 
     @abc.abstractmethod
-    def register(self, checkpoint_dir: Path, metrics: dict[str, float], params: dict[str, Any], dataset: DatasetRef,
-                 lineage: Lineage | None = None, fingerprint: str | None = None) -> ModelVersion:
+    def register(
+        self,
+        checkpoint_dir: Path,
+        metrics: dict[str, float],
+        params: dict[str, Any],
+        dataset: DatasetRef,
+        lineage: Lineage | None = None,
+        fingerprint: str | None = None,
+    ) -> ModelVersion:
         """Copy ``checkpoint_dir`` into the registry as the next version and return it."""
 
     @abc.abstractmethod
@@ -181,28 +189,49 @@ class LocalRegistry(ModelRegistry):
 
     def _read_index(self) -> dict[str, Any]:
         if not self._index_path.exists():
-            return {"format": INDEX_FORMAT, "next_version": 1, "versions": [], "aliases": {}, "alias_history": [],
-                    "fingerprints": {}, "served": {}}
+            return {
+                "format": INDEX_FORMAT,
+                "next_version": 1,
+                "versions": [],
+                "aliases": {},
+                "alias_history": [],
+                "fingerprints": {},
+                "served": {},
+            }
         try:
             index = json.loads(self._index_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise RecopsError(f"cannot read registry index {self._index_path}: {exc}; restore it from a backup") from exc
+            raise RecopsError(
+                f"cannot read registry index {self._index_path}: {exc}; restore it from a backup"
+            ) from exc
         if index.get("format") != INDEX_FORMAT:
-            raise RecopsError(f"registry index {self._index_path} has format {index.get('format')!r}, "
-                              f"expected {INDEX_FORMAT}: use a recops version that wrote it")
+            raise RecopsError(
+                f"registry index {self._index_path} has format {index.get('format')!r}, "
+                f"expected {INDEX_FORMAT}: use a recops version that wrote it"
+            )
         index.setdefault("fingerprints", {})
         index.setdefault("served", {})
         return index
 
-    def register(self, checkpoint_dir: Path, metrics: dict[str, float], params: dict[str, Any], dataset: DatasetRef,
-                 lineage: Lineage | None = None, fingerprint: str | None = None) -> ModelVersion:
+    def register(
+        self,
+        checkpoint_dir: Path,
+        metrics: dict[str, float],
+        params: dict[str, Any],
+        dataset: DatasetRef,
+        lineage: Lineage | None = None,
+        fingerprint: str | None = None,
+    ) -> ModelVersion:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise RecopsError(f"checkpoint directory {checkpoint_dir} does not exist or is not a directory: "
-                              "pass the directory the training run saved its checkpoint to")
+            raise RecopsError(
+                f"checkpoint directory {checkpoint_dir} does not exist or is not a directory: "
+                "pass the directory the training run saved its checkpoint to"
+            )
         if not isinstance(dataset, DatasetRef) or not dataset.version:
-            raise RecopsError(f"dataset {dataset!r}: pass the processed dataset (root and version) the model was "
-                              "trained on")
+            raise RecopsError(
+                f"dataset {dataset!r}: pass the processed dataset (root and version) the model was trained on"
+            )
         lineage = lineage or Lineage()
         record = {
             "metrics": _json_payload("metrics", metrics),
@@ -259,16 +288,20 @@ class LocalRegistry(ModelRegistry):
                 served=list(index["served"].get(str(version), [])),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RecopsError(f"registry {self.root}: version {version}'s record {version_dir / 'meta.json'} is "
-                              f"unreadable ({type(exc).__name__}: {exc}); restore it from a backup") from exc
+            raise RecopsError(
+                f"registry {self.root}: version {version}'s record {version_dir / 'meta.json'} is "
+                f"unreadable ({type(exc).__name__}: {exc}); restore it from a backup"
+            ) from exc
 
     def get_by_alias(self, name: str) -> ModelVersion:
         index = self._read_index()
         validate_alias(name)
         if name not in index["aliases"]:
             known = ", ".join(sorted(index["aliases"])) or "none"
-            raise RecopsError(f"no model has alias {name!r} in registry {self.root} (aliases: {known}); "
-                              f"set it with `recops models alias VERSION {name}`")
+            raise RecopsError(
+                f"no model has alias {name!r} in registry {self.root} (aliases: {known}); "
+                f"set it with `recops models alias VERSION {name}`"
+            )
         return self._load(index["aliases"][name], index)
 
     def list(self) -> list[ModelVersion]:
@@ -298,10 +331,14 @@ class LocalRegistry(ModelRegistry):
         with self._lock():
             index = self._read_index()
             self._load(version, index)
-            entries = [e for e in index["served"].get(str(version), [])
-                       if (e["repository"], e["model"], e["version"]) != (repository, model, served_version)]
-            entries.append({"repository": repository, "model": model, "version": served_version, "status": status,
-                            "time": _now()})
+            entries = [
+                e
+                for e in index["served"].get(str(version), [])
+                if (e["repository"], e["model"], e["version"]) != (repository, model, served_version)
+            ]
+            entries.append(
+                {"repository": repository, "model": model, "version": served_version, "status": status, "time": _now()}
+            )
             index["served"][str(version)] = entries
             write_json_atomic(self._index_path, index, fsync=True)
 
@@ -313,8 +350,14 @@ class LocalRegistry(ModelRegistry):
             previous = index["aliases"].get(name)
             if previous == version:
                 return None
-            event = AliasEvent(alias=name, from_version=previous, to_version=version,
-                               user=user or _current_user(), time=_now(), reason=reason)
+            event = AliasEvent(
+                alias=name,
+                from_version=previous,
+                to_version=version,
+                user=user or _current_user(),
+                time=_now(),
+                reason=reason,
+            )
             index["aliases"][name] = version
             index["alias_history"].append(asdict(event))
             write_json_atomic(self._index_path, index, fsync=True)

@@ -4,6 +4,7 @@
 matplotlib's Agg backend (``metrics.png``, ``drift.png``, ``versions.png``) into ``out_dir`` and writes
 ``report.html`` there, with the PNGs embedded (the file stands alone) and the event timeline.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,9 +20,12 @@ from recops.files import atomic_path, write_json_atomic, write_text_atomic
 from recops.ops.loop_state import read_events
 
 MARKERS = {  # kind -> colour, legend label, offset after its window (events of one window stay apart)
-    "retrain_started": ("tab:orange", "retrain", 0.3), "validation_failed": ("tab:red", "validation failed", 0.5),
-    "canary_started": ("tab:purple", "canary", 0.6), "promoted": ("tab:green", "promoted", 0.5),
-    "rolled_back": ("tab:red", "rolled back", 0.5)}
+    "retrain_started": ("tab:orange", "retrain", 0.3),
+    "validation_failed": ("tab:red", "validation failed", 0.5),
+    "canary_started": ("tab:purple", "canary", 0.6),
+    "promoted": ("tab:green", "promoted", 0.5),
+    "rolled_back": ("tab:red", "rolled back", 0.5),
+}
 
 
 def _windows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,8 +78,14 @@ def _drift_plot(fig, ax, windows: list[dict[str, Any]], events: list[dict[str, A
             test = w["drift"].get(f, {})
             if test.get("value") is not None and test.get("threshold"):
                 ratio[i, j] = test["value"] / test["threshold"]
-    image = ax.imshow(np.clip(ratio, 0, 3), aspect="auto", cmap="magma_r", vmin=0, vmax=3,
-                      extent=(windows[0]["window"] - 0.5, windows[-1]["window"] + 0.5, len(features) - 0.5, -0.5))
+    image = ax.imshow(
+        np.clip(ratio, 0, 3),
+        aspect="auto",
+        cmap="magma_r",
+        vmin=0,
+        vmax=3,
+        extent=(windows[0]["window"] - 0.5, windows[-1]["window"] + 0.5, len(features) - 0.5, -0.5),
+    )
     for w in windows:
         for i, f in enumerate(features):
             if w["drift"].get(f, {}).get("drifted"):
@@ -96,8 +106,12 @@ def _versions_plot(ax_v, ax_lat, windows: list[dict[str, Any]], events: list[dic
     ax_v.set_ylabel("repository version")
     ax_v.yaxis.get_major_locator().set_params(integer=True)
     ax_v.set_title("served model versions")
-    latency = [(w["window"], v.get("mean_latency_ms")) for w in windows
-               for v in (w.get("triton") or {}).values() if isinstance(v, dict) and v.get("mean_latency_ms")]
+    latency = [
+        (w["window"], v.get("mean_latency_ms"))
+        for w in windows
+        for v in (w.get("triton") or {}).values()
+        if isinstance(v, dict) and v.get("mean_latency_ms")
+    ]
     if latency:
         ax_lat.scatter(*zip(*latency), color="tab:gray", s=12)
     ax_lat.set_ylabel("Triton mean request latency (ms)")
@@ -144,23 +158,29 @@ def _timeline_rows(events: list[dict[str, Any]]) -> str:
     start = events[0]["t"] if events else 0.0
     rows = []
     for e in events:
-        rows.append(f"<tr class='{e['kind']}'><td>{e['t'] - start:7.1f}s</td><td>{e.get('window', '')}</td>"
-                    f"<td>{html.escape(e['kind'])}</td><td>{html.escape(str(e.get('reason', '')))}</td></tr>")
+        rows.append(
+            f"<tr class='{e['kind']}'><td>{e['t'] - start:7.1f}s</td><td>{e.get('window', '')}</td>"
+            f"<td>{html.escape(e['kind'])}</td><td>{html.escape(str(e.get('reason', '')))}</td></tr>"
+        )
     return "\n".join(rows)
 
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f"<figure><img src='data:image/png;base64,{data}' alt='{path.stem}'><figcaption>{path.name}</figcaption></figure>"
+    image = f"<img src='data:image/png;base64,{data}' alt='{path.stem}'>"
+    return f"<figure>{image}<figcaption>{path.name}</figcaption></figure>"
 
 
 def render_html(events: list[dict[str, Any]], plots: list[Path], summary: dict[str, Any]) -> str:
-    facts = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fact(v))}</td></tr>" for k, v in summary.items())
+    facts = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fact(v))}</td></tr>" for k, v in summary.items()
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>recops closed loop report</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
-table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: left; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: left; }}
 img {{ max-width: 100%; }} tr.window td {{ color: #666; }}
 tr.promoted {{ background: #e6ffe6; }} tr.rolled_back, tr.validation_failed, tr.error {{ background: #ffe6e6; }}
 tr.drift_detected, tr.retrain_started {{ background: #fff4e0; }}

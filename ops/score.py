@@ -6,6 +6,7 @@ the id columns, the source file (with several inputs), the line number, ``score`
 ``version`` that answered. Rows that cannot be scored are never dropped silently: they are counted per reason and
 written with their file and line to ``<output>.rejects.tsv``. The output appears whole (temp file + rename).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -63,8 +64,13 @@ class _Writer:
             self._writer.close()
 
 
-def score_files(scorer: OnnxScorer | TritonScorer, inputs: list[Path], config: ScoreConfig,
-                spec: ColumnSpec | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def score_files(
+    scorer: OnnxScorer | TritonScorer,
+    inputs: list[Path],
+    config: ScoreConfig,
+    spec: ColumnSpec | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Score every row of ``inputs``; returns ``rows_scored``, ``rows_rejected`` (per reason too) and the files."""
     spec = spec or scorer.preprocessor.spec
     fmt = config.format
@@ -88,13 +94,20 @@ def score_files(scorer: OnnxScorer | TritonScorer, inputs: list[Path], config: S
                 writer.write(_empty(config, several=len(inputs) > 1, served=isinstance(scorer, TritonScorer)))
         finally:
             writer.close()
-    return {"rows_scored": scored, "rows_rejected": sum(rejected.values()), "rejected": rejected,
-            "output": str(config.output), "rejects_file": str(rejects_path), "model": scorer.description,
-            **({"versions": sorted(scorer.versions)} if scorer.versions else {})}
+    return {
+        "rows_scored": scored,
+        "rows_rejected": sum(rejected.values()),
+        "rejected": rejected,
+        "output": str(config.output),
+        "rejects_file": str(rejects_path),
+        "model": scorer.description,
+        **({"versions": sorted(scorer.versions)} if scorer.versions else {}),
+    }
 
 
-def _scored(scorer: OnnxScorer | TritonScorer, chunk: Chunk, path: Path, config: ScoreConfig,
-            several: bool) -> pa.Table:
+def _scored(
+    scorer: OnnxScorer | TritonScorer, chunk: Chunk, path: Path, config: ScoreConfig, several: bool
+) -> pa.Table:
     before = set(scorer.versions)
     probs = scorer.score(scorer.preprocessor.transform(chunk.frame)).astype(np.float32)
     columns = {c: pa.array(chunk.frame[c].astype("string"), type=pa.string()) for c in config.id_columns}

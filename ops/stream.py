@@ -5,6 +5,7 @@ A stream directory holds one Criteo-format file per window, ``window-00000.tsv``
 ``window-00000.truth.npy``, the planted click probability of each row (synthetic streams). Files appear
 whole (written to a temp file and renamed), so a reader never sees half a window.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -87,8 +88,9 @@ def write_synthetic_stream(config: StreamConfig, stream_dir: Path) -> list[Path]
 
 def _write_window(stream_dir: Path, index: int, data, part: slice) -> None:
     """One window of generated rows (and their planted probabilities), each file appearing whole."""
-    rows = SynthData(dense=data.dense[part], ranks=data.ranks[part], vocab=data.vocab, label=data.label[part],
-                     truth=data.truth[part])
+    rows = SynthData(
+        dense=data.dense[part], ranks=data.ranks[part], vocab=data.vocab, label=data.label[part], truth=data.truth[part]
+    )
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
 
     with atomic_path(truth_path(stream_dir, index)) as tmp, open(tmp, "wb") as fh:

@@ -11,6 +11,7 @@ One import root. The folders at the repository root install as its subpackages:
 ``recops.errors`` (the one exception type), ``recops.settings`` (default locations) and ``recops.files``
 (atomic writes) are leaves every layer may import.
 """
+
 from importlib import metadata
 
 try:

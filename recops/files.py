@@ -4,6 +4,7 @@ Everything is written to a temporary path in the target's own directory and rena
 names carry the writer's pid (``.<name>.tmp-<pid>-<random>``), so :func:`remove_stale` can tell the
 leftovers of a killed process from the work of a live one.
 """
+
 from __future__ import annotations
 
 import contextlib

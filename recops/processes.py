@@ -1,4 +1,5 @@
 """Child processes that never outlive the command that started them."""
+
 from __future__ import annotations
 
 import ctypes

@@ -15,6 +15,7 @@ Relative paths are relative to the current working directory (the repository roo
 The values are read from the environment on every call of :func:`settings`, so a changed variable applies
 to the next command without a restart.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
-        return cls(**{f.name: Path(environ.get(ENVIRONMENT[f.name][0]) or ENVIRONMENT[f.name][1])
-                      for f in fields(cls)})
+        return cls(**{f.name: Path(environ.get(ENVIRONMENT[f.name][0]) or ENVIRONMENT[f.name][1]) for f in fields(cls)})
 
 
 def settings() -> Settings:

@@ -5,6 +5,7 @@ or any callable returning an object with ``.dense``, ``.sparse``, ``.multi``) an
 model's inputs by name: ``dense``, ``sparse``, and for each multi-hot feature ``multi_<name>`` (ids, -1
 padded) with ``mask_<name>`` (ids >= 0, cast to the dtype the model declares).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,9 +52,16 @@ class Predictor:
     output_name : output ``predict_arrays`` returns; default the model's only output.
     """
 
-    def __init__(self, url: str, model_name: str, protocol: str = "http", timeout_s: float = 10.0,
-                 batch_size: int = 1024, preprocess: Callable[[Any], Any] | None = None,
-                 output_name: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        protocol: str = "http",
+        timeout_s: float = 10.0,
+        batch_size: int = 1024,
+        preprocess: Callable[[Any], Any] | None = None,
+        output_name: str | None = None,
+    ):
         if protocol not in PROTOCOLS:
             raise ServingError(f"protocol {protocol!r} is unknown: use one of {', '.join(PROTOCOLS)}")
         if batch_size < 1:
@@ -72,7 +80,8 @@ class Predictor:
                 import tritonclient.http as module
 
                 self._client = module.InferenceServerClient(
-                    http_address(self.url), connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+                    http_address(self.url), connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                )
             else:
                 import tritonclient.grpc as module
 
@@ -88,8 +97,9 @@ class Predictor:
             raise
         except Exception as exc:
             message = str(exc) or type(exc).__name__
-            raise ServingError(f"{what} for model {self.model_name!r} at {self.url} ({self.protocol}) "
-                               f"failed: {message}") from exc
+            raise ServingError(
+                f"{what} for model {self.model_name!r} at {self.url} ({self.protocol}) failed: {message}"
+            ) from exc
 
     def _grpc_kwargs(self) -> dict:
         return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
@@ -104,8 +114,9 @@ class Predictor:
         """The model configuration the server loaded (config.pbtxt as JSON), cached."""
         if self._config is None:
             if self.protocol == "grpc":
-                answer = self._call("config", lambda c: c.get_model_config(
-                    self.model_name, as_json=True, **self._grpc_kwargs()))
+                answer = self._call(
+                    "config", lambda c: c.get_model_config(self.model_name, as_json=True, **self._grpc_kwargs())
+                )
                 self._config = answer["config"]
             else:
                 self._config = self._call("config", lambda c: c.get_model_config(self.model_name))
@@ -115,8 +126,7 @@ class Predictor:
         return self._call("readiness", lambda c: c.is_model_ready(self.model_name, str(model_version)))
 
     # ---- inference ---------------------------------------------------------------------------
-    def predict(self, inputs: dict[str, np.ndarray], model_version: str | int = "",
-                request_id: str = "") -> Prediction:
+    def predict(self, inputs: dict[str, np.ndarray], model_version: str | int = "", request_id: str = "") -> Prediction:
         """Score ``inputs`` (name -> array, rows on the first axis), in chunks of at most the batch size."""
         arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
         if not arrays:
@@ -130,14 +140,16 @@ class Predictor:
         outputs = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
         return Prediction(outputs, tuple(r[1] for r in results), tuple(r[2] for r in results))
 
-    def predict_arrays(self, inputs: dict[str, np.ndarray], model_version: str | int = "",
-                       request_id: str = "") -> np.ndarray:
+    def predict_arrays(
+        self, inputs: dict[str, np.ndarray], model_version: str | int = "", request_id: str = ""
+    ) -> np.ndarray:
         """The scores (one output) for ``inputs``; see ``predict`` for all outputs."""
         outputs = self.predict(inputs, model_version, request_id).outputs
         if self.output_name is not None:
             if self.output_name not in outputs:
-                raise ServingError(f"model {self.model_name!r} has no output {self.output_name!r} "
-                                   f"(outputs: {', '.join(outputs)})")
+                raise ServingError(
+                    f"model {self.model_name!r} has no output {self.output_name!r} (outputs: {', '.join(outputs)})"
+                )
             return outputs[self.output_name]
         if len(outputs) != 1:
             raise ServingError(f"model {self.model_name!r} has outputs {', '.join(outputs)}: pass output_name")
@@ -155,8 +167,12 @@ class Predictor:
             raise ServingError("predict_frame needs Predictor(preprocess=...), e.g. Preprocessor(...).transform")
         inputs = features_to_inputs(self.preprocess(frame))
         declared = {t["name"]: t["datatype"] for t in self.metadata()["inputs"]}
-        return {name: value.astype(triton_to_np_dtype(declared[name]))
-                if name.startswith("mask_") and name in declared else value for name, value in inputs.items()}
+        return {
+            name: value.astype(triton_to_np_dtype(declared[name]))
+            if name.startswith("mask_") and name in declared
+            else value
+            for name, value in inputs.items()
+        }
 
     @staticmethod
     def _chunks(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
@@ -166,7 +182,7 @@ class Predictor:
         if len(set(rows.values())) != 1 or 0 in rows.values():
             raise ServingError(f"inputs need the same, non-zero number of rows on axis 0; got {rows}")
         n = next(iter(rows.values()))
-        return [{name: a[start:start + size] for name, a in arrays.items()} for start in range(0, n, size)]
+        return [{name: a[start : start + size] for name, a in arrays.items()} for start in range(0, n, size)]
 
     def _infer(self, arrays: dict[str, np.ndarray], model_version: str, request_id: str):
         from tritonclient.utils import np_to_triton_dtype
@@ -180,12 +196,16 @@ class Predictor:
                 tensor = self._module.InferInput(name, list(array.shape), dtype)
                 tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
-            result = client.infer(self.model_name, tensors, model_version=model_version,
-                                  request_id=request_id, **self._grpc_kwargs())
+            result = client.infer(
+                self.model_name, tensors, model_version=model_version, request_id=request_id, **self._grpc_kwargs()
+            )
             response = result.get_response()
             if isinstance(response, dict):
-                names, version, rid = [o["name"] for o in response["outputs"]], response["model_version"], \
-                    response.get("id", "")
+                names, version, rid = (
+                    [o["name"] for o in response["outputs"]],
+                    response["model_version"],
+                    response.get("id", ""),
+                )
             else:
                 names, version, rid = [o.name for o in response.outputs], response.model_version, response.id
             return {n: result.as_numpy(n) for n in names}, version, rid

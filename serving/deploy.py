@@ -15,6 +15,7 @@ Run the server with ``--strict-readiness=false``: under strict readiness Triton 
 with 400 for good once any version failed to load (it keeps the failure record), and briefly during
 every unload, so one refused deployment would take a healthy server out of a load balancer.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,8 +91,12 @@ class DeployState:
 
     def event(self, action: str, version: int | None, **changes: Any) -> DeployState:
         """This state with ``changes`` applied and ``action`` appended to the history."""
-        entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "action": action,
-                 "version": version, "message": changes.get("message", "")}
+        entry = {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "action": action,
+            "version": version,
+            "message": changes.get("message", ""),
+        }
         return replace(self, **changes, history=(*self.history, entry)[-HISTORY_LIMIT:])
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,9 +107,14 @@ class DeployState:
         return cls(**{**data, "history": tuple(data.get("history", ()))})
 
     def summary(self) -> dict[str, Any]:
-        return {"production_version": self.production, "canary_version": self.canary,
-                "canary_share": self.canary_share, "previous_version": self.previous, "status": self.status,
-                "message": self.message}
+        return {
+            "production_version": self.production,
+            "canary_version": self.canary,
+            "canary_share": self.canary_share,
+            "previous_version": self.previous,
+            "status": self.status,
+            "message": self.message,
+        }
 
 
 def state_path(repo: ModelRepository, name: str) -> Path:
@@ -136,14 +146,19 @@ def served_policy(repo: ModelRepository, name: str) -> VersionPolicy | None:
 
 def in_canary(key: str, share: float) -> bool:
     """Deterministic traffic split: the first 8 bytes of sha256(key) as a fraction in [0, 1) < ``share``."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0 ** 64 < share
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64 < share
 
 
 class Deployer:
     """Moves one model's versions in and out of production on a running server."""
 
-    def __init__(self, server: TritonServer | str, repo: ModelRepository | Path | str, name: str,
-                 config: DeployConfig = DeployConfig()):
+    def __init__(
+        self,
+        server: TritonServer | str,
+        repo: ModelRepository | Path | str,
+        name: str,
+        config: DeployConfig = DeployConfig(),
+    ):
         self.server = server if isinstance(server, TritonServer) else TritonServer.attach(server)
         self.repo = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
         self.name, self.config = name, config
@@ -166,8 +181,10 @@ class Deployer:
         with deploy_lock(self.repo, self.name):
             state = self.state()
             if state.canary is None:
-                raise DeployError(f"model {self.name!r} has no canary to promote (production {state.production}); "
-                                  "deploy one with --canary first")
+                raise DeployError(
+                    f"model {self.name!r} has no canary to promote (production {state.production}); "
+                    "deploy one with --canary first"
+                )
             return self._switch(replace(state, canary=None, canary_share=0.0), state.canary, "promote")
 
     def rollback(self) -> DeployState:
@@ -176,12 +193,21 @@ class Deployer:
             state = self.state()
             if state.canary is None:
                 if state.previous is None or state.previous not in self.repo.versions(self.name):
-                    raise DeployError(f"model {self.name!r}: nothing to roll back to (no canary, previous production "
-                                      f"{state.previous}); deploy a version explicitly")
+                    raise DeployError(
+                        f"model {self.name!r}: nothing to roll back to (no canary, previous production "
+                        f"{state.previous}); deploy a version explicitly"
+                    )
                 return self._deploy(state.previous, None)
-            dropped = self._write(state.event("rollback", state.canary, canary=None, canary_share=0.0,
-                                              status="serving", message=f"canary {state.canary} rolled back; "
-                                                                        f"production {state.production}"))
+            dropped = self._write(
+                state.event(
+                    "rollback",
+                    state.canary,
+                    canary=None,
+                    canary_share=0.0,
+                    status="serving",
+                    message=f"canary {state.canary} rolled back; production {state.production}",
+                )
+            )
             time.sleep(self.config.drain_s)
             self._serve(dropped.loaded, source=dropped.production)
             return dropped
@@ -200,25 +226,33 @@ class Deployer:
             return self._reject(state, version, exc)
         if canary is not None:
             message = f"version {version} takes {canary:.0%} of traffic beside production {state.production}"
-            return self._write(state.event("canary", version, canary=version, canary_share=canary,
-                                           status="canary", message=message))
+            return self._write(
+                state.event("canary", version, canary=version, canary_share=canary, status="canary", message=message)
+            )
         return self._switch(state, version, "deploy")
 
     def _validate_deploy(self, state: DeployState, version: int, canary: float | None) -> DeployState:
         if version not in self.repo.versions(self.name):
-            raise DeployError(f"model {self.name!r} has no version {version} in {self.repo.root} "
-                              f"(have {self.repo.versions(self.name)}); export it first")
+            raise DeployError(
+                f"model {self.name!r} has no version {version} in {self.repo.root} "
+                f"(have {self.repo.versions(self.name)}); export it first"
+            )
         if version in state.loaded:
-            raise DeployError(f"version {version} of {self.name!r} is already deployed ({state.status}); "
-                              "use --promote or --rollback")
+            raise DeployError(
+                f"version {version} of {self.name!r} is already deployed ({state.status}); use --promote or --rollback"
+            )
         if state.canary is not None:
-            raise DeployError(f"model {self.name!r} has canary {state.canary} running: promote or roll it back "
-                              "before deploying another version")
+            raise DeployError(
+                f"model {self.name!r} has canary {state.canary} running: promote or roll it back "
+                "before deploying another version"
+            )
         if canary is not None and not 0.0 < canary < 1.0:
             raise DeployError(f"canary share {canary} must be between 0 and 1 (e.g. 0.1)")
         if canary is not None and state.production is None:
-            raise DeployError(f"model {self.name!r} has no production version to run a canary beside; "
-                              "deploy one without --canary first")
+            raise DeployError(
+                f"model {self.name!r} has no production version to run a canary beside; "
+                "deploy one without --canary first"
+            )
         return state
 
     def _onnx(self, version: int) -> Path:
@@ -235,8 +269,10 @@ class Deployer:
         except Exception as exc:  # noqa: BLE001 - onnx raises protobuf/IO errors for unreadable files
             raise DeployError(f"version {version}: {self._onnx(version)} is not a readable ONNX model ({exc})") from exc
         if production is not None and signature != read_signature(self._onnx(production)):
-            raise DeployError(f"version {version} has other inputs/outputs than production {production}; "
-                              "serve it under a new model name")
+            raise DeployError(
+                f"version {version} has other inputs/outputs than production {production}; "
+                "serve it under a new model name"
+            )
 
     def _serve(self, versions: tuple[int, ...], source: int) -> None:
         """Write config.pbtxt for exactly ``versions`` (signature of ``source``) and (re)load the model."""
@@ -259,21 +295,28 @@ class Deployer:
             served = predictor.predict_arrays(inputs, model_version=version)
         bad = int((~np.isfinite(served)).sum())
         if bad:
-            raise DeployError(f"version {version} returned {bad} non-finite (NaN/inf) scores of {served.size} "
-                              "on the probe batch")
+            raise DeployError(
+                f"version {version} returned {bad} non-finite (NaN/inf) scores of {served.size} on the probe batch"
+            )
         tolerance = self.config.fp16_tolerance if record and record.fp16 else self.config.tolerance
         diff = float(np.abs(served.astype(np.float64) - expected).max())
         if not diff <= tolerance:
-            raise DeployError(f"version {version}: served scores differ from local ONNX Runtime by {diff:.3g} "
-                              f"(tolerance {tolerance:g}) on the probe batch")
+            raise DeployError(
+                f"version {version}: served scores differ from local ONNX Runtime by {diff:.3g} "
+                f"(tolerance {tolerance:g}) on the probe batch"
+            )
 
     def _zero_inputs(self, version: int) -> dict[str, np.ndarray]:
         """Probe inputs for a version without export.json: random floats, id 0 (always a valid row)."""
         inputs, _, _ = read_signature(self._onnx(version))
         rng = np.random.default_rng(self.config.seed)
         rows = self.config.probe_rows
-        return {s.name: rng.random((rows, *s.dims[1:]), dtype=np.float32) if s.dtype == "FP32"
-                else np.zeros((rows, *s.dims[1:]), np.int64) for s in inputs}
+        return {
+            s.name: rng.random((rows, *s.dims[1:]), dtype=np.float32)
+            if s.dtype == "FP32"
+            else np.zeros((rows, *s.dims[1:]), np.int64)
+            for s in inputs
+        }
 
     def _reject(self, state: DeployState, version: int, exc: RecopsError, restore: bool = True) -> DeployState:
         """Serve exactly what ``state`` served again (if the server was touched), record the failure, raise."""
@@ -285,16 +328,29 @@ class Deployer:
                 self.server.unload(self.name)
         except RecopsError as again:
             restore_error = f"; restoring the previous versions ALSO failed: {again}"
-        message = (f"version {version} refused and rolled back: {exc}; production "
-                   f"{state.production if state.production is not None else '(none)'} keeps serving{restore_error}")
-        self._write(state.event("rejected", version, status="rolled_back" if state.production is not None
-                                else "empty", message=message))
+        message = (
+            f"version {version} refused and rolled back: {exc}; production "
+            f"{state.production if state.production is not None else '(none)'} keeps serving{restore_error}"
+        )
+        self._write(
+            state.event(
+                "rejected", version, status="rolled_back" if state.production is not None else "empty", message=message
+            )
+        )
         raise DeployError(message) from exc
 
     def _switch(self, state: DeployState, version: int, action: str) -> DeployState:
         """Point routers at ``version``, let requests to the old production drain, then unload it."""
-        switched = self._write(state.event(action, version, production=version, previous=state.production,
-                                           status="serving", message=f"version {version} is production"))
+        switched = self._write(
+            state.event(
+                action,
+                version,
+                production=version,
+                previous=state.production,
+                status="serving",
+                message=f"version {version} is production",
+            )
+        )
         if state.production is not None:
             time.sleep(self.config.drain_s)
             self._serve(switched.loaded, source=version)
@@ -319,8 +375,9 @@ class Router:
     unloaded is retried once on the version the (re-read) record routes to. Not thread-safe: one per thread.
     """
 
-    def __init__(self, url: str, repo: ModelRepository | Path | str, name: str, protocol: str = "http",
-                 timeout_s: float = 10.0):
+    def __init__(
+        self, url: str, repo: ModelRepository | Path | str, name: str, protocol: str = "http", timeout_s: float = 10.0
+    ):
         self.repo = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
         self.name = name
         self.predictor = Predictor(url, name, protocol=protocol, timeout_s=timeout_s)
@@ -331,8 +388,9 @@ class Router:
         try:
             info = os.stat(state_path(self.repo, self.name))
         except FileNotFoundError:
-            raise ServingError(f"model {self.name!r} has no deployment in {self.repo.root}; "
-                               "deploy a version with `recops deploy`") from None
+            raise ServingError(
+                f"model {self.name!r} has no deployment in {self.repo.root}; deploy a version with `recops deploy`"
+            ) from None
         stamp = (info.st_ino, info.st_mtime_ns)
         if stamp != self._stamp:
             self._state, self._stamp = read_deploy_state(self.repo, self.name), stamp

@@ -1,4 +1,5 @@
 """The serving layer's exception: every client/server failure, carrying the server's own message."""
+
 from recops.errors import RecopsError
 
 

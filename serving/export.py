@@ -7,6 +7,7 @@ random inputs and on a dataset's val split; ``publish`` runs the gate and only t
 ``ModelRepository.add_version``, so a failed gate leaves the repository untouched. ``export_to_repository``
 is the whole path through a staging directory inside the repository.
 """
+
 from __future__ import annotations
 
 import logging
@@ -127,11 +128,18 @@ class PublishResult:
     record: ExportRecord
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "onnx_path": str(self.onnx_path),
-                "exporter": self.record.exporter, "fp16": self.record.fp16, "external_data": self.record.external_data,
-                "parity_max_abs_diff": self.parity.max_abs_diff,
-                "parity_auc": {"torch": self.parity.auc_torch, "onnx": self.parity.auc_onnx},
-                "inputs": [s.to_dict() for s in self.record.inputs], "lineage": self.record.lineage.to_dict()}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "onnx_path": str(self.onnx_path),
+            "exporter": self.record.exporter,
+            "fp16": self.record.fp16,
+            "external_data": self.record.external_data,
+            "parity_max_abs_diff": self.parity.max_abs_diff,
+            "parity_auc": {"torch": self.parity.auc_torch, "onnx": self.parity.auc_onnx},
+            "inputs": [s.to_dict() for s in self.record.inputs],
+            "lineage": self.record.lineage.to_dict(),
+        }
 
 
 def inference_module(ckpt: Checkpoint, fp16: bool = False) -> tuple[InferenceDLRM, FeatureLayout]:
@@ -139,8 +147,9 @@ def inference_module(ckpt: Checkpoint, fp16: bool = False) -> tuple[InferenceDLR
     return InferenceDLRM(ckpt.meta.model, layout, ckpt.load().model, fp16=fp16), layout
 
 
-def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path,
-                 external: bool) -> str:
+def _onnx_export(
+    module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path, external: bool
+) -> str:
     """Export with the dynamo exporter (dynamic batch); fall back to TorchScript. Returns the exporter used."""
     batch = torch.export.Dim("batch")
     quiet = logging.getLogger("torch.onnx")
@@ -149,9 +158,16 @@ def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], nam
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, example, None, dynamo=True, input_names=names,
-                                        output_names=[OUTPUT_NAME], dynamic_shapes=(tuple({0: batch} for _ in names),),
-                                        verbose=False)
+            program = torch.onnx.export(
+                module,
+                example,
+                None,
+                dynamo=True,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=(tuple({0: batch} for _ in names),),
+                verbose=False,
+            )
         program.save(str(path), external_data=external)
         return "dynamo"
     except Exception as dynamo_exc:  # noqa: BLE001 - any exporter failure: try the other exporter
@@ -161,26 +177,39 @@ def _onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], nam
     try:
         _torchscript_export(module, example, names, path, external)
     except Exception as exc:
-        raise RecopsError(f"ONNX export failed with both exporters: dynamo ({dynamo_error}); "
-                          f"torchscript ({exc})") from exc
+        raise RecopsError(
+            f"ONNX export failed with both exporters: dynamo ({dynamo_error}); torchscript ({exc})"
+        ) from exc
     return "torchscript"
 
 
-def _torchscript_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path,
-                        external: bool) -> None:
+def _torchscript_export(
+    module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path, external: bool
+) -> None:
     import onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(path), dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
-                          dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]})
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
+        )
     if external:
         model = onnx.load(str(path))
         onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
-def export_onnx(checkpoint: Checkpoint | Path | str, out_dir: Path | str, config: ExportConfig = ExportConfig(),
-                lineage: ModelLineage | None = None) -> ExportedModel:
+def export_onnx(
+    checkpoint: Checkpoint | Path | str,
+    out_dir: Path | str,
+    config: ExportConfig = ExportConfig(),
+    lineage: ModelLineage | None = None,
+) -> ExportedModel:
     """Write ``model.onnx`` (+ data), ``preprocess.json`` and ``export.json`` (no parity yet) into ``out_dir``.
 
     ``lineage`` says which registered model this is (default: the checkpoint and its dataset, no registry version).
@@ -193,8 +222,13 @@ def export_onnx(checkpoint: Checkpoint | Path | str, out_dir: Path | str, config
     external = config.external_data if config.external_data is not None else size > config.external_threshold_bytes
     specs = layout.input_specs()
     example = layout.random_inputs(config.example_batch, np.random.default_rng(0))
-    exporter = _onnx_export(module, tuple(torch.from_numpy(example[s.name]) for s in specs),
-                            [s.name for s in specs], out / ONNX_FILE, external)
+    exporter = _onnx_export(
+        module,
+        tuple(torch.from_numpy(example[s.name]) for s in specs),
+        [s.name for s in specs],
+        out / ONNX_FILE,
+        external,
+    )
     lineage = lineage or ModelLineage(str(ckpt.path), ckpt.fingerprint, ckpt.meta.dataset)
     record = ExportRecord(layout, exporter, config.fp16, external, lineage)
     write_json_atomic(out / PREPROCESS_FILE, ckpt.meta.preprocessor)
@@ -206,29 +240,35 @@ def _max_diff(torch_p: np.ndarray, onnx_p: np.ndarray, what: str) -> tuple[float
     diff = np.abs(torch_p.astype(np.float64) - onnx_p.astype(np.float64)).ravel()
     bad = np.flatnonzero(~np.isfinite(diff))
     if bad.size:
-        return float("inf"), f"{what} row {bad[0]} (non-finite output: torch {torch_p.ravel()[bad[0]]}, " \
-                             f"onnx {onnx_p.ravel()[bad[0]]})"
+        return float(
+            "inf"
+        ), f"{what} row {bad[0]} (non-finite output: torch {torch_p.ravel()[bad[0]]}, onnx {onnx_p.ravel()[bad[0]]})"
     row = int(diff.argmax())
     return float(diff[row]), f"{what} row {row} (torch {torch_p.ravel()[row]:.7g}, onnx {onnx_p.ravel()[row]:.7g})"
 
 
-def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
-                 config: ParityConfig = ParityConfig()) -> ParityReport:
+def check_parity(
+    exported: ExportedModel, dataset: Path | str | None = None, config: ParityConfig = ParityConfig()
+) -> ParityReport:
     """Compare ONNX Runtime on ``exported`` with the checkpoint's TorchRec model; raise ParityError on failure."""
     reference = load_torchrec(exported.checkpoint)
     session = onnx_session(exported.onnx_path, device="cpu")  # like for like: the TorchRec reference runs on CPU
-    tolerance = config.tolerance if config.tolerance is not None else FP16_TOLERANCE if exported.record.fp16 else FP32_TOLERANCE
+    tolerance = (
+        config.tolerance if config.tolerance is not None else FP16_TOLERANCE if exported.record.fp16 else FP32_TOLERANCE
+    )
     auc_tolerance = config.fp16_auc_tolerance if exported.record.fp16 else config.auc_tolerance
     layout = exported.layout
     random_inputs = layout.random_inputs(config.random_rows, np.random.default_rng(config.seed))
-    random_diff, where = _max_diff(torchrec_probabilities(reference, layout, random_inputs),
-                                   onnx_probabilities(session, random_inputs), "random")
+    random_diff, where = _max_diff(
+        torchrec_probabilities(reference, layout, random_inputs), onnx_probabilities(session, random_inputs), "random"
+    )
     eval_diff, auc_t, auc_o, rows_eval = None, None, None, 0
     if dataset is not None:
         val = Dataset.open(dataset).split("val")
         rows_eval = min(len(val), config.eval_rows)
-        inputs = layout.features_inputs(val.dense[:rows_eval], val.sparse[:rows_eval],
-                                        {k: v[:rows_eval] for k, v in val.multi.items()})
+        inputs = layout.features_inputs(
+            val.dense[:rows_eval], val.sparse[:rows_eval], {k: v[:rows_eval] for k, v in val.multi.items()}
+        )
         torch_p, onnx_p = torchrec_probabilities(reference, layout, inputs), onnx_probabilities(session, inputs)
         eval_diff, eval_where = _max_diff(torch_p, onnx_p, "val")
         if not eval_diff <= random_diff:
@@ -237,14 +277,27 @@ def check_parity(exported: ExportedModel, dataset: Path | str | None = None,
         auc_t, auc_o = auc(labels, torch_p), auc(labels, onnx_p)
     worst = max(random_diff, eval_diff if eval_diff is not None else 0.0)
     auc_ok = auc_t is None or abs(auc_t - auc_o) <= auc_tolerance
-    report = ParityReport(worst, where, random_diff, eval_diff, auc_t, auc_o, config.random_rows, rows_eval,
-                          tolerance, auc_tolerance, bool(worst <= tolerance and auc_ok))
+    report = ParityReport(
+        worst,
+        where,
+        random_diff,
+        eval_diff,
+        auc_t,
+        auc_o,
+        config.random_rows,
+        rows_eval,
+        tolerance,
+        auc_tolerance,
+        bool(worst <= tolerance and auc_ok),
+    )
     if not report.passed:
         raise ParityError(
             f"parity gate failed for {exported.onnx_path}: max |onnx - torchrec| = {worst:.3g} "
             f"(tolerance {tolerance:g}) at {where}; val AUC torch {auc_t} vs onnx {auc_o} "
             f"(tolerance {auc_tolerance:g}); nothing was written to the model repository. Check the export "
-            "(ids in range, same checkpoint) or raise the tolerance for FP16", report)
+            "(ids in range, same checkpoint) or raise the tolerance for FP16",
+            report,
+        )
     return report
 
 
@@ -254,9 +307,16 @@ def current_options(repo: ModelRepository, name: str) -> ServingOptions:
     return repo.settings(name)[1]
 
 
-def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: str | None = None,
-            options: ServingOptions | None = None, dataset: Path | str | None = None,
-            parity: ParityConfig = ParityConfig(), version: int | None = None) -> PublishResult:
+def publish(
+    exported: ExportedModel,
+    repo: ModelRepository,
+    name: str,
+    target: str | None = None,
+    options: ServingOptions | None = None,
+    dataset: Path | str | None = None,
+    parity: ParityConfig = ParityConfig(),
+    version: int | None = None,
+) -> PublishResult:
     """Gate ``exported`` and add it as a new version of ``name``; a failed gate writes nothing.
 
     ``target``/``options`` None = the model's stored settings (a new model: cpu, ``ServingOptions()``). While a
@@ -272,16 +332,24 @@ def publish(exported: ExportedModel, repo: ModelRepository, name: str, target: s
         policy = served_policy(repo, name)
         if policy is not None:
             options = replace(options or current_options(repo, name), version_policy=policy)
-        repo.add_version(name, exported.onnx_path, target=target, options=options, version=version,
-                         extra_files=exported.extra_files)
+        repo.add_version(
+            name, exported.onnx_path, target=target, options=options, version=version, extra_files=exported.extra_files
+        )
     return PublishResult(name, version, repo.model_dir(name) / str(version) / ONNX_FILE, report, record)
 
 
-def export_to_repository(checkpoint: Checkpoint | Path | str, repo: ModelRepository | Path | str, name: str,
-                         target: str | None = None, config: ExportConfig | None = None,
-                         options: ServingOptions | None = None, dataset: Path | str | None = None,
-                         parity: ParityConfig = ParityConfig(), lineage: ModelLineage | None = None,
-                         version: int | None = None) -> PublishResult:
+def export_to_repository(
+    checkpoint: Checkpoint | Path | str,
+    repo: ModelRepository | Path | str,
+    name: str,
+    target: str | None = None,
+    config: ExportConfig | None = None,
+    options: ServingOptions | None = None,
+    dataset: Path | str | None = None,
+    parity: ParityConfig = ParityConfig(),
+    lineage: ModelLineage | None = None,
+    version: int | None = None,
+) -> PublishResult:
     """Export ``checkpoint`` into a staging directory inside ``repo``, gate it, and add it as a version of ``name``
     (the next one unless ``version`` is given). The name is checked before any work; a killed export leaves only
     a staging directory that the next export removes."""

@@ -6,6 +6,7 @@ EmbeddingBag, no jagged tensors, no Loop). The graph guards its inputs the way t
 its table (negative, or beyond the table) becomes the reserved missing id 0, and a non-finite dense value
 becomes 0 (what preprocessing makes of a missing value).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ TABLE_PREFIX = "ebc.embedding_bags.t_"
 
 
 def head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    return {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
 
 
 def _valid_ids(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -40,11 +41,14 @@ class InferenceDLRM(nn.Module):
         try:
             tables = {name: state[f"{TABLE_PREFIX}{name}.weight"] for name in layout.tables}
         except KeyError as exc:
-            raise RecopsError(f"checkpoint has no embedding table {exc.args[0]}; it was saved from another model") from exc
+            raise RecopsError(
+                f"checkpoint has no embedding table {exc.args[0]}; it was saved from another model"
+            ) from exc
         dims = sorted({t.shape[1] for t in tables.values()})
         groups = {d: [n for n in layout.tables if tables[n].shape[1] == d] for d in dims}
-        self.weights = nn.ParameterList(nn.Parameter(torch.cat([tables[n] for n in groups[d]]).to(self.dtype),
-                                                     requires_grad=False) for d in dims)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.cat([tables[n] for n in groups[d]]).to(self.dtype), requires_grad=False) for d in dims
+        )
         self.place = {}  # feature -> (group, row offset, rows)
         for g, d in enumerate(dims):
             starts = np.concatenate([[0], np.cumsum([tables[n].shape[0] for n in groups[d]])[:-1]])
@@ -110,8 +114,9 @@ def load_torchrec(checkpoint: Checkpoint) -> DLRM:
 
 
 @torch.no_grad()
-def torchrec_probabilities(model: DLRM, layout: FeatureLayout, inputs: dict[str, np.ndarray],
-                           batch_size: int = 16384) -> np.ndarray:
+def torchrec_probabilities(
+    model: DLRM, layout: FeatureLayout, inputs: dict[str, np.ndarray], batch_size: int = 16384
+) -> np.ndarray:
     """sigmoid(DLRM) for contract-named inputs, computed through a KeyedJaggedTensor, as float32 [N, 1]."""
     n = len(next(iter(inputs.values())))
     out = []

@@ -8,6 +8,7 @@ Input contract (shared with ``recops.serving.client.features_to_inputs``), B = b
 
 Output ``probability`` float32 [B, 1].
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,17 @@ from recops.training.spec import ColumnSpec
 OUTPUT_NAME = "probability"
 PREPROCESS_FILE = "preprocess.json"  # the preprocessor shipped with every exported version
 EXPORT_FILE = "export.json"
-_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
-          "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_, "BYTES": np.object_}
+_NUMPY = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+    "BYTES": np.object_,
+}
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,15 @@ class FeatureLayout:
     @classmethod
     def of(cls, model: ModelConfig, spec: ColumnSpec) -> FeatureLayout:
         """A trained model's layout (its config and the column spec it was trained on); checks the table order."""
-        layout = cls(model.num_dense, dict(model.tables), tuple(spec.sparse), {k: int(v) for k, v in spec.multi_hot.items()})
+        layout = cls(
+            model.num_dense, dict(model.tables), tuple(spec.sparse), {k: int(v) for k, v in spec.multi_hot.items()}
+        )
         expected = [*layout.sparse, *layout.multi_hot]
         if list(layout.tables) != expected:
-            raise RecopsError(f"model tables {list(layout.tables)} are not in the preprocessor's feature order "
-                              f"{expected} (categorical then multi-hot); re-train with the dataset's table_sizes")
+            raise RecopsError(
+                f"model tables {list(layout.tables)} are not in the preprocessor's feature order "
+                f"{expected} (categorical then multi-hot); re-train with the dataset's table_sizes"
+            )
         return layout
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +94,10 @@ class FeatureLayout:
         specs = [TensorSpec("dense", "FP32", (-1, self.num_dense))] if self.num_dense else []
         specs += [TensorSpec("sparse", "INT64", (-1, len(self.sparse)))] if self.sparse else []
         for name, length in self.multi_hot.items():
-            specs += [TensorSpec(f"multi_{name}", "INT64", (-1, length)), TensorSpec(f"mask_{name}", "FP32", (-1, length))]
+            specs += [
+                TensorSpec(f"multi_{name}", "INT64", (-1, length)),
+                TensorSpec(f"mask_{name}", "FP32", (-1, length)),
+            ]
         return tuple(specs)
 
     def random_inputs(self, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -97,7 +114,9 @@ class FeatureLayout:
             inputs[f"mask_{name}"] = keep.astype(np.float32)
         return inputs
 
-    def features_inputs(self, dense: np.ndarray, sparse: np.ndarray, multi: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def features_inputs(
+        self, dense: np.ndarray, sparse: np.ndarray, multi: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         """Model inputs from ``Features``-style arrays (multi-hot ids -1 padded)."""
         inputs = {"sparse": np.ascontiguousarray(sparse, np.int64)} if self.sparse else {}
         if self.num_dense:
@@ -147,9 +166,16 @@ class ExportRecord:
         return self.layout.input_specs()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"exporter": self.exporter, "fp16": self.fp16, "external_data": self.external_data,
-                "inputs": [s.to_dict() for s in self.inputs], "output": OUTPUT_NAME, "layout": self.layout.to_dict(),
-                "lineage": self.lineage.to_dict(), "parity": self.parity}
+        return {
+            "exporter": self.exporter,
+            "fp16": self.fp16,
+            "external_data": self.external_data,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "output": OUTPUT_NAME,
+            "layout": self.layout.to_dict(),
+            "lineage": self.lineage.to_dict(),
+            "parity": self.parity,
+        }
 
     def write(self, directory: Path) -> Path:
         return write_json_atomic(Path(directory) / EXPORT_FILE, self.to_dict())
@@ -162,8 +188,14 @@ class ExportRecord:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(FeatureLayout.from_dict(data["layout"]), data["exporter"], data["fp16"], data["external_data"],
-                       ModelLineage.from_dict(data["lineage"]), data.get("parity"))
+            return cls(
+                FeatureLayout.from_dict(data["layout"]),
+                data["exporter"],
+                data["fp16"],
+                data["external_data"],
+                ModelLineage.from_dict(data["lineage"]),
+                data.get("parity"),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RecopsError(f"{path} is unreadable ({type(exc).__name__}: {exc}); export the model again") from exc
 
@@ -179,8 +211,10 @@ def preprocessor_dict(directory: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise RecopsError(f"{directory} has no {PREPROCESS_FILE}: export the model with `recops export`, or pass "
-                          "the preprocessor file explicitly") from None
+        raise RecopsError(
+            f"{directory} has no {PREPROCESS_FILE}: export the model with `recops export`, or pass "
+            "the preprocessor file explicitly"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RecopsError(f"{path} is unreadable ({type(exc).__name__}: {exc}); export the model again") from exc
 
@@ -197,8 +231,12 @@ def onnx_providers(device: str = "auto") -> list[str]:
         raise RecopsError(f"onnxruntime device {device!r}: use auto, cpu or cuda")
     has_cuda = CUDA_PROVIDER in ort.get_available_providers()
     if device == "cuda" and not has_cuda:
-        warnings.warn(f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (install the onnxruntime-gpu "
-                      f"extra: pip install 'recops[gpu]'); running on CPU", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (install the onnxruntime-gpu "
+            f"extra: pip install 'recops[gpu]'); running on CPU",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return [CUDA_PROVIDER, CPU_PROVIDER] if has_cuda and device != "cpu" else [CPU_PROVIDER]
 
 
@@ -216,8 +254,12 @@ def onnx_session(onnx_path: Path, threads: int = 0, device: str = "auto"):
     except Exception as exc:
         raise RecopsError(f"onnxruntime cannot load {onnx_path}: {exc}; re-export the model") from exc
     if CUDA_PROVIDER in providers and CUDA_PROVIDER not in session.get_providers():
-        warnings.warn(f"onnxruntime could not start {CUDA_PROVIDER} for {onnx_path} (see its log above: driver, "
-                      f"cuDNN or no visible GPU); running on CPU", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"onnxruntime could not start {CUDA_PROVIDER} for {onnx_path} (see its log above: driver, "
+            f"cuDNN or no visible GPU); running on CPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return session
 
 
@@ -225,6 +267,8 @@ def onnx_probabilities(session, inputs: dict[str, np.ndarray], batch_size: int =
     """The ``probability`` output for contract-named ``inputs``, in chunks of ``batch_size`` rows."""
     names = [i.name for i in session.get_inputs()]
     n = len(inputs[names[0]])
-    parts = [session.run([OUTPUT_NAME], {k: inputs[k][s:s + batch_size] for k in names})[0]
-             for s in range(0, n, batch_size)]
+    parts = [
+        session.run([OUTPUT_NAME], {k: inputs[k][s : s + batch_size] for k in names})[0]
+        for s in range(0, n, batch_size)
+    ]
     return np.concatenate(parts)

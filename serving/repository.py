@@ -8,6 +8,7 @@ Layout written (Triton's own)::
 A version directory is assembled in a hidden temp directory beside it and renamed into place, and
 config.pbtxt is replaced atomically, so a server loading concurrently never sees half a version.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,20 @@ MAX_NAME = 200  # file names are at most 255 bytes, with room for staging prefix
 
 # ONNX element type -> Triton datatype (config.pbtxt uses "TYPE_" + this; clients use it bare).
 _ONNX_TO_TRITON = {
-    onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.DOUBLE: "FP64", onnx.TensorProto.FLOAT16: "FP16",
-    onnx.TensorProto.BFLOAT16: "BF16", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.INT16: "INT16",
-    onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.UINT8: "UINT8",
-    onnx.TensorProto.UINT16: "UINT16", onnx.TensorProto.UINT32: "UINT32",
-    onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.STRING: "BYTES",
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.BFLOAT16: "BF16",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.STRING: "BYTES",
 }
 
 
@@ -69,7 +79,8 @@ class VersionPolicy:
             return f"version_policy: {{ specific: {{ versions: [{', '.join(map(str, self.versions))}] }} }}"
         raise RecopsError(
             f"version policy {self.kind!r} with versions={self.versions}: use kind 'latest' (latest_n), "
-            "'all', or 'specific' with a non-empty versions list")
+            "'all', or 'specific' with a non-empty versions list"
+        )
 
 
 @dataclass(frozen=True)
@@ -100,13 +111,15 @@ class ServingOptions:
     def from_dict(cls, data: dict) -> ServingOptions:
         """Inverse of ``dataclasses.asdict`` (as stored in the model's settings file)."""
         batching, policy = data["dynamic_batching"], data["version_policy"]
-        return cls(max_batch_size=data["max_batch_size"],
-                   dynamic_batching=batching and DynamicBatching(tuple(batching["preferred_batch_sizes"]),
-                                                                 batching["max_queue_delay_us"]),
-                   instance_count=data["instance_count"],
-                   version_policy=VersionPolicy(policy["kind"], policy["latest_n"], tuple(policy["versions"])),
-                   warmup=tuple(WarmupRequest(**w) for w in data["warmup"]),
-                   intra_op_threads=data["intra_op_threads"])
+        return cls(
+            max_batch_size=data["max_batch_size"],
+            dynamic_batching=batching
+            and DynamicBatching(tuple(batching["preferred_batch_sizes"]), batching["max_queue_delay_us"]),
+            instance_count=data["instance_count"],
+            version_policy=VersionPolicy(policy["kind"], policy["latest_n"], tuple(policy["versions"])),
+            warmup=tuple(WarmupRequest(**w) for w in data["warmup"]),
+            intra_op_threads=data["intra_op_threads"],
+        )
 
 
 @dataclass(frozen=True)
@@ -123,17 +136,23 @@ class ModelConfig:
         opts = self.options
         backend = 'backend: "python"' if self.target == "cpu" else 'platform: "onnxruntime_onnx"'
         kind = "KIND_CPU" if self.target == "cpu" else "KIND_GPU"
-        lines = [f'name: "{self.name}"', backend, f"max_batch_size: {opts.max_batch_size}",
-                 _tensors_pbtxt("input", self.inputs), _tensors_pbtxt("output", self.outputs),
-                 f"instance_group [ {{ count: {opts.instance_count} kind: {kind} }} ]",
-                 opts.version_policy.to_pbtxt()]
+        lines = [
+            f'name: "{self.name}"',
+            backend,
+            f"max_batch_size: {opts.max_batch_size}",
+            _tensors_pbtxt("input", self.inputs),
+            _tensors_pbtxt("output", self.outputs),
+            f"instance_group [ {{ count: {opts.instance_count} kind: {kind} }} ]",
+            opts.version_policy.to_pbtxt(),
+        ]
         if opts.dynamic_batching is not None:
             lines.append(_dynamic_batching_pbtxt(opts.dynamic_batching))
         if opts.warmup:
             lines.append(_warmup_pbtxt(opts.warmup, self.inputs, opts.max_batch_size))
         if self.target == "cpu":
-            lines.append('parameters: { key: "intra_op_threads" '
-                         f'value: {{ string_value: "{opts.intra_op_threads}" }} }}')
+            lines.append(
+                f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{opts.intra_op_threads}" }} }}'
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -162,7 +181,9 @@ def _warmup_pbtxt(requests: tuple[WarmupRequest, ...], inputs: tuple[TensorSpec,
         flag = "zero_data" if req.data == "zero" else "random_data"
         tensors = " ".join(
             f'inputs {{ key: "{s.name}" value: {{ data_type: TYPE_{s.dtype} '
-            f"dims: {_dims(tuple(max(d, 1) for d in s.dims))} {flag}: true }} }}" for s in inputs)
+            f"dims: {_dims(tuple(max(d, 1) for d in s.dims))} {flag}: true }} }}"
+            for s in inputs
+        )
         batch = req.batch_size if max_batch > 0 else 0
         entries.append(f'  {{ name: "warmup_{i}" batch_size: {batch} count: {req.count} {tensors} }}')
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
@@ -174,7 +195,8 @@ def validate_model_name(name: str) -> str:
         shown = name if not isinstance(name, str) or len(name) <= 60 else f"{name[:40]}...({len(name)} characters)"
         raise RecopsError(
             f"model name {shown!r} is invalid: use at most {MAX_NAME} letters, digits, '_', '.', '-', not starting "
-            "with '.' or '-' (e.g. 'dlrm_criteo')")
+            "with '.' or '-' (e.g. 'dlrm_criteo')"
+        )
     return name
 
 
@@ -191,8 +213,10 @@ def read_signature(onnx_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[Tenso
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tensor = value.type.tensor_type
     if tensor.elem_type not in _ONNX_TO_TRITON:
-        raise RecopsError(f"ONNX tensor {value.name!r} has element type {tensor.elem_type}, "
-                          "which Triton cannot serve; export it as a numeric or bool tensor")
+        raise RecopsError(
+            f"ONNX tensor {value.name!r} has element type {tensor.elem_type}, "
+            "which Triton cannot serve; export it as a numeric or bool tensor"
+        )
     dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
     return TensorSpec(value.name, _ONNX_TO_TRITON[tensor.elem_type], dims)
 
@@ -206,7 +230,8 @@ def model_config(name: str, onnx_path: Path, target: str, options: ServingOption
         if not batchable:
             raise RecopsError(
                 f"{onnx_path}: max_batch_size={options.max_batch_size} needs a dynamic first (batch) dim "
-                "on every input and output; export with a dynamic batch axis or use max_batch_size=0")
+                "on every input and output; export with a dynamic batch axis or use max_batch_size=0"
+            )
         inputs = tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in inputs)
         outputs = tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in outputs)
     return ModelConfig(validate_model_name(name), target, inputs, outputs, options)
@@ -220,8 +245,10 @@ def external_data_files(onnx_path: Path) -> list[str]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next(e.value for e in tensor.external_data if e.key == "location")
             if Path(location).is_absolute() or ".." in Path(location).parts:
-                raise RecopsError(f"{onnx_path}: external data location {location!r} leaves the model's "
-                                  "directory; re-save the model with its data next to it")
+                raise RecopsError(
+                    f"{onnx_path}: external data location {location!r} leaves the model's "
+                    "directory; re-save the model with its data next to it"
+                )
             locations.add(location)
     return sorted(locations)
 
@@ -275,9 +302,15 @@ class ModelRepository:
         except (ValueError, KeyError, TypeError) as exc:
             raise RecopsError(f"{path} is unreadable ({exc}); pass target and options explicitly") from exc
 
-    def add_version(self, name: str, onnx_path: Path | str, target: str | None = None,
-                    options: ServingOptions | None = None, version: int | None = None,
-                    extra_files: Sequence[Path | str] = ()) -> int:
+    def add_version(
+        self,
+        name: str,
+        onnx_path: Path | str,
+        target: str | None = None,
+        options: ServingOptions | None = None,
+        version: int | None = None,
+        extra_files: Sequence[Path | str] = (),
+    ) -> int:
         """Copy ``onnx_path`` in as a new version (default: latest + 1), rewrite config.pbtxt, return it.
 
         ``target`` and ``options`` default to the model's current settings (see ``settings``).
@@ -291,8 +324,10 @@ class ModelRepository:
         existing = self.versions(name)
         version = version if version is not None else self.next_version(name)
         if version < 1 or version in existing:
-            raise RecopsError(f"model {name!r} version {version} is invalid or exists (have {existing}); "
-                              "pass a new positive version or None for the next one")
+            raise RecopsError(
+                f"model {name!r} version {version} is invalid or exists (have {existing}); "
+                "pass a new positive version or None for the next one"
+            )
         self._install_version(config, onnx_path, version, [Path(p) for p in extra_files])
         self.write_config(config)
         return version
@@ -315,8 +350,9 @@ class ModelRepository:
             os.chmod(staging, 0o755)
             os.rename(staging, folder / str(version))
         except FileNotFoundError as exc:
-            raise RecopsError(f"{onnx_path}: {exc.filename} is missing; the ONNX file's external data "
-                              "must lie next to it") from exc
+            raise RecopsError(
+                f"{onnx_path}: {exc.filename} is missing; the ONNX file's external data must lie next to it"
+            ) from exc
         except OSError as exc:
             raise RecopsError(f"could not install {config.name!r} version {version}: {exc}") from exc
         finally:

@@ -4,6 +4,7 @@ Both scorers carry the model's own preprocessor, so raw rows are prepared exactl
 scored through an ONNX export of it (:func:`exported_checkpoint`, made once per checkpoint and parity-gated), the
 same graph Triton serves.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,15 @@ class OnnxScorer:
 class TritonScorer:
     """A served model (``version`` None: the server's choice), fed rows prepared by ``preprocessor``."""
 
-    def __init__(self, url: str, name: str, preprocessor: Preprocessor, version: int | None = None,
-                 protocol: str = "http", batch_size: int = 4096):
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        preprocessor: Preprocessor,
+        version: int | None = None,
+        protocol: str = "http",
+        batch_size: int = 4096,
+    ):
         self.preprocessor, self.version = preprocessor, version
         self.predictor = Predictor(url, name, protocol=protocol, batch_size=batch_size, timeout_s=60.0)
         self.description = f"Triton {url} model {name}" + (f" version {version}" if version else "")
@@ -53,8 +61,11 @@ class TritonScorer:
     def score(self, features: Features) -> np.ndarray:
         inputs = {k: np.ascontiguousarray(v) for k, v in features_to_inputs(features).items()}
         declared = {t["name"]: t["datatype"] for t in self.predictor.metadata()["inputs"]}
-        inputs = {k: v.astype(np.float32) if k.startswith("mask_") and declared.get(k) == "FP32" else v
-                  for k, v in inputs.items() if k in declared}
+        inputs = {
+            k: v.astype(np.float32) if k.startswith("mask_") and declared.get(k) == "FP32" else v
+            for k, v in inputs.items()
+            if k in declared
+        }
         result = self.predictor.predict(inputs, model_version=self.version or "")
         self.versions.update(result.model_versions)
         return next(iter(result.outputs.values())).ravel().astype(np.float64)

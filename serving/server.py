@@ -7,6 +7,7 @@ imports numpy/onnxruntime from this environment). The server binds 127.0.0.1 wit
 control, runs in its own session (so stopping it also reaches its stub processes), and records
 itself in ``<repo>/.recops-server.json`` so another process can find and stop it.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -76,19 +77,26 @@ class TritonInstall:
         spec = importlib.util.find_spec("pytriton")  # located, not imported: its API needs extra packages
         root = Path(spec.origin).parent / "tritonserver" if spec and spec.origin else None
         if root is None or not (root / "bin" / "tritonserver").is_file():
-            raise RecopsError("Triton server not installed: run `pip install --no-deps nvidia-pytriton==0.7.0` "
-                              "(or `make install`)")
+            raise RecopsError(
+                "Triton server not installed: run `pip install --no-deps nvidia-pytriton==0.7.0` (or `make install`)"
+            )
         libs = root.parents[1] / "nvidia_pytriton.libs"
-        return cls(root / "bin" / "tritonserver", root / "backends", root / "python_backend_stubs",
-                   (Path(sysconfig.get_config_var("LIBDIR")), libs))
+        return cls(
+            root / "bin" / "tritonserver",
+            root / "backends",
+            root / "python_backend_stubs",
+            (Path(sysconfig.get_config_var("LIBDIR")), libs),
+        )
 
     def prepare(self) -> None:
         """Put the stub for this Python next to libtriton_python.so (idempotent, atomic)."""
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = self.stubs / version / "triton_python_backend_stub"
         if not stub.is_file():
-            raise RecopsError(f"no Triton python-backend stub for Python {version} in {self.stubs}; "
-                              "use a Python version the nvidia-pytriton wheel supports (3.8-3.13)")
+            raise RecopsError(
+                f"no Triton python-backend stub for Python {version} in {self.stubs}; "
+                "use a Python version the nvidia-pytriton wheel supports (3.8-3.13)"
+            )
         target = self.backends / "python" / stub.name
         if target.is_file() and filecmp.cmp(stub, target, shallow=False):
             return
@@ -99,8 +107,10 @@ class TritonInstall:
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise RecopsError(f"cannot install the python-backend stub into {target.parent} ({exc}); "
-                              "make that directory writable or copy the stub there once by hand") from exc
+            raise RecopsError(
+                f"cannot install the python-backend stub into {target.parent} ({exc}); "
+                "make that directory writable or copy the stub there once by hand"
+            ) from exc
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -162,8 +172,7 @@ def _is_tritonserver(pid: int, repo: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return bool(cmdline) and cmdline[0].endswith(b"tritonserver") and \
-        f"--model-repository={repo}".encode() in cmdline
+    return bool(cmdline) and cmdline[0].endswith(b"tritonserver") and f"--model-repository={repo}".encode() in cmdline
 
 
 def _wait(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -193,8 +202,9 @@ class TritonServer:
         server = cls()
         server.http_url = f"http://{http_address(url)}"
         if not server.is_ready():
-            raise ServingError(f"no ready Triton server at {server.http_url}: start one with `recops serve "
-                               "start` or fix --url")
+            raise ServingError(
+                f"no ready Triton server at {server.http_url}: start one with `recops serve start` or fix --url"
+            )
         return server
 
     @classmethod
@@ -220,15 +230,22 @@ class TritonServer:
 
     def command(self, install: TritonInstall, ports: tuple[int, int, int]) -> list[str]:
         host = self.config.host
-        cmd = [str(install.binary), f"--model-repository={self.repo}", "--model-control-mode=explicit",
-               f"--backend-directory={install.backends}",
-               "--backend-config=python,shm-default-byte-size=4194304",
-               f"--http-address={host}", f"--http-port={ports[0]}",
-               f"--grpc-address={host}", f"--grpc-port={ports[1]}",
-               f"--metrics-address={host}", f"--metrics-port={ports[2]}",
-               f"--exit-timeout-secs={self.config.exit_timeout_s}",
-               # One failed version load must not mark the whole server unready (production keeps serving).
-               "--strict-readiness=false"]
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.repo}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={install.backends}",
+            "--backend-config=python,shm-default-byte-size=4194304",
+            f"--http-address={host}",
+            f"--http-port={ports[0]}",
+            f"--grpc-address={host}",
+            f"--grpc-port={ports[1]}",
+            f"--metrics-address={host}",
+            f"--metrics-port={ports[2]}",
+            f"--exit-timeout-secs={self.config.exit_timeout_s}",
+            # One failed version load must not mark the whole server unready (production keeps serving).
+            "--strict-readiness=false",
+        ]
         cmd += [f"--load-model={name}" for name in self.config.load_models]
         return cmd + list(self.config.extra_args)
 
@@ -239,8 +256,10 @@ class TritonServer:
         self.repo.mkdir(parents=True, exist_ok=True)
         running = read_state(self.repo)
         if running is not None:
-            raise RecopsError(f"a server for {self.repo} already runs (pid {running.pid}, {running.http_url}); "
-                              f"stop it with `recops serve stop --repo {self.repo}`")
+            raise RecopsError(
+                f"a server for {self.repo} already runs (pid {running.pid}, {running.http_url}); "
+                f"stop it with `recops serve stop --repo {self.repo}`"
+            )
         install = TritonInstall.find()
         install.prepare()
         cfg, host = self.config, self.config.host
@@ -248,8 +267,14 @@ class TritonServer:
         self.http_url, self.grpc_url = f"http://{host}:{ports[0]}", f"grpc://{host}:{ports[1]}"
         self.metrics_url = f"http://{host}:{ports[2]}/metrics"
         with open(self.log_file, "wb") as log:
-            self._proc = subprocess.Popen(self.command(install, ports), stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=install.env(), start_new_session=True)
+            self._proc = subprocess.Popen(
+                self.command(install, ports),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=install.env(),
+                start_new_session=True,
+            )
         self.pid = self._proc.pid
         self._wait_ready()
         write_json_atomic(self.repo / STATE_FILE, asdict(self.state()))
@@ -261,11 +286,13 @@ class TritonServer:
 
         if _wait(lambda: exited() or self.is_ready(), self.config.startup_timeout_s, 0.1) and not exited():
             return
-        reason = (f"exited with code {self._proc.returncode}" if exited()
-                  else f"not ready after {self.config.startup_timeout_s:.0f} s")
+        reason = (
+            f"exited with code {self._proc.returncode}"
+            if exited()
+            else f"not ready after {self.config.startup_timeout_s:.0f} s"
+        )
         self.stop()
-        raise RecopsError(f"Triton server for {self.repo} {reason}; log {self.log_file} ends with:\n"
-                          f"{self.log_tail()}")
+        raise RecopsError(f"Triton server for {self.repo} {reason}; log {self.log_file} ends with:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """SIGTERM the server, wait for it, then SIGKILL whatever is left of its process group."""
@@ -306,8 +333,9 @@ class TritonServer:
 
     # ---- inspection and model control -------------------------------------------------------
     def state(self) -> ServerState:
-        return ServerState(self.pid or 0, self.http_url, self.grpc_url, self.metrics_url, str(self.repo),
-                           str(self.log_file))
+        return ServerState(
+            self.pid or 0, self.http_url, self.grpc_url, self.metrics_url, str(self.repo), str(self.log_file)
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -6,6 +6,7 @@ dynamic batcher hands over together are concatenated into one onnxruntime run; i
 each request is run alone so an error is reported on the request that caused it.
 The parameter ``intra_op_threads`` in config.pbtxt sets onnxruntime's thread count.
 """
+
 import json
 import os
 
@@ -28,8 +29,9 @@ class TritonPythonModel:
         self.batching = config.get("max_batch_size", 0) > 0
 
     def execute(self, requests):
-        feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names}
-                 for r in requests]
+        feeds = [
+            {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names} for r in requests
+        ]
         if self.batching and len(requests) > 1:
             try:
                 return self._run_merged(feeds)
@@ -52,4 +54,5 @@ class TritonPythonModel:
 
     def _response(self, outputs):
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.output_names, outputs)])
+            output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.output_names, outputs)]
+        )

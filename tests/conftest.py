@@ -1,4 +1,5 @@
 """Session-wide settings and shared fixtures: quiet, bounded Ray; a tiny synthetic dataset."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def recops(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (`python -m recops.cli ...`)."""
-    proc = subprocess.run([sys.executable, "-m", "recops.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recops.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"recops {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -55,7 +62,9 @@ def tiny_dataset(synth_dir, tmp_path_factory):
     from recops.training.dataset import ingest
     from recops.training.spec import PreprocessConfig
 
-    return ingest([synth_dir / "data.tsv"], tmp_path_factory.mktemp("datasets"), config=PreprocessConfig(table_size=1000))
+    return ingest(
+        [synth_dir / "data.tsv"], tmp_path_factory.mktemp("datasets"), config=PreprocessConfig(table_size=1000)
+    )
 
 
 def _session_processes() -> list[tuple[int, str]]:

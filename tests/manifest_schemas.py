@@ -1,4 +1,5 @@
 """Offline validators for the rendered manifests (tests/data/schemas/README.md says which schema is from where)."""
+
 from __future__ import annotations
 
 import functools

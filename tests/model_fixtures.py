@@ -1,4 +1,5 @@
 """Tiny trained checkpoints shared by the export and deploy tests (trained once per session, cached on disk)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,14 @@ def multi_hot_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     n = 3000
     tags = rng.integers(0, 30, size=(n, 3))
     label = (np.isin(tags, [1, 2, 3]).any(1) ^ (rng.random(n) < 0.1)).astype(int)
-    frame = pd.DataFrame({"label": label, "x": rng.random(n), "user": rng.integers(0, 50, n).astype(str),
-                          "tags": ["|".join(map(str, t[: rng.integers(0, 4)])) for t in tags]})
+    frame = pd.DataFrame(
+        {
+            "label": label,
+            "x": rng.random(n),
+            "user": rng.integers(0, 50, n).astype(str),
+            "tags": ["|".join(map(str, t[: rng.integers(0, 4)])) for t in tags],
+        }
+    )
     root.mkdir(parents=True)
     frame.to_csv(root / "rows.csv", index=False)
     spec = ColumnSpec(dense=("x",), sparse=("user",), multi_hot={"tags": 3}, format="csv")

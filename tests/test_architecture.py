@@ -1,5 +1,6 @@
 """The shape of the code: one import root, layers that only import downwards, no import cycle, one owner per
 artifact file, a loop module that holds transitions only. Read from the source (imports inside functions too)."""
+
 from __future__ import annotations
 
 import ast
@@ -10,11 +11,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"recops": "recops", "training": "recops.training", "serving": "recops.serving", "ops": "recops.ops",
-           "bench": "recops.bench", "configs": "recops.configs", "deploy": "recops.deploy"}
+FOLDERS = {
+    "recops": "recops",
+    "training": "recops.training",
+    "serving": "recops.serving",
+    "ops": "recops.ops",
+    "bench": "recops.bench",
+    "configs": "recops.configs",
+    "deploy": "recops.deploy",
+}
 # A module may import modules of its own layer or a lower one. recops.cli sits on top.
-RANKS = {"recops": 0, "recops.configs": 1, "recops.training": 2, "recops.serving": 3, "recops.ops": 4,
-         "recops.bench": 5, "recops.deploy": 5, "recops.cli": 6}
+RANKS = {
+    "recops": 0,
+    "recops.configs": 1,
+    "recops.training": 2,
+    "recops.serving": 3,
+    "recops.ops": 4,
+    "recops.bench": 5,
+    "recops.deploy": 5,
+    "recops.cli": 6,
+}
 
 
 def modules() -> dict[str, Path]:
@@ -36,7 +52,11 @@ def imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                package = name.split(".")[: -node.level] if path.name != "__init__.py" else name.split(".")[: 1 - node.level or None]
+                package = (
+                    name.split(".")[: -node.level]
+                    if path.name != "__init__.py"
+                    else name.split(".")[: 1 - node.level or None]
+                )
                 base = ".".join([*package, base]) if base else ".".join(package)
             out |= {base} | {f"{base}.{a.name}" for a in node.names}
     return {m for m in out if m == "recops" or m.startswith("recops.")}
@@ -98,9 +118,14 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 
 def test_layers_only_import_downwards() -> None:
-    upward = [f"{source} -> {target}" for source, targets in graph().items() for target in targets
-              if RANKS[layer(target)] > RANKS[layer(source)]
-              or RANKS[layer(target)] == RANKS[layer(source)] and layer(target) != layer(source)]
+    upward = [
+        f"{source} -> {target}"
+        for source, targets in graph().items()
+        for target in targets
+        if RANKS[layer(target)] > RANKS[layer(source)]
+        or RANKS[layer(target)] == RANKS[layer(source)]
+        and layer(target) != layer(source)
+    ]
     assert upward == []
 
 
@@ -126,13 +151,21 @@ ARTIFACT_FILES = {  # file name -> the only modules that may name it
 def code_strings(path: Path) -> list[str]:
     """The string constants a module's code works with: docstrings, error messages and ``help=`` texts left out."""
     tree = ast.parse(path.read_text())
-    prose = [b.body[0].value for b in ast.walk(tree)
-             if isinstance(b, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and b.body
-             and isinstance(b.body[0], ast.Expr) and isinstance(b.body[0].value, ast.Constant)]
+    prose = [
+        b.body[0].value
+        for b in ast.walk(tree)
+        if isinstance(b, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and b.body
+        and isinstance(b.body[0], ast.Expr)
+        and isinstance(b.body[0].value, ast.Constant)
+    ]
     prose += [n for n in ast.walk(tree) if isinstance(n, ast.Raise) or isinstance(n, ast.keyword) and n.arg == "help"]
     skip = {id(c) for p in prose for c in ast.walk(p)}
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and id(n) not in skip]
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip
+    ]
 
 
 @pytest.mark.parametrize("artifact", sorted(ARTIFACT_FILES))

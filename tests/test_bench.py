@@ -1,5 +1,6 @@
 """Benchmarks: the plain-PyTorch DLRM computes what TorchRec's does, the shared helpers, the suite and
 report on a real quick run, failures and missing scripts reported, and the GPU check's plan."""
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ def test_variant_steps_fit_a_batch(variant, path):
     # (the DMP path trains in test_quick_suite_run_writes_results_and_report, in its own process)
     cfg = ThroughputConfig(max_rows=500, embedding_dim=4, dense_arch=(8,), over_arch=(8,), torchrec_path=path)
     step, description = build_step(variant, cfg)
-    batch, = synthetic_batches(cfg, 256, count=1, pin=False)
+    (batch,) = synthetic_batches(cfg, 256, count=1, pin=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: extra threads only spin on a busy host
     try:
@@ -60,7 +61,7 @@ def test_variant_steps_fit_a_batch(variant, path):
 
 def test_synthetic_batches_are_skewed_ids_inside_each_table():
     cfg = ThroughputConfig(max_rows=5000)
-    (dense, ids, label), = synthetic_batches(cfg, 4096, count=1, pin=False)
+    ((dense, ids, label),) = synthetic_batches(cfg, 4096, count=1, pin=False)
     rows = np.array(list(cfg.tables().values()))
     assert dense.shape == (4096, 13) and ids.shape == (4096, 26) and label.shape == (4096,)
     assert (ids.numpy() >= 0).all() and (ids.numpy() < rows).all()
@@ -76,13 +77,27 @@ def test_measure_excludes_warmup_and_reports_the_median():
 
 
 def test_serving_rows_are_ratios_against_onnxruntime_at_the_same_batch_and_concurrency():
-    cell = lambda backend, batch, conc, p50, rate: {"backend": backend, "batch_size": batch, "concurrency": conc,  # noqa: E731
-                                                   "p50_ms": p50, "rows_per_s": rate}
-    rows = [cell("onnxruntime", 1, 1, 0.02, 40_000), cell("triton_http", 1, 1, 0.7, 1_400),
-            cell("onnxruntime", 1, 4, 0.05, 60_000), cell("triton_http", 1, 4, 1.5, 2_400), cell("triton_grpc", 8, 1, 0.8, 9_000)]
+    def cell(backend: str, batch: int, conc: int, p50: float, rate: float) -> dict:
+        return {"backend": backend, "batch_size": batch, "concurrency": conc, "p50_ms": p50, "rows_per_s": rate}
+
+    rows = [
+        cell("onnxruntime", 1, 1, 0.02, 40_000),
+        cell("triton_http", 1, 1, 0.7, 1_400),
+        cell("onnxruntime", 1, 4, 0.05, 60_000),
+        cell("triton_http", 1, 4, 1.5, 2_400),
+        cell("triton_grpc", 8, 1, 0.8, 9_000),
+    ]
     add_ratios(rows)
-    assert [r["variant"] for r in rows] == ["onnxruntime c1", "triton_http c1", "onnxruntime c4", "triton_http c4", "triton_grpc c1"]
-    assert rows[1]["p50_vs_onnxruntime"] == pytest.approx(35) and rows[1]["rows_per_s_vs_onnxruntime"] == pytest.approx(0.035)
+    assert [r["variant"] for r in rows] == [
+        "onnxruntime c1",
+        "triton_http c1",
+        "onnxruntime c4",
+        "triton_http c4",
+        "triton_grpc c1",
+    ]
+    assert rows[1]["p50_vs_onnxruntime"] == pytest.approx(35) and rows[1]["rows_per_s_vs_onnxruntime"] == pytest.approx(
+        0.035
+    )
     assert rows[3]["p50_vs_onnxruntime"] == pytest.approx(30) and rows[2]["p50_vs_onnxruntime"] == 1.0
     assert rows[4]["p50_vs_onnxruntime"] is None  # no baseline cell at batch 8: no ratio rather than a wrong one
 
@@ -108,8 +123,13 @@ def test_quick_suite_run_writes_results_and_report(tmp_path):
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert [r["status"] for r in suite["runs"]] == ["ok"] and "available" in suite["runs"][0]["gpu"]
     report = (tmp_path / "REPORT.md").read_text()
-    assert "## train_throughput — ok" in report and "![DLRM training throughput (samples/s)](train_throughput_0.png)" in report
-    assert (tmp_path / "train_throughput_0.png").stat().st_size > 0 and (tmp_path / "gpu_utilisation.png").stat().st_size > 0
+    assert (
+        "## train_throughput — ok" in report
+        and "![DLRM training throughput (samples/s)](train_throughput_0.png)" in report
+    )
+    assert (tmp_path / "train_throughput_0.png").stat().st_size > 0 and (
+        tmp_path / "gpu_utilisation.png"
+    ).stat().st_size > 0
     assert report.count("NOT RUN") >= 1  # the benchmarks this run left out are listed, not dropped
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
 
@@ -125,7 +145,9 @@ def test_failed_missing_and_gpu_only_benchmarks_are_reported(tmp_path):
         assert skipped.status == "skipped"
     suite = run_suite([Benchmark("no_such_benchmark")], tmp_path, quick=True, echo=False)
     report = (tmp_path / "REPORT.md").read_text()
-    assert suite["runs"][0]["status"] == "missing" and "**MISSING**: bench/no_such_benchmark.py does not exist" in report
+    assert (
+        suite["runs"][0]["status"] == "missing" and "**MISSING**: bench/no_such_benchmark.py does not exist" in report
+    )
     assert "no GPU" in report or hardware()["gpus"]
     assert render(tmp_path)["html"].exists()
 
@@ -138,8 +160,14 @@ def test_recops_bench_rejects_unknown_names():
 def test_gpu_check_script_plan(tmp_path):
     for script in ("bench/gpu_check.sh", "bench/prepare_gpu_wheels.sh"):
         subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path)},
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     plan = proc.stdout
     for step in ("nvidia-smi", "pip install", "pytest -m gpu", "--device cuda", "65536", "onnx_gpu"):

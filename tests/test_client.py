@@ -1,5 +1,6 @@
 """Predictor over real HTTP and gRPC: results equal local onnxruntime, batching, versions and request ids,
 every failure a ServingError with the server's message, and the python model's batched execution."""
+
 from __future__ import annotations
 
 import socket
@@ -32,8 +33,9 @@ BATCHED = "tiny_batched"  # dispatches once 4 rows are queued, so 4 concurrent 1
 
 @pytest.fixture(scope="module")
 def server(triton_repo, tiny_onnx, triton_server):
-    triton_repo.add_version(BATCHED, tiny_onnx, options=ServingOptions(
-        max_batch_size=8, dynamic_batching=DynamicBatching((4,), 5_000_000)))
+    triton_repo.add_version(
+        BATCHED, tiny_onnx, options=ServingOptions(max_batch_size=8, dynamic_batching=DynamicBatching((4,), 5_000_000))
+    )
     triton_server.load(BATCHED)
     return triton_server
 
@@ -68,8 +70,10 @@ def test_bad_requests_raise_serving_error_with_the_server_message(server, protoc
         ({"dense": good["dense"][:2], "sparse": good["sparse"]}, TINY, "", "same, non-zero number of rows"),
     ]
     for inputs, model, version, message in cases:
-        with Predictor(url_for(server, protocol), model, protocol=protocol) as predictor, \
-                pytest.raises(ServingError, match=message):
+        with (
+            Predictor(url_for(server, protocol), model, protocol=protocol) as predictor,
+            pytest.raises(ServingError, match=message),
+        ):
             predictor.predict_arrays(inputs, model_version=version)
 
 
@@ -108,7 +112,7 @@ def _executions(server) -> int:
 
 def test_batched_requests_run_together_and_a_bad_one_fails_alone(server, tiny_onnx):
     inputs = tiny_inputs(4)
-    rows = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(4)]
+    rows = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(4)]
     expected = onnx_outputs(tiny_onnx, inputs)["prob"]
     before = _executions(server)
     results = _one_row_each(server.http_url, rows)
@@ -119,15 +123,19 @@ def test_batched_requests_run_together_and_a_bad_one_fails_alone(server, tiny_on
     results = _one_row_each(server.http_url, rows)
     assert isinstance(results[2], ServingError) and "onnxruntime" in str(results[2])
     for i in (0, 1, 3):
-        np.testing.assert_allclose(results[i], expected[i:i + 1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(results[i], expected[i : i + 1], rtol=1e-5, atol=1e-7)
 
 
 def _raw_frame(rows: int) -> pd.DataFrame:
     rng = np.random.default_rng(7)
-    frame = {name: np.where(rng.random(rows) < 0.2, np.nan, rng.integers(0, 100, rows).astype(float))
-             for name in CRITEO_DENSE}
-    frame |= {name: [None if rng.random() < 0.2 else f"{int(rng.integers(0, 2**32)):08x}" for _ in range(rows)]
-              for name in CRITEO_SPARSE}
+    frame = {
+        name: np.where(rng.random(rows) < 0.2, np.nan, rng.integers(0, 100, rows).astype(float))
+        for name in CRITEO_DENSE
+    }
+    frame |= {
+        name: [None if rng.random() < 0.2 else f"{int(rng.integers(0, 2**32)):08x}" for _ in range(rows)]
+        for name in CRITEO_SPARSE
+    }
     return pd.DataFrame(frame)
 
 
@@ -145,8 +153,9 @@ def test_predict_frame_applies_the_shared_preprocessing(server, tiny_onnx, proto
 
 def test_features_map_to_the_export_input_names():
     multi = np.array([[3, 4, -1], [-1, -1, -1]])
-    features = SimpleNamespace(dense=np.zeros((2, 13), np.float32), sparse=np.zeros((2, 26), np.int64),
-                               multi={"tags": multi})
+    features = SimpleNamespace(
+        dense=np.zeros((2, 13), np.float32), sparse=np.zeros((2, 26), np.int64), multi={"tags": multi}
+    )
     inputs = features_to_inputs(features)
     assert list(inputs) == ["dense", "sparse", "multi_tags", "mask_tags"]
     np.testing.assert_array_equal(inputs["mask_tags"], [[True, True, False], [False, False, False]])

@@ -1,4 +1,5 @@
 """Data pipeline: synthetic generator, validation with counted rejects, shared preprocessing, versions."""
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,12 @@ def test_ingest_counts_and_keeps_every_rejected_row(tmp_path):
     lines = (ds.path / "rejects.tsv").read_text().splitlines()
     assert lines[0] == "file\tline\treason\trow"
     rejects = {int(line): (reason, row) for _, line, reason, row in (entry.split("\t", 3) for entry in lines[1:])}
-    assert {k: v[0] for k, v in rejects.items()} == {2: "field_count", 3: "bad_label", 4: "non_numeric_dense", 7: "field_count"}
+    assert {k: v[0] for k, v in rejects.items()} == {
+        2: "field_count",
+        3: "bad_label",
+        4: "non_numeric_dense",
+        7: "field_count",
+    }
     assert rejects[2][1] == "1\t2\t3" and rejects[3][1].startswith("2\t0\t1") and rejects[7][1] == ""
     train = ds.split("train")
     assert train.sparse[1].tolist() == [MISSING_ID] * 26 and train.dense[1].tolist() == [0.0] * 13
@@ -102,21 +108,45 @@ def test_preprocessing_is_the_documented_function():
     np.testing.assert_allclose(out.dense, [[1.0, 0.0], [0.0, 0.0]], atol=1e-6)
     assert out.sparse[1, 0] == MISSING_ID and 1 <= out.sparse[0, 0] < 10
     vocab = Preprocessor(spec, PreprocessConfig(table_size=10, min_frequency=2)).fit(
-        pd.DataFrame({"c": ["x", "x", "y"]}).assign(label=0, a=0.0, b=0.0))
-    assert vocab.transform(pd.DataFrame({"label": [0] * 3, "a": [0.0] * 3, "b": [0.0] * 3, "c": ["x", "y", None]})).sparse[:, 0].tolist() == [2, 1, 0]
+        pd.DataFrame({"c": ["x", "x", "y"]}).assign(label=0, a=0.0, b=0.0)
+    )
+    assert vocab.transform(
+        pd.DataFrame({"label": [0] * 3, "a": [0.0] * 3, "b": [0.0] * 3, "c": ["x", "y", None]})
+    ).sparse[:, 0].tolist() == [2, 1, 0]
 
 
 def test_csv_and_parquet_with_a_column_spec_and_multi_hot(tmp_path):
     spec = ColumnSpec(label="click", dense=("price",), sparse=("user", "item"), multi_hot={"tags": 3}, format="csv")
-    frame = pd.DataFrame({"click": [1, 0, 1], "price": [3.0, None, 1.5], "user": ["u1", "u2", "u1"],
-                          "item": ["i1", "i1", None], "tags": ["a|b", "", "a|b|c|d"], "extra": [1, 2, 3]})
+    frame = pd.DataFrame(
+        {
+            "click": [1, 0, 1],
+            "price": [3.0, None, 1.5],
+            "user": ["u1", "u2", "u1"],
+            "item": ["i1", "i1", None],
+            "tags": ["a|b", "", "a|b|c|d"],
+            "extra": [1, 2, 3],
+        }
+    )
     frame.to_csv(tmp_path / "x.csv", index=False)
-    ds = ingest([tmp_path / "x.csv"], tmp_path / "ds", spec=spec, config=PreprocessConfig(table_size=100), split=SplitConfig(0, 0))
+    ds = ingest(
+        [tmp_path / "x.csv"],
+        tmp_path / "ds",
+        spec=spec,
+        config=PreprocessConfig(table_size=100),
+        split=SplitConfig(0, 0),
+    )
     tags = np.asarray(ds.split("train").multi["tags"])
     assert (tags[0, :2] > 0).all() and tags[0, 2] == -1 and tags[1].tolist() == [0, -1, -1] and (tags[2] > 0).all()
-    pq.write_table(pa.Table.from_pandas(frame.assign(tags=[["a", "b"], [], ["a", "b", "c", "d"]])), tmp_path / "x.parquet")
-    pds = ingest([tmp_path / "x.parquet"], tmp_path / "pds", spec=ColumnSpec(**{**spec.to_dict(), "format": "parquet"}),
-                 config=PreprocessConfig(table_size=100), split=SplitConfig(0, 0))
+    pq.write_table(
+        pa.Table.from_pandas(frame.assign(tags=[["a", "b"], [], ["a", "b", "c", "d"]])), tmp_path / "x.parquet"
+    )
+    pds = ingest(
+        [tmp_path / "x.parquet"],
+        tmp_path / "pds",
+        spec=ColumnSpec(**{**spec.to_dict(), "format": "parquet"}),
+        config=PreprocessConfig(table_size=100),
+        split=SplitConfig(0, 0),
+    )
     np.testing.assert_array_equal(np.asarray(pds.split("train").multi["tags"]), tags)
     bad = ColumnSpec(label="click", dense=("price", "missing_col"), sparse=("user",), format="csv")
     with pytest.raises(RecopsError, match=r"x.csv: CSV header lacks columns \['missing_col'\]"):
@@ -124,16 +154,29 @@ def test_csv_and_parquet_with_a_column_spec_and_multi_hot(tmp_path):
 
 
 def test_cli_synth_and_ingest_json_contract(tmp_path):
-    synth = json.loads(recops("data", "synth", "--rows", "3000", "--out", str(tmp_path / "raw"), "--json").stdout.splitlines()[-1])
+    synth = json.loads(
+        recops("data", "synth", "--rows", "3000", "--out", str(tmp_path / "raw"), "--json").stdout.splitlines()[-1]
+    )
     assert synth["rows"] == 3000 and {"positive_rate", "oracle_auc"} <= set(synth)
-    out = recops("data", "ingest", "--input", str(tmp_path / "raw" / "data.tsv"), "--out", str(tmp_path / "ds"),
-                 "--table-size", "500", "--json")
+    out = recops(
+        "data",
+        "ingest",
+        "--input",
+        str(tmp_path / "raw" / "data.tsv"),
+        "--out",
+        str(tmp_path / "ds"),
+        "--table-size",
+        "500",
+        "--json",
+    )
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["rows"]["total"] == 3000 and result["rejected"]["total"] == 0
     assert Dataset.open(result["path"]).version == result["version"]
     failed = recops("data", "ingest", "--input", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "ds"), check=False)
     assert failed.returncode == 2
-    assert failed.stderr.strip().splitlines()[-1].startswith("recops data: error: input") and "nope.tsv" in failed.stderr
+    assert (
+        failed.stderr.strip().splitlines()[-1].startswith("recops data: error: input") and "nope.tsv" in failed.stderr
+    )
 
 
 def test_reference_sample_is_uniform_over_the_stream():

@@ -1,6 +1,7 @@
 """Deployments on a real Triton server: HTTP/gRPC parity with local ONNX Runtime, metadata, hot reload under
 load with zero failed requests, canary routing, promote/rollback, refused corrupt and NaN versions, and the
 `recops deploy` command. One server and one trained checkpoint for the whole module."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,7 @@ import pytest
 from recops.serving.client import Predictor
 from recops.serving.deploy import DeployConfig, Deployer, DeployError, Router, in_canary, read_deploy_state
 from recops.serving.export import export_onnx, publish
-from recops.serving.onnx_model import (
-    PREPROCESS_FILE,
-    ExportRecord,
-    onnx_probabilities,
-    onnx_session,
-)
+from recops.serving.onnx_model import PREPROCESS_FILE, ExportRecord, onnx_probabilities, onnx_session
 from recops.serving.repository import ModelRepository
 from recops.serving.server import TritonServer
 from recops.training.preprocess import Preprocessor
@@ -39,8 +35,12 @@ FAST = DeployConfig(drain_s=0.5, warmup_requests=1)
 def repo(tiny_dataset, tmp_path_factory) -> ModelRepository:
     """Versions 1 (dlrm), 2 (dcn), 3 (dlrm again), all gated."""
     repo = ModelRepository(tmp_path_factory.mktemp("deploy-repo"))
-    exports = {family: export_onnx(trained_checkpoint(tiny_dataset.path, family, tmp_path_factory),
-                                   tmp_path_factory.mktemp(f"export-{family}")) for family in ("dlrm", "dcn")}
+    exports = {
+        family: export_onnx(
+            trained_checkpoint(tiny_dataset.path, family, tmp_path_factory), tmp_path_factory.mktemp(f"export-{family}")
+        )
+        for family in ("dlrm", "dcn")
+    }
     for family in ("dlrm", "dcn", "dlrm"):
         publish(exports[family], repo, NAME)
     return repo
@@ -94,9 +94,12 @@ def test_served_scores_equal_local_onnxruntime(protocol, deployer, server, repo)
     assert result.model_versions == ("1", "1", "1")  # 700 rows in three requests
     assert np.abs(result.outputs["probability"] - local_scores(repo, 1, inputs)).max() <= 1e-5
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]] == [
-        ("dense", "FP32", [-1, 13]), ("sparse", "INT64", [-1, 26])]
+        ("dense", "FP32", [-1, 13]),
+        ("sparse", "INT64", [-1, 26]),
+    ]
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["outputs"]] == [
-        ("probability", "FP32", [-1, 1])]
+        ("probability", "FP32", [-1, 1])
+    ]
 
 
 def test_raw_rows_with_the_exported_preprocessor(deployer, server, repo, synth_dir):
@@ -232,8 +235,10 @@ def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, r
     before = deployer.state().production
     version, folder = _hand_written_version(repo, 1)
     model = onnx.load(str(folder / "model.onnx"))
-    bias = max((t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
-               key=lambda t: int(t.name.split(".")[2]))
+    bias = max(
+        (t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
+        key=lambda t: int(t.name.split(".")[2]),
+    )
     bias.CopyFrom(onnx.numpy_helper.from_array(np.full(tuple(bias.dims), np.nan, np.float32), bias.name))
     onnx.save(model, str(folder / "model.onnx"))
     with pytest.raises(DeployError, match=f"version {version} refused and rolled back: .*non-finite"):

@@ -1,4 +1,5 @@
 """Reference statistics and drift detection, checked against the synth generator's planted ground truth."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,7 @@ def test_no_drift_false_alarm_rate_is_low(reference) -> None:
     features, 91 tests per report) 0 with any alarm; 600 other 500-row windows 2 (0.33%); 1000-row
     windows 2 of 600. The thresholds target 1% per report. Large windows hit the effect floors: none."""
     stream = synth_frame(rows=100_000, seed=7)
-    alarms = [bool(detect_drift(reference, stream.iloc[i * 500:(i + 1) * 500]).drifted_features) for i in range(200)]
+    alarms = [bool(detect_drift(reference, stream.iloc[i * 500 : (i + 1) * 500]).drifted_features) for i in range(200)]
     assert sum(alarms) <= 6  # 3%
     assert detect_drift(reference, stream).drifted_features == []
 
@@ -82,14 +83,18 @@ def test_covariate_drift_is_found_in_the_drifted_windows_only(reference) -> None
     exactly the planted features are flagged, exactly in windows 10..19."""
     clean = synth_frame(rows=50_000, seed=11)
     drifted = synth_frame(rows=50_000, seed=12, covariate_drift=0.2)
-    windows = [clean.iloc[i * 5000:(i + 1) * 5000] for i in range(10)] + [drifted.iloc[i * 5000:(i + 1) * 5000] for i in range(10)]
+    windows = [clean.iloc[i * 5000 : (i + 1) * 5000] for i in range(10)] + [
+        drifted.iloc[i * 5000 : (i + 1) * 5000] for i in range(10)
+    ]
     flagged = [set(detect_drift(reference, w).drifted_features) for w in windows]
     assert [i for i, f in enumerate(flagged) if f] == list(range(10, 20))
     assert all(f == PLANTED for f in flagged[10:])
 
 
 def test_drift_on_other_features_and_high_cardinality(reference) -> None:
-    report = detect_drift(reference, synth_frame(rows=20_000, seed=13, covariate_drift=0.3, drift_features=("I9", "C20", "C18")))
+    report = detect_drift(
+        reference, synth_frame(rows=20_000, seed=13, covariate_drift=0.3, drift_features=("I9", "C20", "C18"))
+    )
     assert report.drifted_features == ["I9", "C18", "C20"]  # C20 has 100k values, C18 30k
     row = report.to_dict()["features"]["C20"]
     assert row["test"] == "js" and row["drifted"] and row["value"] > row["threshold"]
@@ -114,7 +119,9 @@ def test_concept_drift_from_auc_drop() -> None:
         labels = generate(SynthConfig(rows=10_000, seed=seed, concept_drift=concept)).label
         model = generate(SynthConfig(rows=10_000, seed=seed)).truth
         pos = int(labels.sum())
-        return concept_drift(auc(labels, model), logloss(labels, model), *baseline, positives=pos, negatives=labels.size - pos)
+        return concept_drift(
+            auc(labels, model), logloss(labels, model), *baseline, positives=pos, negatives=labels.size - pos
+        )
 
     assert [verdict(0.0, s).drifted for s in (21, 22, 23)] == [False] * 3
     drifted = verdict(0.3, 24)
@@ -134,10 +141,16 @@ def test_drift_rejects_bad_input(reference) -> None:
 
 def test_drift_cli(tmp_path: Path, reference_dir: Path, capsys) -> None:
     write(SynthConfig(rows=5_000, seed=30, covariate_drift=0.5), tmp_path / "live")
-    assert cli(["drift", "--reference", str(reference_dir), "--current", str(tmp_path / "live" / "data.tsv"), "--json"]) == 0
+    assert (
+        cli(["drift", "--reference", str(reference_dir), "--current", str(tmp_path / "live" / "data.tsv"), "--json"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["drifted_features"]) == PLANTED and result["rejected_rows"] == 0
-    assert set(result["features"]["I1"]) >= {"test", "value", "threshold", "drifted"} and result["features"]["I1"]["drifted"]
+    assert (
+        set(result["features"]["I1"]) >= {"test", "value", "threshold", "drifted"}
+        and result["features"]["I1"]["drifted"]
+    )
     assert cli(["drift", "--reference", str(tmp_path), "--current", str(tmp_path / "live" / "data.tsv")]) == 2
     assert "stats.json" in capsys.readouterr().err
 
@@ -148,7 +161,9 @@ def test_multi_hot_tokens_are_compared_as_categoricals(tmp_path: Path) -> None:
 
     def frame(n: int, hot: str) -> pd.DataFrame:
         tags = ["|".join(rng.choice(["a", "b", "c", hot], size=rng.integers(0, 4))) for _ in range(n)]
-        return pd.DataFrame({"label": 0, "I1": rng.poisson(3, n).astype(float), "C1": rng.choice(["x", "y"], n), "tags": tags})
+        return pd.DataFrame(
+            {"label": 0, "I1": rng.poisson(3, n).astype(float), "C1": rng.choice(["x", "y"], n), "tags": tags}
+        )
 
     save_reference(tmp_path, frame(4_000, "d"), spec)
     reference = load_reference(tmp_path)

@@ -1,5 +1,6 @@
 """ONNX export of real TorchRec checkpoints: parity gate (random inputs + val split), broken exports refused
 with the repository untouched, multi-hot inputs, external data, FP16, and the `recops export` command."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,11 @@ def tree_digest(root: Path) -> dict[str, str]:
     """Every file under ``root`` (hidden ones too) with the sha256 of its content."""
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,9 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
     ops = {node.op_type for node in graph.node}
     assert "Gather" in ops and not ops & {"Loop", "Scan", "If"}
     assert [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input] == [
-        ("dense", ["batch", 13]), ("sparse", ["batch", 26])]
+        ("dense", ["batch", 13]),
+        ("sparse", ["batch", 26]),
+    ]
     assert [o.name for o in graph.output] == [OUTPUT_NAME]
 
     version_dir = result.onnx_path.parent
@@ -60,7 +66,11 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
     record = ExportRecord.read(version_dir)
     assert record.parity["max_abs_diff"] == report.max_abs_diff and record.layout.tables == ckpt.meta.model.tables
     lineage = record.lineage  # which model this version is, trained on what, served as what
-    assert (lineage.fingerprint, lineage.dataset, lineage.registry_version) == (ckpt.fingerprint, ckpt.meta.dataset, None)
+    assert (lineage.fingerprint, lineage.dataset, lineage.registry_version) == (
+        ckpt.fingerprint,
+        ckpt.meta.dataset,
+        None,
+    )
     assert (lineage.model, lineage.version, lineage.repository) == (family, 1, str(repo.root.resolve()))
 
     # the served preprocessing + ONNX on held-out rows equals the TorchRec model on the same rows
@@ -83,8 +93,11 @@ def test_multi_hot_features_are_padded_inputs_with_masks(tmp_path_factory, tmp_p
     data, ckpt = multi_hot_checkpoint(tmp_path_factory)
     result = export_to_repository(ckpt, tmp_path / "repo", "mh", dataset=data)
     assert [(s.name, s.dtype, s.dims) for s in result.record.inputs] == [
-        ("dense", "FP32", (-1, 1)), ("sparse", "INT64", (-1, 1)),
-        ("multi_tags", "INT64", (-1, 3)), ("mask_tags", "FP32", (-1, 3))]
+        ("dense", "FP32", (-1, 1)),
+        ("sparse", "INT64", (-1, 1)),
+        ("multi_tags", "INT64", (-1, 3)),
+        ("mask_tags", "FP32", (-1, 3)),
+    ]
     assert result.parity.max_abs_diff <= 1e-5 and result.parity.rows_eval > 0 and result.record.exporter == "dynamo"
     assert round(result.parity.auc_torch, 4) == round(result.parity.auc_onnx, 4)
     assert result.parity.auc_torch > 0.6  # the tags carry the label: the multi-hot path is really used
@@ -97,8 +110,10 @@ def test_perturbed_weight_fails_the_gate_and_leaves_the_repository_untouched(che
     before = tree_digest(repo.root)
 
     model = onnx.load(str(exported.onnx_path))
-    bias = max((t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
-               key=lambda t: int(t.name.split(".")[2]))
+    bias = max(
+        (t for t in model.graph.initializer if t.name.startswith("head.over_arch") and "bias" in t.name),
+        key=lambda t: int(t.name.split(".")[2]),
+    )
     values = onnx.numpy_helper.to_array(bias).copy()
     values += 1e-3  # one logit shift: every probability moves by ~1e-4
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
@@ -125,8 +140,10 @@ def test_external_data_round_trips_into_the_repository(checkpoints, tiny_dataset
     served = result.onnx_path.parent
     assert (served / "model.onnx.data").read_bytes() == data_file.read_bytes()
     inputs = exported.layout.random_inputs(257, np.random.default_rng(5))
-    assert np.array_equal(onnx_probabilities(onnx_session(result.onnx_path), inputs),
-                          onnx_probabilities(onnx_session(exported.onnx_path), inputs))
+    assert np.array_equal(
+        onnx_probabilities(onnx_session(result.onnx_path), inputs),
+        onnx_probabilities(onnx_session(exported.onnx_path), inputs),
+    )
 
 
 def test_fp16_export_keeps_float32_io_within_its_tolerance(checkpoints, tiny_dataset, tmp_path):
@@ -153,11 +170,18 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
     assert out["name"] == "ctr" and out["version"] == 1 and Path(out["onnx_path"]).is_file()
     assert out["parity_max_abs_diff"] <= 1e-5
     assert round(out["parity_auc"]["torch"], 4) == round(out["parity_auc"]["onnx"], 4)
-    assert out["inputs"] == [{"name": "dense", "dtype": "FP32", "dims": [-1, 13]},
-                             {"name": "sparse", "dtype": "INT64", "dims": [-1, 26]}]
+    assert out["inputs"] == [
+        {"name": "dense", "dtype": "FP32", "dims": [-1, 13]},
+        {"name": "sparse", "dtype": "INT64", "dims": [-1, 26]},
+    ]
     assert out["model_version"] == registered.version == out["lineage"]["registry_version"]
     assert registry.get(registered.version).served[0] | {"time": 0} == {
-        "repository": str((tmp_path / "repo").resolve()), "model": "ctr", "version": 1, "status": "exported", "time": 0}
+        "repository": str((tmp_path / "repo").resolve()),
+        "model": "ctr",
+        "version": 1,
+        "status": "exported",
+        "time": 0,
+    }
 
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), *common]) == 2
     assert "not a complete checkpoint" in capsys.readouterr().err
@@ -165,7 +189,10 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
     assert "model name 'xxxxx" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "repo").iterdir() if "xxx" in p.name] == [], "checked before any work"
     repo = ModelRepository(tmp_path / "repo")
-    assert repo.versions("ctr") == [1] and "count: 1 kind: KIND_CPU" in (repo.model_dir("ctr") / "config.pbtxt").read_text()
+    assert (
+        repo.versions("ctr") == [1]
+        and "count: 1 kind: KIND_CPU" in (repo.model_dir("ctr") / "config.pbtxt").read_text()
+    )
 
     # serving settings: --instances/--threads change only what they name and stick for later versions
     assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--instances", "2", "--threads", "3", *common]) == 0
@@ -177,7 +204,10 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
     # a checkpoint exported directly is the same registered model (found by its fingerprint), not a new one
     assert [v.version for v in registry.list()] == [registered.version]
     assert {(e["version"], e["status"]) for e in registry.get(registered.version).served} == {
-        (1, "exported"), (2, "exported"), (3, "exported")}
+        (1, "exported"),
+        (2, "exported"),
+        (3, "exported"),
+    }
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--instances", "0", *common]) == 2
     assert "--instances and --threads must be >= 1" in capsys.readouterr().err

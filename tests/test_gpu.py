@@ -1,4 +1,5 @@
 """NVML telemetry: real readings on a GPU host, a clear empty result (never a crash) without one."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def test_without_nvml_readings_are_empty_and_logged_once(caplog) -> None:
 @pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU and driver")
 def test_real_gpu_readings_and_sampling() -> None:
     reading = read_gpus()
-    assert reading.reason is None and all(g.memory_total_bytes > 0 and 0 <= g.memory_used_bytes <= g.memory_total_bytes for g in reading.gpus)
+    assert reading.reason is None and all(
+        g.memory_total_bytes > 0 and 0 <= g.memory_used_bytes <= g.memory_total_bytes for g in reading.gpus
+    )
     with gpu_monitor(interval_s=0.05) as monitor:
         time.sleep(0.5)
     summary = monitor.summary()
@@ -59,7 +62,12 @@ def test_summary_aggregates_every_reading_and_buffer_is_bounded() -> None:
     assert len(monitor.samples) == 3  # bounded time series; the summary still covers all 4 samples
     assert summary["samples"] == 4 and summary["memory_peak_bytes"] == 5 << 30
     gpu0, gpu1 = summary["gpus"]
-    assert (gpu0["util_mean_pct"], gpu0["util_max_pct"], gpu0["power_mean_w"], gpu0["power_max_w"]) == (20.0, 30.0, 200.0, 300.0)
+    assert (gpu0["util_mean_pct"], gpu0["util_max_pct"], gpu0["power_mean_w"], gpu0["power_max_w"]) == (
+        20.0,
+        30.0,
+        200.0,
+        300.0,
+    )
     assert (gpu1["util_mean_pct"], gpu1["power_mean_w"], gpu1["memory_peak_bytes"]) == (50.0, None, 5 << 30)
     assert summary["util_mean_pct"] == 35.0 and summary["util_max_pct"] == 50.0
     with pytest.raises(RecopsError, match="interval_s"):
@@ -75,7 +83,7 @@ def test_prometheus_gauges_follow_the_latest_reading() -> None:
     assert "recops_gpu_available 1.0" in text
     assert 'recops_gpu_utilization_percent{gpu="0",name="gpu0"} 42.0' in text
     assert 'recops_gpu_memory_used_bytes{gpu="0",name="gpu0"} 7.516192768e+09' in text
-    assert 'recops_gpu_power_watts{' not in text  # unsupported reading: no sample, not a fake zero
+    assert "recops_gpu_power_watts{" not in text  # unsupported reading: no sample, not a fake zero
 
 
 def test_gpu_cli(capsys) -> None:

@@ -1,5 +1,6 @@
 """The CUDA training path the GPU benchmark measures: the same model gives the same logits and gradients
 on the GPU as on the CPU, and every benchmark variant trains there. Skipped without CUDA."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ One small model serves two model names in one repository (one per scenario, so t
 share a deployment): a drifted stream retrained, canaried and promoted across a restart of the loop,
 and a retraining that fails validation. ``recops demo --json`` runs the whole story in a subprocess.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,13 +44,25 @@ class Served:
     def deploy(self, name: str) -> None:
         """``name`` version 1 = the fixture's model, in production."""
         source = self.repo.model_dir("base") / "1"
-        self.repo.add_version(name, source / "model.onnx", extra_files=[source / "preprocess.json", source / "export.json"])
+        self.repo.add_version(
+            name, source / "model.onnx", extra_files=[source / "preprocess.json", source / "export.json"]
+        )
         Deployer(self.server, self.repo, name, DeployConfig(drain_s=0.1)).deploy(1)
 
     def config(self, name: str, stream: Path, **changes) -> LoopConfig:
-        return LoopConfig(state_dir=self.root / f"loop-{name}", stream_dir=stream, repo=self.repo.root, model_name=name,
-                          server_url=self.server.http_url, datasets_root=self.datasets, registry=self.registry,
-                          metrics_url=self.server.metrics_url, window_s=60.0, feedback_delay_s=5.0, **changes)
+        return LoopConfig(
+            state_dir=self.root / f"loop-{name}",
+            stream_dir=stream,
+            repo=self.repo.root,
+            model_name=name,
+            server_url=self.server.http_url,
+            datasets_root=self.datasets,
+            registry=self.registry,
+            metrics_url=self.server.metrics_url,
+            window_s=60.0,
+            feedback_delay_s=5.0,
+            **changes,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +77,12 @@ def served(tmp_path_factory, tiny_dataset):
     root = tmp_path_factory.mktemp("loop")
     datasets = root / "datasets"
     shutil.copytree(tiny_dataset.path, datasets / tiny_dataset.path.name)
-    result = fit(datasets / tiny_dataset.path.name, ModelConfig(embedding_dim=8, dense_arch=(16,), over_arch=(32,)),
-                 TrainConfig(epochs=1, batch_size=512), root / "train")
+    result = fit(
+        datasets / tiny_dataset.path.name,
+        ModelConfig(embedding_dim=8, dense_arch=(16,), over_arch=(32,)),
+        TrainConfig(epochs=1, batch_size=512),
+        root / "train",
+    )
     registry = LocalRegistry(root / "registry")
     version = register_run(registry, result)
     repo = ModelRepository(root / "triton")
@@ -91,20 +108,31 @@ def restarted(served):
     """Drift from window 2; the loop stops once ``retrain_finished`` is committed, a crash leaves an uncommitted
     event behind, and a new Loop on the same state dir finishes the stream."""
     stream = served.root / "stream-drift"
-    write_synthetic_stream(StreamConfig(windows=6, rows=ROWS, drift_at=2,
-                                        synth=SynthConfig(seed=500, covariate_drift=0.5, concept_drift=0.6)), stream)
+    write_synthetic_stream(
+        StreamConfig(
+            windows=6, rows=ROWS, drift_at=2, synth=SynthConfig(seed=500, covariate_drift=0.5, concept_drift=0.6)
+        ),
+        stream,
+    )
     served.deploy("drifted")
-    config = served.config("drifted", stream,
-                           policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
-                           retrain=RetrainConfig(min_windows=2), gate=GateConfig(slice_min_rows=100),
-                           canary=CanaryConfig(share=0.5, drain_s=0.1))
+    config = served.config(
+        "drifted",
+        stream,
+        policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
+        retrain=RetrainConfig(min_windows=2),
+        gate=GateConfig(slice_min_rows=100),
+        canary=CanaryConfig(share=0.5, drain_s=0.1),
+    )
     with Loop(config) as first:
         first.run(stop_after="retrain_finished")
         with pytest.raises(RecopsError, match="another loop runs"):
             Loop(config)
     before = read_events(config.state_dir)
     with open(config.state_dir / "events.jsonl", "a") as fh:  # written by a step that never committed its state
-        fh.write(json.dumps({"seq": first.state.next_seq, "t": 0.0, "kind": "retrain_started", "reason": "uncommitted"}) + "\n")
+        fh.write(
+            json.dumps({"seq": first.state.next_seq, "t": 0.0, "kind": "retrain_started", "reason": "uncommitted"})
+            + "\n"
+        )
     exporter = Exporter()
     with Loop(config, exporter) as second:
         second.run()
@@ -123,7 +151,7 @@ def test_loop_stops_after_retraining_with_the_step_recorded(restarted):
 def test_restart_resumes_without_a_second_retraining(restarted):
     config, before, loop, _ = restarted
     events = read_events(config.state_dir)
-    assert events[:len(before)] == before, "committed events were rewritten"
+    assert events[: len(before)] == before, "committed events were rewritten"
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert all({"t", "kind", "reason"} <= set(e) and e["kind"] in EVENT_KINDS for e in events)
     assert kinds(events).count("retrain_started") == 1 and kinds(events).count("retrain_finished") == 1
@@ -135,8 +163,14 @@ def test_drifted_stream_is_retrained_canaried_and_promoted(restarted, served):
     config, _, loop, _ = restarted
     events = read_events(config.state_dir)
     order = kinds(events)
-    assert order[order.index("retrain_finished"):] == ["retrain_finished", "validation_passed", "exported",
-                                                       "canary_started", "drift_detected", "promoted"]
+    assert order[order.index("retrain_finished") :] == [
+        "retrain_finished",
+        "validation_passed",
+        "exported",
+        "canary_started",
+        "drift_detected",
+        "promoted",
+    ]
     validation = next(e for e in events if e["kind"] == "validation_passed")["validation"]
     assert validation["auc"]["candidate"] > validation["auc"]["production"]
     assert validation["parity"]["passed"] and validation["slices"]
@@ -175,8 +209,9 @@ def test_no_feedback_is_lost_across_the_restart(restarted):
         report = read_online(logs / f"predictions-{window:05d}.jsonl", logs / f"feedback-{window:05d}.jsonl")
         assert sum(w.impressions for w in report.windows) == ROWS
         assert sum(w.feedback for w in report.windows) == ROWS and report.orphan_feedback == 0
-        assert (config.state_dir / loop.state.data_files[str(window)]).read_bytes() == \
-            (config.stream_dir / f"window-{window:05d}.tsv").read_bytes()
+        assert (config.state_dir / loop.state.data_files[str(window)]).read_bytes() == (
+            config.stream_dir / f"window-{window:05d}.tsv"
+        ).read_bytes()
     assert [e["window"] for e in read_events(config.state_dir) if e["kind"] == "window"] == list(range(6))
 
 
@@ -201,14 +236,20 @@ def arm(impressions: int, auc: float | None, logloss: float | None) -> dict:
 
 def test_compare_arms_weighs_windows_by_impressions_and_applies_both_margins():
     config = CanaryConfig(auc_margin=0.01, logloss_margin=0.05)
-    windows = [{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.70, 0.40)}, {"1": arm(100, 0.80, 0.40), "2": arm(300, 0.80, 0.40)}]
+    windows = [
+        {"1": arm(100, 0.80, 0.40), "2": arm(100, 0.70, 0.40)},
+        {"1": arm(100, 0.80, 0.40), "2": arm(300, 0.80, 0.40)},
+    ]
     verdict = compare_arms(windows, "1", "2", config)
     assert verdict.details["canary"]["auc"] == pytest.approx(0.775) and verdict.details["canary"]["impressions"] == 400
     assert verdict.verdict == "rollback" and "canary AUC 0.7750 < production 0.8000 - 0.01" in verdict.reason
     good = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.795, 0.419)}], "1", "2", config)
     assert good.verdict == "promote" and good.reasons[0].startswith("canary v2 AUC 0.7950")
     worse_logloss = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(100, 0.80, 0.43)}], "1", "2", config)
-    assert worse_logloss.verdict == "rollback" and "canary logloss 0.4300 > production 0.4000 x 1.05" in worse_logloss.reason
+    assert (
+        worse_logloss.verdict == "rollback"
+        and "canary logloss 0.4300 > production 0.4000 x 1.05" in worse_logloss.reason
+    )
     assert compare_arms([{"1": arm(100, 0.80, 0.40)}], "1", "2", config).reasons[0] == "the canary received no traffic"
     one_class = compare_arms([{"1": arm(100, 0.80, 0.40), "2": arm(5, None, None)}], "1", "2", config)
     assert one_class.reasons[0] == "the canary's online AUC/logloss is undefined (one class only)"
@@ -220,20 +261,34 @@ def test_canary_worse_than_production_is_rolled_back_and_rejected(served, tmp_pa
     from recops.ops.registry import LocalRegistry
 
     stream = tmp_path / "stream"
-    write_synthetic_stream(StreamConfig(windows=5, rows=ROWS, drift_at=1,
-                                        synth=SynthConfig(seed=900, covariate_drift=0.5, concept_drift=0.6)), stream)
+    write_synthetic_stream(
+        StreamConfig(
+            windows=5, rows=ROWS, drift_at=1, synth=SynthConfig(seed=900, covariate_drift=0.5, concept_drift=0.6)
+        ),
+        stream,
+    )
     served.deploy("rejected")
-    config = served.config("rejected", stream,  # trained on windows 1-2, canary in 3, production alone in 4
-                           policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
-                           retrain=RetrainConfig(min_windows=2), gate=GateConfig(slice_min_rows=100),
-                           canary=CanaryConfig(share=0.5, drain_s=0.1, auc_margin=-1.0))
+    config = served.config(
+        "rejected",
+        stream,  # trained on windows 1-2, canary in 3, production alone in 4
+        policy=PolicyConfig(drift_windows=2, quality_windows=2, min_new_rows=10**9, cooldown_s=0.0),
+        retrain=RetrainConfig(min_windows=2),
+        gate=GateConfig(slice_min_rows=100),
+        canary=CanaryConfig(share=0.5, drain_s=0.1, auc_margin=-1.0),
+    )
     with Loop(config) as loop:
         loop.run()
     events = read_events(config.state_dir)
     order = kinds(events)
     steps = [k for k in order if k != "drift_detected"]  # drift is still reported while the canary runs
-    assert steps == ["retrain_started", "retrain_finished", "validation_passed", "exported", "canary_started",
-                     "rolled_back"], order  # and the latched drift does not retrain again in window 4
+    assert steps == [
+        "retrain_started",
+        "retrain_finished",
+        "validation_passed",
+        "exported",
+        "canary_started",
+        "rolled_back",
+    ], order  # and the latched drift does not retrain again in window 4
     rolled = next(e for e in events if e["kind"] == "rolled_back")
     assert rolled["comparison"]["verdict"] == "rollback" and "rolled back" in rolled["reason"]
     assert (rolled["version"], rolled["production"]) == (2, 1)
@@ -256,13 +311,27 @@ def test_failed_validation_leaves_production_serving(served, tmp_path):
     stream = tmp_path / "stream"
     write_synthetic_stream(StreamConfig(windows=2, rows=ROWS, drift_at=2, synth=SynthConfig(seed=700)), stream)
     template = tmp_path / "sweep.yaml"
-    template.write_text(json.dumps({"train": {"batch_size": 512}, "search": {"embedding_lr": {"choice": [0.05]}},
-                                    "epochs": 1, "num_samples": 1, "scheduler": "fifo", "max_failures": 0,
-                                    "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}))
+    template.write_text(
+        json.dumps(
+            {
+                "train": {"batch_size": 512},
+                "search": {"embedding_lr": {"choice": [0.05]}},
+                "epochs": 1,
+                "num_samples": 1,
+                "scheduler": "fifo",
+                "max_failures": 0,
+                "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+            }
+        )
+    )
     served.deploy("gated")
-    config = served.config("gated", stream, policy=PolicyConfig(min_new_rows=ROWS, cooldown_s=0.0),
-                           retrain=RetrainConfig(use_sweep=True, sweep_config=template, min_windows=1),
-                           gate=GateConfig(auc_margin=-1.0))
+    config = served.config(
+        "gated",
+        stream,
+        policy=PolicyConfig(min_new_rows=ROWS, cooldown_s=0.0),
+        retrain=RetrainConfig(use_sweep=True, sweep_config=template, min_windows=1),
+        gate=GateConfig(auc_margin=-1.0),
+    )
     with Loop(config) as loop:
         loop.run()
     events = read_events(config.state_dir)
@@ -285,14 +354,33 @@ def test_failed_validation_leaves_production_serving(served, tmp_path):
 
 def test_demo_json_contract(tmp_path):
     workdir = tmp_path / "demo"
-    proc = recops("demo", "--json", "--no-sweep", "--workdir", str(workdir), "--rows", "6000", "--windows", "6",
-                  "--window-rows", str(ROWS), timeout=900)
+    proc = recops(
+        "demo",
+        "--json",
+        "--no-sweep",
+        "--workdir",
+        str(workdir),
+        "--rows",
+        "6000",
+        "--windows",
+        "6",
+        "--window-rows",
+        str(ROWS),
+        timeout=900,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"events", "production_before", "production_after", "report"} <= set(result)
     assert all({"t", "kind", "reason"} <= set(e) for e in result["events"])
     order = [e["kind"] for e in result["events"] if e["kind"] != "window"]
-    story = ["drift_detected", "retrain_started", "retrain_finished", "validation_passed", "exported",
-             "canary_started", "promoted"]
+    story = [
+        "drift_detected",
+        "retrain_started",
+        "retrain_finished",
+        "validation_passed",
+        "exported",
+        "canary_started",
+        "promoted",
+    ]
     positions = [order.index(k) for k in story]  # each happened, in this order
     assert positions == sorted(positions), order
     assert (result["production_before"], result["production_after"]) == (1, 2)

@@ -2,6 +2,7 @@
 own, the Prometheus operator's CRDs, KubeRay's and prometheus.yml's as tests/data/schemas states), bad objects
 rejected, and what they say agreeing with the code: Triton's flags with the local launcher, paths with
 recops.settings, commands with the real CLI, alert rules with the metrics recops and Triton export."""
+
 from __future__ import annotations
 
 import copy
@@ -100,13 +101,23 @@ def test_every_file_validates_against_its_schema(which: str, default, custom) ->
             else:
                 validate_object(doc)
                 kinds.add(doc["kind"])
-    assert kinds == {"Namespace", "PersistentVolumeClaim", "Deployment", "Service", "ConfigMap", "ServiceMonitor",
-                     "PrometheusRule", "RayCluster", "RayJob"}
+    assert kinds == {
+        "Namespace",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "RayCluster",
+        "RayJob",
+    }
 
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
     """A mutation setting the JSON-pointer-like ``path`` (list indexes as numbers, '~1' for '/') to ``value``;
     ``...`` deletes it."""
+
     def mutate(doc: dict) -> None:
         *parents, last = [int(p) if p.isdigit() else p.replace("~1", "/") for p in path.split("/")]
         for part in parents:
@@ -115,32 +126,51 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
             del doc[last]
         else:
             doc[last] = value
+
     return mutate
 
 
 BAD_OBJECTS = {  # id: (file, document index, mutation)
     "service-port-as-string": ("core/20-triton.yaml", 1, _set("spec/ports/0/port", "8000")),
     "deployment-without-selector": ("core/20-triton.yaml", 0, _set("spec/selector", ...)),
-    "container-unknown-field": ("core/20-triton.yaml", 0,
-                                _set("spec/template/spec/containers/0/imagePullPolice", "Always")),
-    "probe-port-as-list": ("core/20-triton.yaml", 0,
-                           _set("spec/template/spec/containers/0/readinessProbe/httpGet/port", [8000])),
+    "container-unknown-field": (
+        "core/20-triton.yaml",
+        0,
+        _set("spec/template/spec/containers/0/imagePullPolice", "Always"),
+    ),
+    "probe-port-as-list": (
+        "core/20-triton.yaml",
+        0,
+        _set("spec/template/spec/containers/0/readinessProbe/httpGet/port", [8000]),
+    ),
     "pvc-unknown-access-field": ("core/10-storage.yaml", 0, _set("spec/accessMode", "ReadWriteMany")),
     "servicemonitor-without-selector": ("monitoring/servicemonitors.yaml", 0, _set("spec/selector", ...)),
-    "servicemonitor-unknown-endpoint-field": ("monitoring/servicemonitors.yaml", 0,
-                                              _set("spec/endpoints/0/portName", "metrics")),
+    "servicemonitor-unknown-endpoint-field": (
+        "monitoring/servicemonitors.yaml",
+        0,
+        _set("spec/endpoints/0/portName", "metrics"),
+    ),
     "servicemonitor-port-as-number": ("monitoring/servicemonitors.yaml", 1, _set("spec/endpoints/0/port", 9400)),
-    "servicemonitor-bad-interval": ("monitoring/servicemonitors.yaml", 0,
-                                    _set("spec/endpoints/0/interval", "30 seconds")),
+    "servicemonitor-bad-interval": (
+        "monitoring/servicemonitors.yaml",
+        0,
+        _set("spec/endpoints/0/interval", "30 seconds"),
+    ),
     "rule-without-expr": ("monitoring/prometheusrule.yaml", 0, _set("spec/groups/0/rules/0/expr", ...)),
     "rule-unknown-field": ("monitoring/prometheusrule.yaml", 0, _set("spec/groups/0/rules/0/severity", "page")),
     "raycluster-without-head": ("ray/10-raycluster.yaml", 0, _set("spec/headGroupSpec", ...)),
     "raycluster-group-without-name": ("ray/10-raycluster.yaml", 0, _set("spec/workerGroupSpecs/0/groupName", ...)),
     "raycluster-replicas-as-string": ("ray/10-raycluster.yaml", 0, _set("spec/workerGroupSpecs/0/replicas", "2")),
-    "raycluster-start-param-not-string": ("ray/10-raycluster.yaml", 0,
-                                          _set("spec/headGroupSpec/rayStartParams/num-cpus", 0)),
-    "raycluster-bad-container-in-template": ("ray/10-raycluster.yaml", 0,
-                                             _set("spec/workerGroupSpecs/0/template/spec/containers/0/gpus", 1)),
+    "raycluster-start-param-not-string": (
+        "ray/10-raycluster.yaml",
+        0,
+        _set("spec/headGroupSpec/rayStartParams/num-cpus", 0),
+    ),
+    "raycluster-bad-container-in-template": (
+        "ray/10-raycluster.yaml",
+        0,
+        _set("spec/workerGroupSpecs/0/template/spec/containers/0/gpus", 1),
+    ),
     "raycluster-unknown-spec-field": ("ray/10-raycluster.yaml", 0, _set("spec/workerGroups", [])),
     "rayjob-without-cluster": ("ray/20-rayjob-sweep.yaml", 0, _set("spec/clusterSelector", ...)),
     "rayjob-empty-cluster-name": ("ray/20-rayjob-sweep.yaml", 0, _set("spec/clusterSelector/ray.io~1cluster", "")),
@@ -159,12 +189,17 @@ def test_bad_objects_are_rejected(case: str, default) -> None:
         validate_object(doc)
 
 
-@pytest.mark.parametrize("mutate", [_set("scrape_configs/0/relabel_configs/0/action", "keeep"),
-                                    _set("scrape_configs/0/job_name", ...),
-                                    _set("scrape_configs/0/kubernetes_sd_configs/0/role", "deployment"),
-                                    _set("global/scrape_interval", "30 s"),
-                                    _set("scrape_configs/0/scrape_every", "30s")],
-                         ids=["bad-action", "no-job-name", "bad-role", "bad-duration", "unknown-key"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _set("scrape_configs/0/relabel_configs/0/action", "keeep"),
+        _set("scrape_configs/0/job_name", ...),
+        _set("scrape_configs/0/kubernetes_sd_configs/0/role", "deployment"),
+        _set("global/scrape_interval", "30 s"),
+        _set("scrape_configs/0/scrape_every", "30s"),
+    ],
+    ids=["bad-action", "no-job-name", "bad-role", "bad-duration", "unknown-key"],
+)
 def test_bad_prometheus_config_is_rejected(mutate, default) -> None:
     doc = copy.deepcopy(default["prometheus/prometheus.yml"][0])
     mutate(doc)
@@ -211,8 +246,11 @@ def test_model_repository_path_agrees_everywhere(custom) -> None:
 
 def test_every_recops_pod_agrees_on_locations(custom) -> None:
     values, rendered = custom
-    pods = [c for kind, name in (("Deployment", "recops-loop"), ("RayCluster", "recops-ray"))
-            for c in containers(find(rendered, kind, name))]
+    pods = [
+        c
+        for kind, name in (("Deployment", "recops-loop"), ("RayCluster", "recops-ray"))
+        for c in containers(find(rendered, kind, name))
+    ]
     assert len(pods) == 3
     for container in pods:
         settings = Settings.from_env(env_of(container))
@@ -279,8 +317,9 @@ def test_sweep_job_runs_the_shipped_config_on_the_runs_volume(custom) -> None:
     env = env_of(containers(find(rendered, "RayCluster", "recops-ray"))[0])
     assert sweep["dataset"]["root"] == env["RECOPS_DATASETS"] and sweep["storage_path"] == env["RECOPS_SWEEPS"]
     shipped = yaml.safe_load(config_path("sweep_gpu.yaml").read_text())
-    assert {k: v for k, v in sweep.items() if k not in ("dataset", "storage_path")} == \
-        {k: v for k, v in shipped.items() if k not in ("dataset", "storage_path")}
+    assert {k: v for k, v in sweep.items() if k not in ("dataset", "storage_path")} == {
+        k: v for k, v in shipped.items() if k not in ("dataset", "storage_path")
+    }
 
 
 def test_ray_cluster_runs_the_pinned_ray_on_gpu_workers(custom) -> None:
@@ -296,8 +335,9 @@ def test_ray_cluster_runs_the_pinned_ray_on_gpu_workers(custom) -> None:
 
 
 def test_one_image_tag_namespace_and_gpu_counts_from_the_values(default, custom) -> None:
-    assert {c["image"] for d in objects(default) if d["kind"] in ("Deployment", "RayCluster") for c in containers(d)} \
-        == {f"recops:{__version__}"}
+    assert {
+        c["image"] for d in objects(default) if d["kind"] in ("Deployment", "RayCluster") for c in containers(d)
+    } == {f"recops:{__version__}"}
     values, rendered = custom
     images = {c["image"] for d in objects(rendered) if d["kind"] in ("Deployment", "RayCluster") for c in containers(d)}
     assert images == {"registry.example/ml/recops:2026.11"}
@@ -326,7 +366,7 @@ def _selectors(expr: str) -> set[str]:
             found.add(node.name)
         for attribute in ("lhs", "rhs", "expr", "vector_selector", "args", "param"):
             child = getattr(node, attribute, None)
-            for item in (child if isinstance(child, list) else [child]):
+            for item in child if isinstance(child, list) else [child]:
                 if item is not None and not isinstance(item, (str, int, float)):
                     walk(item)
 
@@ -339,8 +379,13 @@ def test_alert_rules_read_only_metrics_that_recops_and_triton_export(default) ->
     triton = {f.name for f in text_string_to_metric_families(TRITON_METRICS)}
     groups = default["monitoring/prometheusrule.yaml"][0]["spec"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert {r["alert"] for r in rules} == {"RecopsDriftDetected", "RecopsOnlineAucDrop", "RecopsNoFeedback",
-                                           "TritonInferenceFailures", "TritonHighLatency"}
+    assert {r["alert"] for r in rules} == {
+        "RecopsDriftDetected",
+        "RecopsOnlineAucDrop",
+        "RecopsNoFeedback",
+        "TritonInferenceFailures",
+        "TritonHighLatency",
+    }
     read: set[str] = set()
     for rule in rules:
         names = _selectors(rule["expr"])
@@ -362,8 +407,11 @@ def test_selector_walk_catches_a_metric_that_does_not_exist() -> None:
 def _dockerfile() -> list[tuple[str, str]]:
     """(instruction, argument) pairs of Dockerfile.gpu, continuation lines joined."""
     text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile.gpu").read_text())
-    return [tuple(line.split(None, 1)) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#") and len(line.split(None, 1)) == 2]
+    return [
+        tuple(line.split(None, 1))
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#") and len(line.split(None, 1)) == 2
+    ]
 
 
 def test_dockerfile_serves_what_the_manifests_and_the_deployer_expect() -> None:

@@ -1,4 +1,5 @@
 """Online metrics from JSONL prediction/feedback logs (late, expired, missing feedback) and Triton's metrics."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -43,22 +44,38 @@ def write_logs(tmp: Path, predictions: list[tuple], feedback: list[tuple]) -> tu
 
 
 def test_late_expired_missing_orphan_and_duplicate_feedback_rules(tmp_path: Path) -> None:
-    preds, fbs = write_logs(tmp_path, [
-        ("a", 0, "1", 0.9), ("b", 10, "1", 0.2), ("c", 20, "1", 0.7), ("d", 30, "1", 0.1),
-        ("e", 70, "1", 0.6), ("e", 75, "1", 0.1),  # duplicate request id: first kept
-        ("f", 80, "2", 0.3),
-    ], [
-        ("a", 5, 1),  # in its window
-        ("b", 65, 1),  # after the window [0, 60) closed, within 100 s: late, still a click of window 0
-        ("c", 150, 1),  # 130 s after the prediction: expired -> c is missing feedback -> non-click
-        ("zz", 50, 1),  # orphan
-        ("e", 90, 0), ("e", 95, 1),  # any counted click wins
-    ])
+    preds, fbs = write_logs(
+        tmp_path,
+        [
+            ("a", 0, "1", 0.9),
+            ("b", 10, "1", 0.2),
+            ("c", 20, "1", 0.7),
+            ("d", 30, "1", 0.1),
+            ("e", 70, "1", 0.6),
+            ("e", 75, "1", 0.1),  # duplicate request id: first kept
+            ("f", 80, "2", 0.3),
+        ],
+        [
+            ("a", 5, 1),  # in its window
+            ("b", 65, 1),  # after the window [0, 60) closed, within 100 s: late, still a click of window 0
+            ("c", 150, 1),  # 130 s after the prediction: expired -> c is missing feedback -> non-click
+            ("zz", 50, 1),  # orphan
+            ("e", 90, 0),
+            ("e", 95, 1),  # any counted click wins
+        ],
+    )
     report = read_online(preds, fbs, CONFIG, now=175)
     assert (report.orphan_feedback, report.expired_feedback, report.duplicate_predictions) == (1, 1, 1)
     w0, w1_v1, w1_v2 = report.windows
     assert (w0.window_start, w0.window_end, w0.model_version) == (0, 60, "1")
-    assert (w0.impressions, w0.feedback, w0.clicks, w0.late_feedback, w0.missing_feedback, w0.pending) == (4, 2, 2, 1, 2, 0)
+    assert (w0.impressions, w0.feedback, w0.clicks, w0.late_feedback, w0.missing_feedback, w0.pending) == (
+        4,
+        2,
+        2,
+        1,
+        2,
+        0,
+    )
     assert w0.complete and w0.ctr == 0.5 and w0.auc == auc([1, 1, 0, 0], [0.9, 0.2, 0.7, 0.1])
     assert w0.logloss == pytest.approx(logloss([1, 1, 0, 0], [0.9, 0.2, 0.7, 0.1]))
     assert w0.calibration == pytest.approx((0.9 + 0.2 + 0.7 + 0.1) / 4 / 0.5)
@@ -113,7 +130,9 @@ def test_logged_features_round_trip_into_drift_detection(tmp_path: Path) -> None
     spec = ColumnSpec.criteo()
     save_reference(tmp_path, to_table(generate(SynthConfig(rows=5_000, seed=0))).to_pandas(), spec)
     raw = to_table(generate(SynthConfig(rows=1_000, seed=1, covariate_drift=0.5))).to_pandas()
-    log_predictions(tmp_path / "pred.jsonl", range(1_000), np.full(1_000, 0.25), "1", ts=5.0, features=raw.drop(columns="label"))
+    log_predictions(
+        tmp_path / "pred.jsonl", range(1_000), np.full(1_000, 0.25), "1", ts=5.0, features=raw.drop(columns="label")
+    )
     logged, _ = read_predictions(tmp_path / "pred.jsonl", spec)
     reference = load_reference(tmp_path)
     assert logged[list(spec.dense)].equals(raw[list(spec.dense)].astype(np.float64))
@@ -174,14 +193,18 @@ def test_triton_metrics_parse_and_rates() -> None:
     tiny = stats[("tiny", "1")]
     assert list(stats) == [("tiny", "1")]
     assert (tiny.success, tiny.failure, tiny.inferences, tiny.executions) == (9, 0, 23, 8)
-    later_text = (TRITON_TEXT.replace('success{model="tiny",version="1"} 9', 'success{model="tiny",version="1"} 109')
-                  .replace('reason="BACKEND",version="1"} 0', 'reason="BACKEND",version="1"} 4')
-                  .replace('reason="OTHER",version="1"} 0', 'reason="OTHER",version="1"} 1')
-                  .replace('duration_us{model="tiny",version="1"} 321537', 'duration_us{model="tiny",version="1"} 521537'))
+    later_text = (
+        TRITON_TEXT.replace('success{model="tiny",version="1"} 9', 'success{model="tiny",version="1"} 109')
+        .replace('reason="BACKEND",version="1"} 0', 'reason="BACKEND",version="1"} 4')
+        .replace('reason="OTHER",version="1"} 0', 'reason="OTHER",version="1"} 1')
+        .replace('duration_us{model="tiny",version="1"} 321537', 'duration_us{model="tiny",version="1"} 521537')
+    )
     later = parse_triton_metrics(later_text)[("tiny", "1")]
     rates = later.since(tiny, interval_s=10)
     assert later.failure == 5  # summed over the failure reasons
-    assert rates["requests"] == 105 and rates["requests_per_s"] == 10.5 and rates["failure_rate"] == pytest.approx(5 / 105)
+    assert (
+        rates["requests"] == 105 and rates["requests_per_s"] == 10.5 and rates["failure_rate"] == pytest.approx(5 / 105)
+    )
     assert rates["mean_latency_ms"] == pytest.approx(200_000 / 100 / 1000)
     restarted = TritonModelStats("tiny", "1", success=3, request_duration_us=3000).since(later, 10)
     assert restarted["requests"] == 3 and restarted["mean_latency_ms"] == 1.0

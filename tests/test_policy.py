@@ -1,4 +1,5 @@
 """Retrain policy: triggers, debounce, cooldown, one retraining per incident, resumable state, decision log."""
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,23 @@ from recops.training.stats import load_reference, save_reference
 from recops.training.synth import SynthConfig, generate, to_table
 
 DAY = 86_400.0
-CONFIG = PolicyConfig(drift_windows=3, quality_windows=2, min_new_rows=1_000, max_model_age_s=7 * DAY,
-                      cooldown_s=600, retry_after_s=DAY)
+CONFIG = PolicyConfig(
+    drift_windows=3, quality_windows=2, min_new_rows=1_000, max_model_age_s=7 * DAY, cooldown_s=600, retry_after_s=DAY
+)
 
 
-def obs(window: int, drifted: tuple[str, ...] | None = (), model: str = "1", trained_at: float = 0.0, **kw) -> Observation:
+def obs(
+    window: int, drifted: tuple[str, ...] | None = (), model: str = "1", trained_at: float = 0.0, **kw
+) -> Observation:
     """One 60 s window, starting at ``window * 60``."""
-    return Observation(ts=window * 60.0 + 60, model_version=model, model_trained_at=trained_at, window=window * 60.0,
-                       drifted_features=drifted, **kw)
+    return Observation(
+        ts=window * 60.0 + 60,
+        model_version=model,
+        model_trained_at=trained_at,
+        window=window * 60.0,
+        drifted_features=drifted,
+        **kw,
+    )
 
 
 def quality(window_auc: float, window_logloss: float, positives: int, negatives: int) -> dict:
@@ -56,17 +66,27 @@ def test_cooldown_suppresses_a_second_trigger_of_the_same_incident_and_reset_on_
     d = ("I1",)
     assert run(policy, [obs(i, d) for i in range(3)]) == [2]
     during = policy.decide(obs(3, d, new_labelled_rows=5_000))  # labels pile up while retraining runs
-    assert during.verdict == "wait" and "cooldown" in during.reasons[0] and sorted(policy.state.latched) == ["drift", "rows"]
+    assert (
+        during.verdict == "wait"
+        and "cooldown" in during.reasons[0]
+        and sorted(policy.state.latched) == ["drift", "rows"]
+    )
     after = policy.decide(obs(20, d, new_labelled_rows=6_000))  # cooldown over, same incident still latched
     assert after.verdict == "wait" and after.reasons[0].startswith("latched")
     fresh = policy.decide(obs(21, (), model="2", trained_at=21 * 60.0))  # the retrained model is serving
-    assert fresh.verdict == "wait" and policy.state.latched == [] and any("model changed 1 -> 2" in r for r in fresh.reasons)
+    assert (
+        fresh.verdict == "wait"
+        and policy.state.latched == []
+        and any("model changed 1 -> 2" in r for r in fresh.reasons)
+    )
     assert run(policy, [obs(i, d, model="2", trained_at=21 * 60.0) for i in range(22, 25)]) == [2]  # a new incident
 
 
 def test_a_cleared_condition_rearms() -> None:
     policy = RetrainPolicy(CONFIG)
-    assert run(policy, [obs(i, ("C1",)) for i in range(3)] + [obs(3, ())] + [obs(i, ("C1",)) for i in range(20, 23)]) == [2, 6]
+    assert run(
+        policy, [obs(i, ("C1",)) for i in range(3)] + [obs(3, ())] + [obs(i, ("C1",)) for i in range(20, 23)]
+    ) == [2, 6]
 
 
 def test_quality_drop_triggers_after_consecutive_windows_and_small_windows_are_not_judged() -> None:
@@ -83,7 +103,11 @@ def test_rows_age_and_retry_after() -> None:
     policy = RetrainPolicy(CONFIG)
     assert policy.decide(obs(0, None, new_labelled_rows=999)).verdict == "wait"
     rows = policy.decide(obs(1, None, new_labelled_rows=1_000))
-    assert rows.verdict == "retrain" and rows.details["fired"] == ["rows"] and rows.reasons == ("rows: 1000/1000 new labelled rows",)
+    assert (
+        rows.verdict == "retrain"
+        and rows.details["fired"] == ["rows"]
+        and rows.reasons == ("rows: 1000/1000 new labelled rows",)
+    )
     old = RetrainPolicy(CONFIG)
     t0 = 8 * DAY
     assert old.decide(Observation(ts=t0, model_version="1", model_trained_at=0.0)).details["fired"] == ["age"]
@@ -107,7 +131,10 @@ def test_state_resumes_after_restart_and_every_decision_is_logged(tmp_path: Path
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == len(observations)
     assert records[5]["verdict"] == "retrain" and records[5]["reasons"][0].startswith("drift: 3/3")
-    assert records[5]["inputs"]["observation"]["drifted_features"] == ["I2"] and records[5]["inputs"]["state"]["triggers"] == 1
+    assert (
+        records[5]["inputs"]["observation"]["drifted_features"] == ["I2"]
+        and records[5]["inputs"]["state"]["triggers"] == 1
+    )
     with pytest.raises(RecopsError, match="policy state"):
         RetrainPolicy.from_dict({"config": {}, "state": {"bogus": 1}})
     with pytest.raises(RecopsError, match="must be >= 1"):
@@ -120,7 +147,9 @@ def test_one_synthetic_drift_incident_triggers_one_retraining(tmp_path: Path) ->
     reference = load_reference(tmp_path)
     clean = to_table(generate(SynthConfig(rows=8_000, seed=1))).to_pandas()
     drifted = to_table(generate(SynthConfig(rows=16_000, seed=2, covariate_drift=0.3))).to_pandas()
-    frames = [clean.iloc[i * 2000:(i + 1) * 2000] for i in range(4)] + [drifted.iloc[i * 2000:(i + 1) * 2000] for i in range(8)]
+    frames = [clean.iloc[i * 2000 : (i + 1) * 2000] for i in range(4)] + [
+        drifted.iloc[i * 2000 : (i + 1) * 2000] for i in range(8)
+    ]
     policy = RetrainPolicy(CONFIG)
     reports = [tuple(detect_drift(reference, f).drifted_features) for f in frames]
     assert run(policy, [obs(i, r) for i, r in enumerate(reports)]) == [6]

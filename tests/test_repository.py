@@ -1,4 +1,5 @@
 """Model repository writer: layout, atomic versions, config text, name validation (no server needed)."""
+
 from __future__ import annotations
 
 import filecmp
@@ -48,14 +49,20 @@ def test_cpu_version_copies_model_data_and_template(tmp_path, tiny_onnx):
     assert sorted(p.name for p in version_dir.iterdir()) == sorted(["model.onnx", "model.py", *data_files])
     assert filecmp.cmp(version_dir / "model.py", TEMPLATE, shallow=False)
     inputs = tiny_inputs(5)
-    np.testing.assert_array_equal(onnx_outputs(version_dir / "model.onnx", inputs)["prob"],
-                                  onnx_outputs(tiny_onnx, inputs)["prob"])
+    np.testing.assert_array_equal(
+        onnx_outputs(version_dir / "model.onnx", inputs)["prob"], onnx_outputs(tiny_onnx, inputs)["prob"]
+    )
     text = (tmp_path / "repo" / "tiny" / "config.pbtxt").read_text()
-    for line in ('name: "tiny"', 'backend: "python"', "max_batch_size: 1024", "KIND_CPU",
-                 '{ name: "dense" data_type: TYPE_FP32 dims: [ 13 ] }',
-                 '{ name: "sparse" data_type: TYPE_INT64 dims: [ 26 ] }',
-                 '{ name: "prob" data_type: TYPE_FP32 dims: [ 1 ] }',
-                 'key: "intra_op_threads" value: { string_value: "1" }'):
+    for line in (
+        'name: "tiny"',
+        'backend: "python"',
+        "max_batch_size: 1024",
+        "KIND_CPU",
+        '{ name: "dense" data_type: TYPE_FP32 dims: [ 13 ] }',
+        '{ name: "sparse" data_type: TYPE_INT64 dims: [ 26 ] }',
+        '{ name: "prob" data_type: TYPE_FP32 dims: [ 1 ] }',
+        'key: "intra_op_threads" value: { string_value: "1" }',
+    ):
         assert line in text
     assert "platform" not in text
     assert repo.models() == ["tiny"]
@@ -88,9 +95,13 @@ def test_gpu_target_uses_onnxruntime_platform_on_gpu_instances(tmp_path, tiny_on
 
 
 def test_serving_options_are_written(tmp_path, tiny_onnx):
-    options = ServingOptions(max_batch_size=32, dynamic_batching=DynamicBatching((8, 16), 500), instance_count=2,
-                             version_policy=VersionPolicy("specific", versions=(1, 3)),
-                             warmup=(WarmupRequest(batch_size=4, data="random", count=2),))
+    options = ServingOptions(
+        max_batch_size=32,
+        dynamic_batching=DynamicBatching((8, 16), 500),
+        instance_count=2,
+        version_policy=VersionPolicy("specific", versions=(1, 3)),
+        warmup=(WarmupRequest(batch_size=4, data="random", count=2),),
+    )
     repo = ModelRepository(tmp_path)
     repo.add_version("m", tiny_onnx, options=options)
     text = (tmp_path / "m" / "config.pbtxt").read_text()

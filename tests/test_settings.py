@@ -1,4 +1,5 @@
 """Default locations come from one settings object, one environment variable each."""
+
 from __future__ import annotations
 
 import dataclasses

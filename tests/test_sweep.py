@@ -1,6 +1,7 @@
 """Ray Tune sweeps on a real local Ray: config errors before Ray starts, GPU requests failing fast, a 4-trial
 ASHA sweep interrupted and resumed that registers its best model, and a killed worker resuming from its
 checkpoint. Every test that starts Ray checks that no process of its Ray session is left."""
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,16 @@ def ray_processes(ray_tmp: Path) -> list[str]:
     return found
 
 
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "CI": "1"}
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_COLOR_PREFIX": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "CI": "1",
+}
 
 
 def assert_no_ray_left(ray_tmp: Path) -> None:
@@ -80,7 +88,8 @@ def ray_env(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    """One local Ray cluster for the module's sweeps (they attach with --address, as to a GPU cluster), stopped at the end."""
+    """One local Ray cluster for the module's sweeps (they attach with --address, as to a GPU cluster), stopped at
+    the end."""
     import ray
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="rsw-", dir="/tmp"))
@@ -88,8 +97,13 @@ def cluster() -> Any:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ray.init(num_cpus=3, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False,
-                 logging_level="WARNING")
+        ray.init(
+            num_cpus=3,
+            include_dashboard=False,
+            object_store_memory=100 * 1024**2,
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
         yield ray.get_runtime_context().gcs_address, env
     finally:
         ray.shutdown()
@@ -99,9 +113,18 @@ def cluster() -> Any:
 
 
 def sweep_yaml(path: Path, data: Path | dict, **overrides: Any) -> Path:
-    config = {"name": "t", "dataset": data if isinstance(data, dict) else str(data), "model": dict(TINY_MODEL), "train": {"batch_size": 256},
-              "search": {"embedding_lr": {"loguniform": [0.01, 0.2]}}, "epochs": 2, "num_samples": 1,
-              "scheduler": "fifo", "storage_path": str(path.parent / "sweeps"), **overrides}
+    config = {
+        "name": "t",
+        "dataset": data if isinstance(data, dict) else str(data),
+        "model": dict(TINY_MODEL),
+        "train": {"batch_size": 256},
+        "search": {"embedding_lr": {"loguniform": [0.01, 0.2]}},
+        "epochs": 2,
+        "num_samples": 1,
+        "scheduler": "fifo",
+        "storage_path": str(path.parent / "sweeps"),
+        **overrides,
+    }
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -117,20 +140,25 @@ def only_experiment(storage: Path) -> Path:
     return found[0]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"num_sample": 4}, "unknown key(s) ['num_sample'] in top level"),
-    ({"search": {"learning_rate": {"uniform": [0.1, 0.2]}}}, "unknown key(s) ['learning_rate'] in search"),
-    ({"search": {"embedding_lr": {"lognormal": [0.1, 0.2]}}}, "unknown distribution 'lognormal'"),
-    ({"search": {"embedding_lr": {"loguniform": [0.1, 0.01]}}}, "needs low < high"),
-    ({"search": {"embedding_lr": 0.1}}, "must be one distribution"),
-    ({"search": {"dcn_low_rank": {"uniform": [4, 16]}}}, "dcn_low_rank must be integer"),
-    ({"search": {"embedding_dim": {"choice": [8]}}}, "both fixed (model:/train:) and searched"),
-    ({"search": {"family": {"choice": ["dlrm", "wide"]}}}, "family 'wide' is not one of"),
-    ({"resources": {"workers_per_trial": 64}}, "this machine has"),
-    ({"resources": {"workers_per_trial": 2}, "train": {"batch_size": 255}}, "not divisible by workers_per_trial 2"),
-    ({"scheduler": {"type": "pbt"}}, "scheduler type 'pbt'"),
-])
-def test_bad_config_is_rejected_with_the_key_named(tmp_path: Path, dataset: Path, overrides: dict, message: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_sample": 4}, "unknown key(s) ['num_sample'] in top level"),
+        ({"search": {"learning_rate": {"uniform": [0.1, 0.2]}}}, "unknown key(s) ['learning_rate'] in search"),
+        ({"search": {"embedding_lr": {"lognormal": [0.1, 0.2]}}}, "unknown distribution 'lognormal'"),
+        ({"search": {"embedding_lr": {"loguniform": [0.1, 0.01]}}}, "needs low < high"),
+        ({"search": {"embedding_lr": 0.1}}, "must be one distribution"),
+        ({"search": {"dcn_low_rank": {"uniform": [4, 16]}}}, "dcn_low_rank must be integer"),
+        ({"search": {"embedding_dim": {"choice": [8]}}}, "both fixed (model:/train:) and searched"),
+        ({"search": {"family": {"choice": ["dlrm", "wide"]}}}, "family 'wide' is not one of"),
+        ({"resources": {"workers_per_trial": 64}}, "this machine has"),
+        ({"resources": {"workers_per_trial": 2}, "train": {"batch_size": 255}}, "not divisible by workers_per_trial 2"),
+        ({"scheduler": {"type": "pbt"}}, "scheduler type 'pbt'"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_key_named(
+    tmp_path: Path, dataset: Path, overrides: dict, message: str
+) -> None:
     with pytest.raises(RecopsError) as err:
         load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, **overrides))
     assert message in str(err.value)
@@ -143,8 +171,9 @@ def test_shipped_configs_are_valid(name: str, dataset: Path) -> None:
     assert config.search and config.scheduler.type == "asha"
 
 
-def test_missing_dataset_version_fails_in_cli_before_ray_starts(tmp_path: Path, dataset: Path, ray_env: Path,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_missing_dataset_version_fails_in_cli_before_ray_starts(
+    tmp_path: Path, dataset: Path, ray_env: Path, capsys: pytest.CaptureFixture
+) -> None:
     config = sweep_yaml(tmp_path / "s.yaml", {"root": str(dataset.parent), "version": "0123abcd"})
     assert cli_main(["sweep", "--config", str(config), "--json"]) == 2
     err = capsys.readouterr().err
@@ -153,12 +182,20 @@ def test_missing_dataset_version_fails_in_cli_before_ray_starts(tmp_path: Path, 
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "recops.cli", "sweep", *args], cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "recops.cli", "sweep", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
-def test_gpu_request_on_cpu_machine_fails_fast(tmp_path: Path, dataset: Path, ray_env: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_gpu_request_on_cpu_machine_fails_fast(
+    tmp_path: Path, dataset: Path, ray_env: Path, capsys: pytest.CaptureFixture
+) -> None:
     """A local sweep (its own Ray in this process, stopped afterwards) whose trials want a GPU this machine lacks."""
     config = sweep_yaml(tmp_path / "s.yaml", dataset, resources={"gpus_per_worker": 1})
     assert cli_main(["sweep", "--config", str(config), "--registry", str(tmp_path / "reg")]) == 2
@@ -170,9 +207,14 @@ def test_gpu_request_on_cpu_machine_fails_fast(tmp_path: Path, dataset: Path, ra
 @pytest.mark.slow
 def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, dataset: Path, cluster: Any) -> None:
     address, env = cluster
-    config = sweep_yaml(tmp_path / "s.yaml", dataset, num_samples=4, max_concurrent_trials=2,
-                        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                        search={"embedding_lr": {"loguniform": [0.005, 0.3]}, "family": {"choice": ["dlrm", "dcn"]}})
+    config = sweep_yaml(
+        tmp_path / "s.yaml",
+        dataset,
+        num_samples=4,
+        max_concurrent_trials=2,
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        search={"embedding_lr": {"loguniform": [0.005, 0.3]}, "family": {"choice": ["dlrm", "dcn"]}},
+    )
     common = ("--address", address, "--registry", str(tmp_path / "reg"), "--json")
     first = cli("--config", str(config), *common, env=env)
     try:
@@ -198,7 +240,12 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
     stdout, err = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, err[-3000:]
     out = json.loads(stdout.strip().splitlines()[-1])
-    assert (out["status"], out["num_trials"], out["num_errors"], out["experiment_dir"]) == ("completed", 4, 0, str(experiment))
+    assert (out["status"], out["num_trials"], out["num_errors"], out["experiment_dir"]) == (
+        "completed",
+        4,
+        0,
+        str(experiment),
+    )
     for trial_id, old in before.items():  # finished trials were not run again
         assert events(experiment / "trials" / trial_id) == old
 
@@ -235,9 +282,14 @@ def test_asha_sweep_interrupted_then_resumed_registers_best(tmp_path: Path, data
 def test_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, dataset: Path, cluster: Any) -> None:
     """Two DMP workers per trial; rank 0 is SIGKILLed after epoch 1: Train restarts both from epoch 1's checkpoint."""
     address, env = cluster
-    config = sweep_yaml(tmp_path / "s.yaml", dataset, epochs=4, max_failures=1,
-                        train={"batch_size": 256, "sharding_type": "data_parallel"},
-                        resources={"workers_per_trial": 2, "cpus_per_worker": 1})
+    config = sweep_yaml(
+        tmp_path / "s.yaml",
+        dataset,
+        epochs=4,
+        max_failures=1,
+        train={"batch_size": 256, "sharding_type": "data_parallel"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1},
+    )
     sweep = cli("--config", str(config), "--address", address, "--no-register", "--json", env=env)
     killed = None
     try:
@@ -274,8 +326,10 @@ def test_warm_start_adopts_the_parent_and_seeds_its_weights(tmp_path: Path, data
     parent = Path(fit(dataset, ModelConfig.from_dict(TINY_MODEL), cfg, tmp_path / "parent").checkpoint)
     config = load_sweep_config(sweep_yaml(tmp_path / "s.yaml", dataset, model={}, warm_start=1))
     with pytest.raises(RecopsError, match="warm_start takes model 1's architecture"):
-        _adopt_warm_start(load_sweep_config(sweep_yaml(tmp_path / "c.yaml", dataset, model={"embedding_dim": 16},
-                                                       warm_start=1)), parent)
+        _adopt_warm_start(
+            load_sweep_config(sweep_yaml(tmp_path / "c.yaml", dataset, model={"embedding_dim": 16}, warm_start=1)),
+            parent,
+        )
     adopted, source = _adopt_warm_start(config, parent)
     assert source == parent.resolve() and {k: adopted.model[k] for k in TINY_MODEL} == TINY_MODEL
 

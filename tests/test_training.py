@@ -1,4 +1,5 @@
 """TorchRec DLRM training: quality against the generator's oracle, sharded gloo runs, checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,14 @@ def test_dcn_and_multi_hot_features_train(tmp_path):
     y = (np.isin(tags, [1, 2, 3]).any(1) ^ (rng.random(n) < 0.1)).astype(int)
     import pandas as pd
 
-    frame = pd.DataFrame({"label": y, "x": rng.random(n), "user": rng.integers(0, 50, n).astype(str),
-                          "tags": ["|".join(map(str, t[: rng.integers(1, 4)])) for t in tags]})
+    frame = pd.DataFrame(
+        {
+            "label": y,
+            "x": rng.random(n),
+            "user": rng.integers(0, 50, n).astype(str),
+            "tags": ["|".join(map(str, t[: rng.integers(1, 4)])) for t in tags],
+        }
+    )
     frame.to_csv(tmp_path / "mh.csv", index=False)
     spec = ColumnSpec(dense=("x",), sparse=("user",), multi_hot={"tags": 3}, format="csv")
     ds = ingest([tmp_path / "mh.csv"], tmp_path / "ds", spec=spec, config=PreprocessConfig(table_size=200))

@@ -1,5 +1,6 @@
 """The local Triton launcher on a real server: config round trip, state file, model control, versions,
 startup failures, and the `recops serve` / `recops predict` commands, leaving no process behind."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def test_server_parses_the_written_config(triton_server):
         client.close()
     assert config["backend"] == "python" and config["max_batch_size"] == 1024
     assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
-        ("dense", "TYPE_FP32", [13]), ("sparse", "TYPE_INT64", [26])]
+        ("dense", "TYPE_FP32", [13]),
+        ("sparse", "TYPE_INT64", [26]),
+    ]
     assert [(t["name"], t["data_type"]) for t in config["output"]] == [("prob", "TYPE_FP32")]
     assert config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 100
@@ -134,8 +137,9 @@ def _criteo_rows(path: Path, rows: int) -> None:
 
 
 def _recops(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "recops.cli", *args, "--json"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "recops.cli", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -158,8 +162,17 @@ def test_cli_start_status_predict_stop(tmp_path, tiny_onnx):
         features = preprocessor.transform(read_frame(tmp_path / "rows.tsv"))
         expected = onnx_outputs(tiny_onnx, {"dense": features.dense, "sparse": features.sparse})
         for protocol in ("http", "grpc"):
-            scored = _recops("predict", "--name", "ctr", "--input", str(tmp_path / "rows.tsv"),
-                             "--repo", str(repo.root), "--protocol", protocol)
+            scored = _recops(
+                "predict",
+                "--name",
+                "ctr",
+                "--input",
+                str(tmp_path / "rows.tsv"),
+                "--repo",
+                str(repo.root),
+                "--protocol",
+                protocol,
+            )
             assert scored["rows"] == 7 and scored["versions"] == ["1"]
             np.testing.assert_allclose(scored["predictions"], expected["prob"][:, 0], rtol=1e-5)
     finally:

@@ -3,6 +3,7 @@
 Import the fixtures into a test module (``from tests.triton_fixtures import triton_server``); each
 module then gets its own server, stopped (with its stub processes) when the module ends.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -16,9 +17,13 @@ from recops.serving.server import ServerConfig, TritonServer, triton_processes
 
 TINY = "tiny"
 TABLE_SIZE = 1000  # ids the tiny model accepts: [0, TABLE_SIZE)
-TINY_OPTIONS = ServingOptions(max_batch_size=1024, dynamic_batching=DynamicBatching((4, 8), 100),
-                              version_policy=VersionPolicy("latest", latest_n=2),
-                              warmup=(WarmupRequest(batch_size=2),), intra_op_threads=1)
+TINY_OPTIONS = ServingOptions(
+    max_batch_size=1024,
+    dynamic_batching=DynamicBatching((4, 8), 100),
+    version_policy=VersionPolicy("latest", latest_n=2),
+    warmup=(WarmupRequest(batch_size=2),),
+    intra_op_threads=1,
+)
 
 
 def export_tiny(path: Path, seed: int) -> Path:
@@ -37,9 +42,16 @@ def export_tiny(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     batch = torch.export.Dim("batch")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(TinyCTR().eval(), (torch.randn(4, 13), torch.randint(0, TABLE_SIZE, (4, 26))), str(path),
-                      input_names=["dense", "sparse"], output_names=["prob"], dynamo=True,
-                      dynamic_shapes={"dense": {0: batch}, "sparse": {0: batch}}, verbose=False)
+    torch.onnx.export(
+        TinyCTR().eval(),
+        (torch.randn(4, 13), torch.randint(0, TABLE_SIZE, (4, 26))),
+        str(path),
+        input_names=["dense", "sparse"],
+        output_names=["prob"],
+        dynamo=True,
+        dynamic_shapes={"dense": {0: batch}, "sparse": {0: batch}},
+        verbose=False,
+    )
     return path
 
 
@@ -51,8 +63,10 @@ def tiny_onnx_file(tmp_path_factory: pytest.TempPathFactory, seed: int = 0) -> P
 
 def tiny_inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"dense": rng.random((rows, 13), dtype=np.float32),
-            "sparse": rng.integers(0, TABLE_SIZE, (rows, 26), dtype=np.int64)}
+    return {
+        "dense": rng.random((rows, 13), dtype=np.float32),
+        "sparse": rng.integers(0, TABLE_SIZE, (rows, 26), dtype=np.int64),
+    }
 
 
 def onnx_outputs(onnx_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

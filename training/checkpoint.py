@@ -6,6 +6,7 @@ configs, metrics) and ``files.json`` (sha256 of each file). Sharded tensors are 
 on save and scattered back into each rank's local shards on load. Everything loads with
 ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,7 +96,9 @@ def scatter_full(target: Any, full: Any, where: str = "") -> None:
             shard.tensor.copy_(full[index])
     elif isinstance(target, torch.Tensor):
         if target.shape != full.shape:
-            raise RecopsError(f"checkpoint tensor {where[:-1]} has shape {tuple(full.shape)}, model expects {tuple(target.shape)}")
+            raise RecopsError(
+                f"checkpoint tensor {where[:-1]} has shape {tuple(full.shape)}, model expects {tuple(target.shape)}"
+            )
         target.copy_(full)
 
 
@@ -122,16 +125,28 @@ class CheckpointMeta:
     warm_start_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "model": self.model.to_dict(), "train": self.train.to_dict(),
-                "dataset": self.dataset.to_dict(), "history": list(self.history)}
+        return {
+            **asdict(self),
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "dataset": self.dataset.to_dict(),
+            "history": list(self.history),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
         data = dict(data)
         if "dataset" not in data:  # written before dataset roots were recorded
             data["dataset"] = {"root": "", "version": data.pop("dataset_version")}
-        return cls(**{**data, "model": ModelConfig.from_dict(data["model"]), "train": TrainConfig.from_dict(data["train"]),
-                      "dataset": DatasetRef.from_dict(data["dataset"]), "history": tuple(data.get("history", ()))})
+        return cls(
+            **{
+                **data,
+                "model": ModelConfig.from_dict(data["model"]),
+                "train": TrainConfig.from_dict(data["train"]),
+                "dataset": DatasetRef.from_dict(data["dataset"]),
+                "history": tuple(data.get("history", ())),
+            }
+        )
 
     @property
     def features(self) -> Preprocessor:
@@ -139,8 +154,17 @@ class CheckpointMeta:
 
     def fresh(self, dataset: DatasetRef, train: TrainConfig, warm_start_from: str) -> CheckpointMeta:
         """This model's weights as the start of a new run on ``dataset``: history and early-stopping state reset."""
-        return replace(self, dataset=dataset, train=train, epoch=-1, best_auc=-1.0, stale=0, history=(), metrics={},
-                       warm_start_from=warm_start_from)
+        return replace(
+            self,
+            dataset=dataset,
+            train=train,
+            epoch=-1,
+            best_auc=-1.0,
+            stale=0,
+            history=(),
+            metrics={},
+            warm_start_from=warm_start_from,
+        )
 
 
 @dataclass
@@ -163,13 +187,17 @@ class Checkpoint:
         path = Path(path).expanduser().resolve()
         _recover(path)
         if not (path / SUMS_FILE).is_file():
-            raise RecopsError(f"{path} is not a complete checkpoint (no {SUMS_FILE}); pass <run>/checkpoints/best, "
-                              "a registered model version, or re-train")
+            raise RecopsError(
+                f"{path} is not a complete checkpoint (no {SUMS_FILE}); pass <run>/checkpoints/best, "
+                "a registered model version, or re-train"
+            )
         try:
             return cls(path, CheckpointMeta.from_dict(json.loads((path / TRAINER_FILE).read_text())))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RecopsError(f"checkpoint {path}: {TRAINER_FILE} is unreadable ({type(exc).__name__}: {exc}); "
-                              "point at a directory written by `recops train` or re-train") from exc
+            raise RecopsError(
+                f"checkpoint {path}: {TRAINER_FILE} is unreadable ({type(exc).__name__}: {exc}); "
+                "point at a directory written by `recops train` or re-train"
+            ) from exc
 
     @staticmethod
     def exists(path: str | Path) -> bool:
@@ -187,11 +215,15 @@ class Checkpoint:
             expected = json.loads((self.path / SUMS_FILE).read_text())
             bad = [name for name in FILES if _sha256(self.path / name) != expected[name]]
         except (OSError, KeyError, ValueError) as exc:
-            raise RecopsError(f"checkpoint {self.path}: unreadable or incomplete ({type(exc).__name__}: {exc}); "
-                              "point at a directory written by `recops train` or re-train") from exc
+            raise RecopsError(
+                f"checkpoint {self.path}: unreadable or incomplete ({type(exc).__name__}: {exc}); "
+                "point at a directory written by `recops train` or re-train"
+            ) from exc
         if bad:
-            raise RecopsError(f"checkpoint {self.path}: {', '.join(bad)} do not match the recorded sha256 (corrupt); "
-                              "use another checkpoint or re-train")
+            raise RecopsError(
+                f"checkpoint {self.path}: {', '.join(bad)} do not match the recorded sha256 (corrupt); "
+                "use another checkpoint or re-train"
+            )
 
     def load(self) -> CheckpointState:
         """Verify every file against its recorded sha256 and load the tensors; RecopsError if corrupt."""
@@ -270,6 +302,7 @@ def save(path: Path, model_state: dict, optim_state: dict, meta: CheckpointMeta)
     model_full, optim_full = gather_full(model_state), gather_full(optim_state)
     if _rank() != 0:
         return None
+
     def fill(tmp: Path) -> None:
         torch.save(model_full, tmp / "model.pt")
         torch.save(optim_full, tmp / "optim.pt")

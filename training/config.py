@@ -1,4 +1,5 @@
 """Model and training configuration (plain value types, apart from the modules that use them)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,11 +67,13 @@ class ModelConfig:
         """This architecture completed with a dataset's tables and dense columns (``auto`` dims resolved)."""
         dims = self.embedding_dims
         if dims == "auto":
-            dims = {name: min(self.embedding_dim, max(1, round(6 * rows ** 0.25))) for name, rows in tables.items()}
+            dims = {name: min(self.embedding_dim, max(1, round(6 * rows**0.25))) for name, rows in tables.items()}
         unknown = sorted(set(dims) - set(tables))
         if unknown:
-            raise RecopsError(f"model config: embedding_dims names {unknown}, which are not tables of the dataset "
-                              f"({', '.join(tables)})")
+            raise RecopsError(
+                f"model config: embedding_dims names {unknown}, which are not tables of the dataset "
+                f"({', '.join(tables)})"
+            )
         return dataclasses.replace(self, tables=dict(tables), num_dense=num_dense, embedding_dims=dims)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,15 +110,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-            raise RecopsError(f"train config: embedding_optimizer {self.embedding_optimizer!r} not in "
-                              f"{list(EMBEDDING_OPTIMIZERS)}")
+            raise RecopsError(
+                f"train config: embedding_optimizer {self.embedding_optimizer!r} not in {list(EMBEDDING_OPTIMIZERS)}"
+            )
         if self.sharding_type not in SHARDING_TYPES:
             raise RecopsError(f"train config: sharding_type {self.sharding_type!r} not in {SHARDING_TYPES}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise RecopsError(f"train config: lr_schedule {self.lr_schedule!r} not in {LR_SCHEDULES}")
         if min(self.epochs, self.batch_size, self.patience, self.lr_step_epochs) < 1 or self.max_train_rows < 0:
-            raise RecopsError("train config: epochs, batch_size, patience and lr_step_epochs must be >= 1, "
-                              "max_train_rows >= 0")
+            raise RecopsError(
+                "train config: epochs, batch_size, patience and lr_step_epochs must be >= 1, max_train_rows >= 0"
+            )
 
     def lr_factor(self, epoch: int) -> float:
         """The learning-rate multiplier of 0-based ``epoch`` under ``lr_schedule``."""

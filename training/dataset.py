@@ -12,6 +12,7 @@ Layout of a version directory::
 
 Same inputs + configs -> same version id; the directory appears whole (temp dir + rename).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,12 +70,18 @@ class SplitConfig:
     def __post_init__(self) -> None:
         if self.method not in SPLIT_METHODS:
             raise RecopsError(f"split: method {self.method!r} is not one of {SPLIT_METHODS}")
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise RecopsError(f"split: val and test fractions must be in [0, 1) and leave training rows, got "
-                              f"{self.val_fraction} and {self.test_fraction}")
+        if not (
+            0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
+            raise RecopsError(
+                f"split: val and test fractions must be in [0, 1) and leave training rows, got "
+                f"{self.val_fraction} and {self.test_fraction}"
+            )
         if self.method in ("column", "time") and not self.column:
-            raise RecopsError(f"split: method {self.method} needs the column holding the split (--split-column) or "
-                              "the time (--time-column)")
+            raise RecopsError(
+                f"split: method {self.method} needs the column holding the split (--split-column) or "
+                "the time (--time-column)"
+            )
         if self.method == "time" and not (self.val_from and self.test_from):
             raise RecopsError("split: a time split needs both cut points, --val-from and --test-from")
 
@@ -134,8 +141,10 @@ class Dataset:
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_text())
         except FileNotFoundError:
-            raise RecopsError(f"dataset {path}: no {MANIFEST_FILE}; pass a version directory made by "
-                              "`recops data ingest` (<root>/<version>)") from None
+            raise RecopsError(
+                f"dataset {path}: no {MANIFEST_FILE}; pass a version directory made by "
+                "`recops data ingest` (<root>/<version>)"
+            ) from None
         except (OSError, ValueError) as exc:
             raise RecopsError(f"dataset {path}: {MANIFEST_FILE} is unreadable ({exc}); ingest the data again") from exc
         return cls(path, manifest)
@@ -206,8 +215,14 @@ class Dataset:
 
     def summary(self) -> dict[str, Any]:
         """What `recops data ingest --json` reports."""
-        return {"version": self.version, "path": str(self.path), "root": str(self.path.parent), "rows": self.rows,
-                "rejected": self.rejected, "split": self.split_config}
+        return {
+            "version": self.version,
+            "path": str(self.path),
+            "root": str(self.path.parent),
+            "rows": self.rows,
+            "rejected": self.rejected,
+            "split": self.split_config,
+        }
 
     def split(self, name: str) -> Features:
         """Memory-mapped features of one split."""
@@ -236,7 +251,9 @@ def file_sha256(path: Path) -> str:
 
 
 def version_id(input_hashes: list[str], spec: ColumnSpec, config: PreprocessConfig, split: SplitConfig) -> str:
-    key = canonical_json({"inputs": input_hashes, "spec": spec.to_dict(), "pre": config.to_dict(), "split": asdict(split)})
+    key = canonical_json(
+        {"inputs": input_hashes, "spec": spec.to_dict(), "pre": config.to_dict(), "split": asdict(split)}
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -331,8 +348,11 @@ def ingest(
     the training rows only.
     """
     spec, config, split = spec or ColumnSpec.criteo(), config or PreprocessConfig(), split or SplitConfig()
-    by_split = {"train": [Path(p) for p in inputs], "val": [Path(p) for p in val_inputs],
-                "test": [Path(p) for p in test_inputs]}
+    by_split = {
+        "train": [Path(p) for p in inputs],
+        "val": [Path(p) for p in val_inputs],
+        "test": [Path(p) for p in test_inputs],
+    }
     if by_split["val"] or by_split["test"]:
         split = replace(split, method="files")
     elif split.method == "files":
@@ -342,7 +362,9 @@ def ingest(
         if not p.is_file():
             raise RecopsError(f"input {p}: no such file; pass existing data files")
     hashes = {p: file_sha256(p) for p in paths}
-    version = version_id([f"{name}:{hashes[p]}" for name, files in by_split.items() for p in files], spec, config, split)
+    version = version_id(
+        [f"{name}:{hashes[p]}" for name, files in by_split.items() for p in files], spec, config, split
+    )
     final = Path(out_root) / version
     if (final / MANIFEST_FILE).is_file():
         return Dataset.open(final)
@@ -361,8 +383,14 @@ def ingest(
 class _Ingest:
     """One ingest's running state: the split writer, reject log and counts, the reference sample."""
 
-    def __init__(self, tmp: Path, spec: ColumnSpec, preprocessor: Preprocessor, split: SplitConfig,
-                 progress: Callable[[int], None] | None):
+    def __init__(
+        self,
+        tmp: Path,
+        spec: ColumnSpec,
+        preprocessor: Preprocessor,
+        split: SplitConfig,
+        progress: Callable[[int], None] | None,
+    ):
         self.spec, self.preprocessor, self.split, self.progress = spec, preprocessor, split, progress
         self.writer = _SplitWriter(tmp)
         self.rejected: Counter[str] = Counter()
@@ -379,8 +407,11 @@ class _Ingest:
             if chunk.frame.empty:
                 continue
             values = chunk.frame[self.split.column] if extra else None
-            codes = np.full(len(chunk.frame), SPLITS.index(fixed)) if fixed else \
-                self.split.assign(np.arange(self.seen, self.seen + len(chunk.frame)), values)
+            codes = (
+                np.full(len(chunk.frame), SPLITS.index(fixed))
+                if fixed
+                else self.split.assign(np.arange(self.seen, self.seen + len(chunk.frame)), values)
+            )
             for row in np.flatnonzero(codes < 0):
                 self._reject(rejects, path, int(chunk.lines[row]), "bad_split", str(values.iloc[row]))
             self._write(chunk.frame[codes >= 0].reset_index(drop=True), codes[codes >= 0])
@@ -404,9 +435,16 @@ class _Ingest:
             self.progress(self.seen)
 
 
-def _ingest_into(tmp: Path, by_split: dict[str, list[Path]], hashes: dict[Path, str], version: str,
-                 spec: ColumnSpec, config: PreprocessConfig, split: SplitConfig,
-                 progress: Callable[[int], None] | None) -> dict[str, Any]:
+def _ingest_into(
+    tmp: Path,
+    by_split: dict[str, list[Path]],
+    hashes: dict[Path, str],
+    version: str,
+    spec: ColumnSpec,
+    config: PreprocessConfig,
+    split: SplitConfig,
+    progress: Callable[[int], None] | None,
+) -> dict[str, Any]:
     preprocessor = Preprocessor(spec, config)
     if config.min_frequency > 0:  # vocabularies from the training inputs
         preprocessor = preprocessor.fit(c.frame for p in by_split["train"] for c in read_chunks(p, spec))
@@ -419,8 +457,10 @@ def _ingest_into(tmp: Path, by_split: dict[str, list[Path]], hashes: dict[Path, 
                 run.add(path, name if split.method == "files" else None, rejects)
     paths = [p for files in by_split.values() for p in files]
     if run.seen == 0:
-        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(run.rejected)}); "
-                          "check the data and --spec")
+        raise RecopsError(
+            f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(run.rejected)}); "
+            "check the data and --spec"
+        )
     rows = run.writer.finish(run.templates)
     reference = run.sample.result()
     if reference.empty:
@@ -429,8 +469,11 @@ def _ingest_into(tmp: Path, by_split: dict[str, list[Path]], hashes: dict[Path, 
     return {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": [{"path": str(p.resolve()), "sha256": hashes[p], "bytes": p.stat().st_size, "split": name}
-                   for name, files in by_split.items() for p in files],
+        "inputs": [
+            {"path": str(p.resolve()), "sha256": hashes[p], "bytes": p.stat().st_size, "split": name}
+            for name, files in by_split.items()
+            for p in files
+        ],
         "rows": {"total": run.seen, **rows},
         "rejected": {**run.rejected, "total": sum(run.rejected.values())},  # reasons that occurred
         "rejects_file": "rejects.tsv",

@@ -3,6 +3,7 @@
 Everything degrades silently: a missing git, library, GPU or NVML leaves its field empty instead of
 failing the run that asked.
 """
+
 from __future__ import annotations
 
 import os
@@ -108,7 +109,10 @@ def _nvml_gpus() -> list[str]:
 
         pynvml.nvmlInit()
         try:
-            names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
+            names = [
+                pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                for i in range(pynvml.nvmlDeviceGetCount())
+            ]
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - no driver, no library, no GPU: all mean "none seen"

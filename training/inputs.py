@@ -1,5 +1,6 @@
 """Input files as users name them: files, directories (every regular file in it, not hidden) and glob patterns
 (``day_*.gz``), expanded in a stable order; nothing named may match nothing."""
+
 from __future__ import annotations
 
 import glob
@@ -21,7 +22,9 @@ def expand_inputs(names: Iterable[str | Path]) -> list[Path]:
         else:
             matches = [Path(text)] if Path(text).is_file() else []
         if not matches:
-            raise RecopsError(f"input {text}: no such file, or no file matches; pass files, a directory or a glob "
-                              "such as 'data/day_*.gz'")
+            raise RecopsError(
+                f"input {text}: no such file, or no file matches; pass files, a directory or a glob "
+                "such as 'data/day_*.gz'"
+            )
         found += [p for p in matches if p not in found]
     return found

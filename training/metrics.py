@@ -1,4 +1,5 @@
 """Offline quality metrics (vectorised numpy)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ The sparse path is an ``EmbeddingBagCollection`` fed a ``KeyedJaggedTensor``; ev
 pooled embeddings is plain torch (``head``), so an export module can reuse it unchanged with plain
 gathers in place of the embedding bags.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -89,15 +90,17 @@ class EmbeddingProjection(nn.Module):
         self.dim = config.embedding_dim
         self.dims = [config.dim_of(name) for name in config.tables]
         self.uniform = all(d == self.dim for d in self.dims)
-        self.project = nn.ModuleDict({
-            str(i): nn.Linear(d, self.dim, bias=False) for i, d in enumerate(self.dims) if d != self.dim})
+        self.project = nn.ModuleDict(
+            {str(i): nn.Linear(d, self.dim, bias=False) for i, d in enumerate(self.dims) if d != self.dim}
+        )
 
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
         if self.uniform:
             return flat.view(-1, len(self.dims), self.dim)
         parts = flat.split(self.dims, dim=1)
-        return torch.stack([self.project[str(i)](p) if str(i) in self.project else p for i, p in enumerate(parts)],
-                           dim=1)
+        return torch.stack(
+            [self.project[str(i)](p) if str(i) in self.project else p for i, p in enumerate(parts)], dim=1
+        )
 
 
 class DLRMHead(nn.Module):
@@ -133,8 +136,11 @@ class DLRM(nn.Module):
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
-                    name=f"t_{name}", embedding_dim=config.dim_of(name), num_embeddings=rows,
-                    feature_names=[name], pooling=PoolingType.SUM,
+                    name=f"t_{name}",
+                    embedding_dim=config.dim_of(name),
+                    num_embeddings=rows,
+                    feature_names=[name],
+                    pooling=PoolingType.SUM,
                 )
                 for name, rows in config.tables.items()
             ],
@@ -151,13 +157,15 @@ class DLRM(nn.Module):
         return self.head(dense, flat)
 
 
-def to_kjt(keys: list[str], sparse: np.ndarray | torch.Tensor, multi: dict[str, Any] | None = None) -> KeyedJaggedTensor:
+def to_kjt(
+    keys: list[str], sparse: np.ndarray | torch.Tensor, multi: dict[str, Any] | None = None
+) -> KeyedJaggedTensor:
     """One-hot ids [B, S] (+ padded multi-hot ids [B, L], -1 = pad) -> a KeyedJaggedTensor in ``keys`` order."""
     sparse = torch.as_tensor(np.asarray(sparse) if not isinstance(sparse, torch.Tensor) else sparse, dtype=torch.int64)
     batch = sparse.shape[0]
     values = [sparse.t().reshape(-1)]
     lengths = [torch.ones(sparse.numel(), dtype=torch.int32)]
-    for name in keys[sparse.shape[1]:]:
+    for name in keys[sparse.shape[1] :]:
         ids = torch.as_tensor(np.asarray((multi or {})[name]), dtype=torch.int64)
         mask = ids >= 0
         values.append(ids[mask])

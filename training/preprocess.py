@@ -1,4 +1,5 @@
 """The one preprocessing function shared by training and serving (no train/serve skew)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -133,7 +134,11 @@ class Preprocessor:
         if missing:
             raise RecopsError(f"preprocess: input frame lacks columns {missing}; it must have the spec's columns")
         dense = transform_dense(frame[list(self.spec.dense)].to_numpy(dtype=np.float64, na_value=np.nan))
-        sparse = np.stack([self.ids(n, frame[n]) for n in self.spec.sparse], axis=1) if self.spec.sparse else np.zeros((len(frame), 0), np.int64)
+        sparse = (
+            np.stack([self.ids(n, frame[n]) for n in self.spec.sparse], axis=1)
+            if self.spec.sparse
+            else np.zeros((len(frame), 0), np.int64)
+        )
         multi = {n: self._multi(n, frame[n]) for n in self.spec.multi_hot}
         label = frame[self.spec.label].to_numpy(np.float32) if self.spec.label in frame else None
         return Features(dense=dense, sparse=sparse, multi=multi, label=label)
@@ -143,7 +148,9 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
-        return cls(ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"]), data.get("vocabularies"))
+        return cls(
+            ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"]), data.get("vocabularies")
+        )
 
 
 def _as_list(separator: str):

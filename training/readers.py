@@ -4,6 +4,7 @@ Every row is either returned valid or rejected with its source line number and a
 silently dropped. A file whose every row has the wrong field count is a schema mismatch and stops
 with one error.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -49,7 +50,9 @@ def read_frame(path: Path, spec: ColumnSpec | None = None) -> pd.DataFrame:
     rejects = [r for c in chunks for r in c.rejects]
     if rejects:
         line, reason, _ = rejects[0]
-        raise RecopsError(f"input {path}: {len(rejects)} invalid rows (first: line {line}, {reason}); fix or remove them")
+        raise RecopsError(
+            f"input {path}: {len(rejects)} invalid rows (first: line {line}, {reason}); fix or remove them"
+        )
     frames = [c.frame for c in chunks]
     return pd.concat(frames, ignore_index=True) if frames else _empty_frame(spec)
 
@@ -69,7 +72,9 @@ def _text_chunks(path: Path, spec: ColumnSpec, block_bytes: int) -> Iterator[Chu
     names = _csv_header(path, spec) if header else list(spec.columns)
     reader = pacsv.open_csv(
         path,
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), block_size=block_bytes, use_threads=False),
+        read_options=pacsv.ReadOptions(
+            column_names=names, skip_rows=int(header), block_size=block_bytes, use_threads=False
+        ),
         parse_options=pacsv.ParseOptions(
             delimiter="\t" if spec.format == "criteo" else ",",
             quote_char=False if spec.format == "criteo" else '"',
@@ -97,7 +102,9 @@ def _text_chunks(path: Path, spec: ColumnSpec, block_bytes: int) -> Iterator[Chu
     if bad and seen_valid == 0:
         raise _schema_mismatch(path, spec, names)
     if bad:
-        yield Chunk(frame=_empty_frame(spec), lines=np.zeros(0, np.int64), rejects=[(n, "field_count", t) for n, t in bad])
+        yield Chunk(
+            frame=_empty_frame(spec), lines=np.zeros(0, np.int64), rejects=[(n, "field_count", t) for n, t in bad]
+        )
 
 
 def _schema_mismatch(path: Path, spec: ColumnSpec, names: list[str]) -> RecopsError:
@@ -112,7 +119,9 @@ def _csv_header(path: Path, spec: ColumnSpec) -> list[str]:
         header = fh.readline().rstrip("\r\n").split(",")
     missing = [c for c in spec.columns if c not in header]
     if missing:
-        raise RecopsError(f"input {path}: CSV header lacks columns {missing} named in the column spec; header is {header}")
+        raise RecopsError(
+            f"input {path}: CSV header lacks columns {missing} named in the column spec; header is {header}"
+        )
     return header
 
 

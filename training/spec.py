@@ -1,4 +1,5 @@
 """Column specification of raw data and the preprocessing configuration (plain value types)."""
+
 from __future__ import annotations
 
 import dataclasses

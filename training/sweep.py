@@ -21,6 +21,7 @@ Experiment directory layout (``<storage_path>/<sweep id>/``)::
     trials/<trial id>/train/     Ray Train's persisted checkpoints (checkpoint_*/, best and latest kept)
     trials/<trial id>/trial_record.json
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,7 +112,9 @@ class SweepResult:
 
     @property
     def best(self) -> TrialSummary | None:
-        ranked = [t for t in self.trials if t.best_checkpoint and t.score(self.config.metric, self.config.mode) > -math.inf]
+        ranked = [
+            t for t in self.trials if t.best_checkpoint and t.score(self.config.metric, self.config.mode) > -math.inf
+        ]
         return ranked[0] if ranked else None
 
     @property
@@ -136,20 +139,40 @@ class SweepResult:
         if not self.best:
             return {}
         model, train = self.config.configs(self.best.params)
-        return {"model": {k: v for k, v in model.to_dict().items() if k != "tables"}, "train": train.to_dict(),
-                "searched": self.best.params}
+        return {
+            "model": {k: v for k, v in model.to_dict().items() if k != "tables"},
+            "train": train.to_dict(),
+            "searched": self.best.params,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sweep_id": self.sweep_id, "experiment_dir": str(self.experiment_dir), "status": self.status,
-            "metric": self.config.metric, "mode": self.config.mode, "dataset": self.config.dataset.to_dict(),
-            "num_trials": len(self.trials), "num_errors": self.num_errors, "best_trial": self.best_trial,
+            "sweep_id": self.sweep_id,
+            "experiment_dir": str(self.experiment_dir),
+            "status": self.status,
+            "metric": self.config.metric,
+            "mode": self.config.mode,
+            "dataset": self.config.dataset.to_dict(),
+            "num_trials": len(self.trials),
+            "num_errors": self.num_errors,
+            "best_trial": self.best_trial,
             "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
-            "best_metrics": self.best_metrics, "best_params": self.best_params,
-            "max_concurrent_trials": self.max_concurrent_trials, "wall_s": self.wall_s,
-            "environment": self.environment.to_dict(), "config": self.config.to_dict(),
-            "ranking": [{"trial_id": t.trial_id, "status": t.status, "epochs": len(t.history),
-                         self.config.metric: t.best.get(self.config.metric), "params": t.params} for t in self.trials],
+            "best_metrics": self.best_metrics,
+            "best_params": self.best_params,
+            "max_concurrent_trials": self.max_concurrent_trials,
+            "wall_s": self.wall_s,
+            "environment": self.environment.to_dict(),
+            "config": self.config.to_dict(),
+            "ranking": [
+                {
+                    "trial_id": t.trial_id,
+                    "status": t.status,
+                    "epochs": len(t.history),
+                    self.config.metric: t.best.get(self.config.metric),
+                    "params": t.params,
+                }
+                for t in self.trials
+            ],
         }
 
 
@@ -192,8 +215,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         resumed_at = _prepare_work_dir(work, restored)
         write_json_atomic(work / "environment.json", capture().to_dict())
         group = ray.util.get_current_placement_group()
-        log_event(work, "start", resumed_at_epoch=resumed_at, world_size=context.get_world_size(),
-                   placement_group=group.id.hex() if group else None)
+        log_event(
+            work,
+            "start",
+            resumed_at_epoch=resumed_at,
+            world_size=context.get_world_size(),
+            placement_group=group.id.hex() if group else None,
+        )
     dist.barrier()
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -218,16 +246,25 @@ def _trial(params: dict[str, Any], plan: TrialPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     log_event(plan.work_dir(trial_id), "trial")
     config, resources = plan.config, plan.config.resources
-    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}
+    per_worker = {
+        "CPU": resources.cpus_per_worker,
+        **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}),
+    }
     TorchTrainer(
         _train_loop,
         train_loop_config={"plan": plan, "params": params, "trial_id": trial_id},
-        scaling_config=ScalingConfig(num_workers=resources.workers_per_trial, use_gpu=bool(resources.gpus_per_worker),
-                                     resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers_per_trial,
+            use_gpu=bool(resources.gpus_per_worker),
+            resources_per_worker=per_worker,
+        ),
         run_config=RunConfig(
-            name="train", storage_path=str(plan.trial_dir(trial_id)), callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=config.metric,
-                                               checkpoint_score_order=config.mode),
+            name="train",
+            storage_path=str(plan.trial_dir(trial_id)),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
+            ),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     ).fit()
@@ -247,8 +284,17 @@ def ranking_table(result: SweepResult) -> str:
     other = rows[0][5]
     for i, t in enumerate(result.trials, 1):
         params = " ".join(f"{k}={fmt_value(v)}" for k, v in t.params.items())
-        rows.append([str(i), t.trial_id, t.status, str(len(t.history)), fmt_value(t.best.get(metric, "-")),
-                     fmt_value(t.best.get(other, "-")), params])
+        rows.append(
+            [
+                str(i),
+                t.trial_id,
+                t.status,
+                str(len(t.history)),
+                fmt_value(t.best.get(metric, "-")),
+                fmt_value(t.best.get(other, "-")),
+                params,
+            ]
+        )
     return format_table(rows)
 
 
@@ -273,9 +319,14 @@ def _ray_session(address: str | None) -> Iterator[None]:
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        else:  # one CPU beyond the machine's for the trial drivers (TRIAL_DRIVER_CPU each): N one-CPU trials fit N cores
-            ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, object_store_memory=100 * 1024**2,
-                     log_to_driver=False, logging_level="WARNING")
+        else:  # one CPU beyond the machine's for the trial drivers (TRIAL_DRIVER_CPU each): N 1-CPU trials fit N cores
+            ray.init(
+                num_cpus=(os.cpu_count() or 1) + 1,
+                include_dashboard=False,
+                object_store_memory=100 * 1024**2,
+                log_to_driver=False,
+                logging_level="WARNING",
+            )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         ray.shutdown()
         raise RecopsError(f"cannot {'attach to Ray at ' + address if address else 'start a local Ray'}: {exc}") from exc
@@ -299,17 +350,22 @@ def _capacity(config: SweepConfig, address: str | None) -> int:
     if res.gpus > gpus:
         raise RecopsError(
             f"sweep resources: each trial asks for {res.gpus:g} GPU (workers_per_trial {res.workers_per_trial} x "
-            f"gpus_per_worker {res.gpus_per_worker:g}) but {where} has {gpus:g}; set resources.gpus_per_worker: 0 to train "
+            f"gpus_per_worker {res.gpus_per_worker:g}) but {where} has {gpus:g}; "
+            "set resources.gpus_per_worker: 0 to train "
             "on CPU, or pass --address of a cluster with GPUs"
         )
     cpus = total.get("CPU", 0.0) - (0 if address else 1)  # the local extra CPU is the trial drivers'
     if res.cpus > cpus:
-        raise RecopsError(f"sweep resources: each trial asks for {res.cpus:g} CPUs but {where} has {cpus:g}; "
-                          "lower workers_per_trial or cpus_per_worker")
+        raise RecopsError(
+            f"sweep resources: each trial asks for {res.cpus:g} CPUs but {where} has {cpus:g}; "
+            "lower workers_per_trial or cpus_per_worker"
+        )
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(n.get("CPU", 0) >= res.cpus_per_worker and n.get("GPU", 0) >= res.gpus_per_worker for n in nodes):
-        raise RecopsError(f"sweep resources: no node of {where} has {res.cpus_per_worker:g} CPU and "
-                          f"{res.gpus_per_worker:g} GPU for one worker; lower cpus_per_worker/gpus_per_worker")
+        raise RecopsError(
+            f"sweep resources: no node of {where} has {res.cpus_per_worker:g} CPU and "
+            f"{res.gpus_per_worker:g} GPU for one worker; lower cpus_per_worker/gpus_per_worker"
+        )
     fits = math.floor(cpus / res.cpus + 1e-9)
     if res.gpus:
         fits = min(fits, math.floor(gpus / res.gpus + 1e-9))
@@ -344,19 +400,33 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     sched = config.scheduler
     # stop_last_trials=False: a trial reaching the last epoch ends by itself instead of being killed mid-wrap-up.
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=config.epochs, grace_period=sched.grace_period,
-                               reduction_factor=sched.reduction_factor, stop_last_trials=False)
-                 if sched.type == "asha" else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=config.epochs,
+            grace_period=sched.grace_period,
+            reduction_factor=sched.reduction_factor,
+            stop_last_trials=False,
+        )
+        if sched.type == "asha"
+        else FIFOScheduler()
+    )
     return tune.Tuner(
         trainable,
         param_space={name: dist.to_tune() for name, dist in config.search.items()},
         tune_config=tune.TuneConfig(
-            metric=config.metric, mode=config.mode, scheduler=scheduler, num_samples=config.num_samples,
-            time_budget_s=config.time_limit_s or None, trial_dirname_creator=_trial_dirname,
+            metric=config.metric,
+            mode=config.mode,
+            scheduler=scheduler,
+            num_samples=config.num_samples,
+            time_budget_s=config.time_limit_s or None,
+            trial_dirname_creator=_trial_dirname,
             search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=max_concurrent),
         ),
         run_config=tune.RunConfig(
-            name=tune_dir.name, storage_path=str(plan.experiment_dir), verbose=0,
+            name=tune_dir.name,
+            storage_path=str(plan.experiment_dir),
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             callbacks=[LiveTable(config.metric), ReleaseStoppedTrials()],
         ),
@@ -366,16 +436,24 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
 def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult:
     config = plan.config
     start = time.time()
-    with _ray_session(address), _sigterm_as_sigint():  # after ray.init, which installs its own (aborting) SIGTERM handler
+    with (
+        _ray_session(address),
+        _sigterm_as_sigint(),
+    ):  # after ray.init, which installs its own (aborting) SIGTERM handler
         fits = _capacity(config, address)
         max_concurrent = min(config.max_concurrent_trials or fits, fits)
         if config.max_concurrent_trials > fits:
-            print(f"recops sweep: max_concurrent_trials {config.max_concurrent_trials} capped to {fits}, "
-                  "the trials the cluster holds at once", file=sys.stderr)
+            print(
+                f"recops sweep: max_concurrent_trials {config.max_concurrent_trials} capped to {fits}, "
+                "the trials the cluster holds at once",
+                file=sys.stderr,
+            )
         if not restore:  # only once the cluster can hold a trial
             plan.experiment_dir.mkdir(parents=True)
-            write_json_atomic(plan.experiment_dir / "sweep_config.json",
-                        {"config": config.to_dict(), "warm_start": str(plan.warm_start) if plan.warm_start else None})
+            write_json_atomic(
+                plan.experiment_dir / "sweep_config.json",
+                {"config": config.to_dict(), "warm_start": str(plan.warm_start) if plan.warm_start else None},
+            )
         _tuner(plan, max_concurrent, restore).fit()
     return _collect(plan, max_concurrent, time.time() - start)
 
@@ -406,13 +484,21 @@ def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
     error = None
     if status == "error":
         error_file = Path(trial.path) / "error.txt" if getattr(trial, "path", None) else None
-        error = error_file.read_text().strip().splitlines()[-1] if error_file and error_file.exists() else "trial failed"
+        error = (
+            error_file.read_text().strip().splitlines()[-1] if error_file and error_file.exists() else "trial failed"
+        )
     env_file = work / "environment.json"
     return TrialSummary(
-        trial_id=trial.trial_id, status=status, params=dict(trial.config or {}), history=history,
-        best=dict(best.meta.metrics) if best else {}, best_checkpoint=str(best.path) if best else None,
-        attempts=starts, wall_s=round(events[-1]["time"] - events[0]["time"], 3) if events else 0.0,
-        error=error, environment=json.loads(env_file.read_text()) if env_file.exists() else {},
+        trial_id=trial.trial_id,
+        status=status,
+        params=dict(trial.config or {}),
+        history=history,
+        best=dict(best.meta.metrics) if best else {},
+        best_checkpoint=str(best.path) if best else None,
+        attempts=starts,
+        wall_s=round(events[-1]["time"] - events[0]["time"], 3) if events else 0.0,
+        error=error,
+        environment=json.loads(env_file.read_text()) if env_file.exists() else {},
     )
 
 
@@ -422,18 +508,33 @@ def _collect(plan: TrialPlan, max_concurrent: int, wall_s: float) -> SweepResult
 
     config = plan.config
     tune_dir = str(plan.experiment_dir / "tune")
-    trials = ExperimentAnalysis(tune_dir).trials if Tuner.can_restore(tune_dir) else []  # [] if stopped before Tune began
+    trials = (
+        ExperimentAnalysis(tune_dir).trials if Tuner.can_restore(tune_dir) else []
+    )  # [] if stopped before Tune began
     summaries = [_summarize(plan, t) for t in trials]
     summaries.sort(key=lambda s: s.score(config.metric, config.mode), reverse=True)
     unfinished = not trials or any(t.status in UNFINISHED for t in trials)
     limit_hit = config.time_limit_s and wall_s >= config.time_limit_s
     status = ("time_limit" if limit_hit else "interrupted") if unfinished else "completed"
-    result = SweepResult(sweep_id=plan.experiment_dir.name, experiment_dir=plan.experiment_dir, status=status,
-                         config=config, trials=summaries, max_concurrent_trials=max_concurrent, wall_s=round(wall_s, 3),
-                         environment=capture())
+    result = SweepResult(
+        sweep_id=plan.experiment_dir.name,
+        experiment_dir=plan.experiment_dir,
+        status=status,
+        config=config,
+        trials=summaries,
+        max_concurrent_trials=max_concurrent,
+        wall_s=round(wall_s, 3),
+        environment=capture(),
+    )
     for s in summaries:
-        record = {**asdict(s), "sweep_id": result.sweep_id, "dataset": config.dataset.to_dict(), "metric": config.metric,
-                  "epochs_planned": config.epochs, "warm_start": config.warm_start}
+        record = {
+            **asdict(s),
+            "sweep_id": result.sweep_id,
+            "dataset": config.dataset.to_dict(),
+            "metric": config.metric,
+            "epochs_planned": config.epochs,
+            "warm_start": config.warm_start,
+        }
         write_json_atomic(plan.trial_dir(s.trial_id) / "trial_record.json", record)
     write_json_atomic(plan.experiment_dir / "sweep_summary.json", result.to_dict())
     return result
@@ -450,12 +551,16 @@ def _adopt_warm_start(config: SweepConfig, warm_start: Path | None) -> tuple[Swe
     searched = sorted(set(config.search) & set(arch))
     clashing = sorted(k for k, v in config.model.items() if json.loads(json.dumps(v)) != arch.get(k))
     if searched or clashing:
-        raise RecopsError(f"sweep config: warm_start takes model {config.warm_start}'s architecture {arch}; "
-                          f"remove {searched + clashing} from search:/model:")
+        raise RecopsError(
+            f"sweep config: warm_start takes model {config.warm_start}'s architecture {arch}; "
+            f"remove {searched + clashing} from search:/model:"
+        )
     problem = parent.warm_start_problem(Dataset.open(config.dataset.path))
     if problem:
-        raise RecopsError(f"sweep config: warm_start model {config.warm_start}: {problem} ({config.dataset.version}); "
-                          "warm-start only on data ingested with the same preprocessing")
+        raise RecopsError(
+            f"sweep config: warm_start model {config.warm_start}: {problem} ({config.dataset.version}); "
+            "warm-start only on data ingested with the same preprocessing"
+        )
     return replace(config, model=arch), parent.path
 
 
@@ -479,18 +584,23 @@ def load_experiment(experiment_dir: str | Path, local: bool = True) -> TrialPlan
     experiment_dir = Path(experiment_dir).expanduser().resolve()
     saved = experiment_dir / "sweep_config.json"
     if not saved.is_file():
-        raise RecopsError(f"{experiment_dir} is not a sweep experiment directory (no sweep_config.json); "
-                          "pass the directory `recops sweep` printed as experiment_dir")
+        raise RecopsError(
+            f"{experiment_dir} is not a sweep experiment directory (no sweep_config.json); "
+            "pass the directory `recops sweep` printed as experiment_dir"
+        )
     data = json.loads(saved.read_text())
     config = replace(SweepConfig.from_dict(data["config"], local=local), storage_path=experiment_dir.parent)
     return TrialPlan(config, experiment_dir, Path(data["warm_start"]) if data["warm_start"] else None)
 
 
 def resume_sweep(experiment_dir: str | Path, address: str | None = None) -> SweepResult:
-    """Continue an interrupted sweep: finished trials are kept, unfinished and errored ones resume from their checkpoints."""
+    """Continue an interrupted sweep: finished trials are kept, unfinished and errored ones resume from their
+    checkpoints."""
     plan = load_experiment(experiment_dir, local=address is None)
     from ray.tune import Tuner
 
     if not Tuner.can_restore(str(plan.experiment_dir / "tune")):
-        raise RecopsError(f"{plan.experiment_dir}: no Tune state to resume (the sweep never started); start it again with --config")
+        raise RecopsError(
+            f"{plan.experiment_dir}: no Tune state to resume (the sweep never started); start it again with --config"
+        )
     return _execute(plan, address, restore=True)

@@ -1,5 +1,6 @@
 """Tune callbacks of a sweep (driver side only): the live trial table and the release of placement groups
 that stopped trials leave behind."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,8 @@ def live_enabled() -> bool:
 
 
 class LiveTable(Callback):
-    """Redraws trial / status / epoch / metric / params on stderr at most every ``interval_s`` seconds when it changed."""
+    """Redraws trial / status / epoch / metric / params on stderr at most every ``interval_s`` seconds when it
+    changed."""
 
     def __init__(self, metric: str, interval_s: float = 2.0):
         self.metric, self.interval_s = metric, interval_s
@@ -34,7 +36,9 @@ class LiveTable(Callback):
         for t in trials:
             last = t.last_result or {}
             params = " ".join(f"{k}={fmt_value(v)}" for k, v in (t.config or {}).items())
-            rows.append([t.trial_id, t.status, fmt_value(last.get("epoch", "-")), fmt_value(last.get(self.metric, "-")), params])
+            rows.append(
+                [t.trial_id, t.status, fmt_value(last.get("epoch", "-")), fmt_value(last.get(self.metric, "-")), params]
+            )
         shown = format_table(rows)
         if shown == self._shown:
             return

@@ -22,6 +22,7 @@ Example (every key but ``dataset`` and ``search`` is optional)::
 
 Relative paths are resolved against the current directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,11 +77,15 @@ class Distribution:
     def parse(cls, name: str, spec: Any) -> Distribution:
         kinds = ", ".join(f"{{{k}: [...]}}" for k in DISTRIBUTIONS)
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise RecopsError(f"sweep config: search.{name} must be one distribution such as {kinds}; got {spec!r} "
-                              "(fixed values go under model: or train:)")
+            raise RecopsError(
+                f"sweep config: search.{name} must be one distribution such as {kinds}; got {spec!r} "
+                "(fixed values go under model: or train:)"
+            )
         kind, args = next(iter(spec.items()))
         if kind not in DISTRIBUTIONS:
-            raise RecopsError(f"sweep config: search.{name}: unknown distribution {kind!r}; use one of {list(DISTRIBUTIONS)}")
+            raise RecopsError(
+                f"sweep config: search.{name}: unknown distribution {kind!r}; use one of {list(DISTRIBUTIONS)}"
+            )
         if not isinstance(args, list) or not args:
             raise RecopsError(f"sweep config: search.{name}: {kind} takes a non-empty list, got {args!r}")
         arity = DISTRIBUTIONS[kind]
@@ -154,7 +159,9 @@ class SchedulerConfig:
         if config.type not in SCHEDULERS:
             raise RecopsError(f"sweep config: scheduler type {config.type!r} not in {list(SCHEDULERS)}")
         if not 1 <= config.grace_period <= epochs or config.reduction_factor <= 1:
-            raise RecopsError(f"sweep config: scheduler needs 1 <= grace_period <= epochs ({epochs}) and reduction_factor > 1")
+            raise RecopsError(
+                f"sweep config: scheduler needs 1 <= grace_period <= epochs ({epochs}) and reduction_factor > 1"
+            )
         return config
 
 
@@ -171,7 +178,9 @@ class TrialResources:
         spec = _check_keys("resources", spec, {f.name for f in dataclasses.fields(cls)})
         config = cls(**spec)
         if not isinstance(config.workers_per_trial, int) or config.workers_per_trial < 1:
-            raise RecopsError(f"sweep config: resources.workers_per_trial must be an integer >= 1, got {config.workers_per_trial!r}")
+            raise RecopsError(
+                f"sweep config: resources.workers_per_trial must be an integer >= 1, got {config.workers_per_trial!r}"
+            )
         if not config.cpus_per_worker > 0 or config.gpus_per_worker < 0:
             raise RecopsError("sweep config: resources need cpus_per_worker > 0 and gpus_per_worker >= 0")
         return config
@@ -253,22 +262,33 @@ class SweepConfig:
                 raise RecopsError(f"sweep config: {key} must be an integer >= {low}, got {value!r}")
         if self.time_limit_s < 0:
             raise RecopsError(f"sweep config: time_limit_s must be >= 0 (0 = none), got {self.time_limit_s}")
-        if self.warm_start is not None and not (isinstance(self.warm_start, int) and self.warm_start >= 1
-                                                or isinstance(self.warm_start, str) and self.warm_start):
-            raise RecopsError(f"sweep config: warm_start must be a registered model version (>= 1) or alias, got "
-                              f"{self.warm_start!r}")
+        if self.warm_start is not None and not (
+            isinstance(self.warm_start, int)
+            and self.warm_start >= 1
+            or isinstance(self.warm_start, str)
+            and self.warm_start
+        ):
+            raise RecopsError(
+                f"sweep config: warm_start must be a registered model version (>= 1) or alias, got {self.warm_start!r}"
+            )
         self._check_values()
         cpus = os.cpu_count() or 1
         if local and self.resources.cpus > cpus:
             raise RecopsError(
-                f"sweep config: a trial needs {self.resources.cpus:g} CPUs (workers_per_trial {self.resources.workers_per_trial} x "
-                f"cpus_per_worker {self.resources.cpus_per_worker:g}) but this machine has {cpus}; lower them or pass --address of a cluster"
+                f"sweep config: a trial needs {self.resources.cpus:g} CPUs (workers_per_trial "
+                f"{self.resources.workers_per_trial} x cpus_per_worker {self.resources.cpus_per_worker:g}) but this "
+                f"machine has {cpus}; lower them or pass --address of a cluster"
             )
 
     def _check_values(self) -> None:
-        """Build the configs of the fixed settings and of every bounding value of every dimension, so a bad value fails now."""
+        """Build the configs of the fixed settings and of every bounding value of every dimension, so a bad value
+        fails now."""
         checks = [("model:/train:", {})]
-        checks += [(f"search.{name} value {value!r}", {name: value}) for name, dist in self.search.items() for value in dist.candidates()]
+        checks += [
+            (f"search.{name} value {value!r}", {name: value})
+            for name, dist in self.search.items()
+            for value in dist.candidates()
+        ]
         for where, params in checks:
             try:
                 model, train = self.configs(params)
@@ -279,37 +299,57 @@ class SweepConfig:
             self._check_trial(where, model, train)
 
     def _check_trial(self, where: str, model: Any, train: Any) -> None:
-        ints = [("embedding_dim", model.embedding_dim), ("batch_size", train.batch_size), ("dcn_layers", model.dcn_layers),
-                ("dcn_low_rank", model.dcn_low_rank), ("patience", train.patience), ("max_train_rows", train.max_train_rows)]
+        ints = [
+            ("embedding_dim", model.embedding_dim),
+            ("batch_size", train.batch_size),
+            ("dcn_layers", model.dcn_layers),
+            ("dcn_low_rank", model.dcn_low_rank),
+            ("patience", train.patience),
+            ("max_train_rows", train.max_train_rows),
+        ]
         ints += [("dense_arch", v) for v in model.dense_arch] + [("over_arch", v) for v in model.over_arch]
         bad = [k for k, v in ints if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
             raise RecopsError(f"sweep config: {where}: {bad[0]} must be integer(s); use randint, choice or grid for it")
         floats = [train.embedding_lr, train.dense_lr]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in floats):
+        if not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in floats
+        ):
             raise RecopsError(f"sweep config: {where}: learning rates must be positive numbers")
         if train.batch_size % self.resources.workers_per_trial:
-            raise RecopsError(f"sweep config: {where}: batch_size {train.batch_size} is not divisible by "
-                              f"workers_per_trial {self.resources.workers_per_trial}")
+            raise RecopsError(
+                f"sweep config: {where}: batch_size {train.batch_size} is not divisible by "
+                f"workers_per_trial {self.resources.workers_per_trial}"
+            )
         if not self.resources.gpus_per_worker and train.sharding_type not in CPU_SHARDING_TYPES:
-            raise RecopsError(f"sweep config: {where}: sharding_type {train.sharding_type} needs GPUs; on CPU use one of {CPU_SHARDING_TYPES}")
+            raise RecopsError(
+                f"sweep config: {where}: sharding_type {train.sharding_type} needs GPUs; "
+                f"on CPU use one of {CPU_SHARDING_TYPES}"
+            )
 
     def configs(self, params: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
         """The ModelConfig and TrainConfig of one trial: fixed settings overlaid with the trial's sampled ``params``."""
         merged = {**self.model, **self.train, **params}
         model_keys = set(model_fields())
         model = ModelConfig.from_dict({k: v for k, v in merged.items() if k in model_keys})
-        train = TrainConfig(**{k: v for k, v in merged.items() if k not in model_keys}, epochs=self.epochs,
-                            device="cuda" if self.resources.gpus_per_worker else "cpu",
-                            threads=max(1, int(self.resources.cpus_per_worker)))
+        train = TrainConfig(
+            **{k: v for k, v in merged.items() if k not in model_keys},
+            epochs=self.epochs,
+            device="cuda" if self.resources.gpus_per_worker else "cpu",
+            threads=max(1, int(self.resources.cpus_per_worker)),
+        )
         return model, train
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, loadable again with ``from_dict``."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data.update(dataset=self.dataset.to_dict(), search={k: v.to_dict() for k, v in self.search.items()},
-                    scheduler=dataclasses.asdict(self.scheduler), resources=dataclasses.asdict(self.resources),
-                    storage_path=str(self.storage_path))
+        data.update(
+            dataset=self.dataset.to_dict(),
+            search={k: v.to_dict() for k, v in self.search.items()},
+            scheduler=dataclasses.asdict(self.scheduler),
+            resources=dataclasses.asdict(self.resources),
+            storage_path=str(self.storage_path),
+        )
         return json.loads(json.dumps(data))
 
 

@@ -1,5 +1,6 @@
 """What a sweep records per trial (``trials/<id>/work/events.jsonl``) and the tables it prints; shared by the
 driver (``recops.training.sweep``) and its Tune callbacks (``recops.training.sweep_callbacks``)."""
+
 from __future__ import annotations
 
 import json

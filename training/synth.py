@@ -5,6 +5,7 @@ sampling uses ``seed``. Covariate drift moves the distributions of ``drift_featu
 blends the click function's weights towards a different random function. The true probability of
 each row is saved, so the oracle AUC bounds what any model can reach.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,34 @@ from recops.files import atomic_path
 from recops.training.metrics import auc
 from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE
 
-CARDINALITIES = (8, 12, 30, 60, 100, 200, 400, 1000, 2000, 5000, 10, 20, 50,
-                 150, 300, 600, 3000, 10_000, 30_000, 100_000, 15, 25, 80, 250, 800, 50_000)
+CARDINALITIES = (
+    8,
+    12,
+    30,
+    60,
+    100,
+    200,
+    400,
+    1000,
+    2000,
+    5000,
+    10,
+    20,
+    50,
+    150,
+    300,
+    600,
+    3000,
+    10_000,
+    30_000,
+    100_000,
+    15,
+    25,
+    80,
+    250,
+    800,
+    50_000,
+)
 INFORMATIVE_SPARSE = (0, 1, 2, 3, 4, 5, 6, 7, 10, 11)
 INFORMATIVE_DENSE = (0, 1, 2, 3, 4, 5)
 MAX_EFFECT_RANK = 1000

@@ -5,6 +5,7 @@ The same code path runs single-process (a world of one) and sharded: every run w
 CPU, nccl on CUDA); ``run_worker`` is the body each process runs once a process group exists (Ray
 Train calls it too).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,16 +105,20 @@ class _Trainer:
         self.config = config
         torch.manual_seed(cfg.seed)
         model = DLRM(self.config, device="cpu")
-        apply_optimizer_in_backward(OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(),
-                                    {"lr": cfg.embedding_lr})
+        apply_optimizer_in_backward(
+            OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr}
+        )
         sharders = [EmbeddingBagCollectionSharder()]
         constraints = {f"t_{k}": ParameterConstraints(sharding_types=[cfg.sharding_type]) for k in self.config.tables}
         topology = Topology(world_size=self.world, compute_device=device.type)
         try:
-            plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(model, sharders, dist.GroupMember.WORLD)
+            plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+                model, sharders, dist.GroupMember.WORLD
+            )
         except RuntimeError as exc:
             raise RecopsError(
-                f"sharding plan: {cfg.sharding_type} is not available on {device.type} ({str(exc).splitlines()[0][:160]}); "
+                f"sharding plan: {cfg.sharding_type} is not available on {device.type} "
+                f"({str(exc).splitlines()[0][:160]}); "
                 f"on CPU use one of {CPU_SHARDING_TYPES}"
             ) from exc
         self.model = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
@@ -132,7 +137,11 @@ class _Trainer:
         if pin:
             dense, label = dense.pin_memory(), label.pin_memory()
         nb = pin
-        return dense.to(self.device, non_blocking=nb), kjt.to(self.device, non_blocking=nb), label.to(self.device, non_blocking=nb)
+        return (
+            dense.to(self.device, non_blocking=nb),
+            kjt.to(self.device, non_blocking=nb),
+            label.to(self.device, non_blocking=nb),
+        )
 
     def optim_state(self) -> dict[str, Any]:
         return {"dense": self.dense_opt.state_dict(), "fused": self.model.fused_optimizer.state_dict()}
@@ -159,14 +168,18 @@ class _Trainer:
         """One pass over the train split; returns (mean loss, samples, seconds)."""
         self.model.train()
         self.set_lr_factor(self.cfg.lr_factor(epoch))
-        n = len(self.train.label) if not self.cfg.max_train_rows else min(self.cfg.max_train_rows, len(self.train.label))
+        n = (
+            len(self.train.label)
+            if not self.cfg.max_train_rows
+            else min(self.cfg.max_train_rows, len(self.train.label))
+        )
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
         steps = n // self.cfg.batch_size
         local = self.cfg.batch_size // self.world
         losses, start = [], time.perf_counter()
         for step in range(skip_steps, steps):
-            batch = order[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
-            dense, kjt, label = self._tensors(self.train, np.sort(batch[self.rank * local:(self.rank + 1) * local]))
+            batch = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+            dense, kjt, label = self._tensors(self.train, np.sort(batch[self.rank * local : (self.rank + 1) * local]))
             loss = F.binary_cross_entropy_with_logits(self.model(dense, kjt), label)
             self.dense_opt.zero_grad()
             loss.backward()
@@ -219,8 +232,10 @@ def model_for(arch: ModelConfig, dataset: Dataset) -> ModelConfig:
 def _check_data(dataset: Dataset) -> None:
     rows = dataset.rows
     if not rows.get("train") or not rows.get("val"):
-        raise RecopsError(f"dataset {dataset.path} has {rows.get('train', 0)} train and {rows.get('val', 0)} "
-                          "validation rows; training needs both (ingest with --val-fraction > 0 or a val split)")
+        raise RecopsError(
+            f"dataset {dataset.path} has {rows.get('train', 0)} train and {rows.get('val', 0)} "
+            "validation rows; training needs both (ingest with --val-fraction > 0 or a val split)"
+        )
 
 
 def _resumable(latest: Path, dataset: Dataset, config: ModelConfig, out: Path) -> Checkpoint | None:
@@ -230,11 +245,15 @@ def _resumable(latest: Path, dataset: Dataset, config: ModelConfig, out: Path) -
         return None
     ckpt = Checkpoint.open(latest)
     if ckpt.meta.dataset.version != dataset.version:
-        raise RecopsError(f"{out} holds a run on dataset {ckpt.meta.dataset.version}, not {dataset.version}: "
-                          "pass --no-resume to start over there, or a new --out")
+        raise RecopsError(
+            f"{out} holds a run on dataset {ckpt.meta.dataset.version}, not {dataset.version}: "
+            "pass --no-resume to start over there, or a new --out"
+        )
     if ckpt.meta.model != config:
-        raise RecopsError(f"{out} holds a run of another architecture ({ckpt.meta.model.to_dict()}) than "
-                          f"requested ({config.to_dict()}): pass --no-resume to start over there, or a new --out")
+        raise RecopsError(
+            f"{out} holds a run of another architecture ({ckpt.meta.model.to_dict()}) than "
+            f"requested ({config.to_dict()}): pass --no-resume to start over there, or a new --out"
+        )
     return ckpt
 
 
@@ -243,13 +262,22 @@ def _seed(latest: Path, warm_start: Path, dataset: Dataset, cfg: TrainConfig) ->
     parent = Checkpoint.open(warm_start)
     problem = parent.warm_start_problem(dataset)
     if problem:
-        raise RecopsError(f"cannot warm-start from {warm_start}: {problem}; train from scratch or ingest the data "
-                          "with the parent's preprocessing")
+        raise RecopsError(
+            f"cannot warm-start from {warm_start}: {problem}; train from scratch or ingest the data "
+            "with the parent's preprocessing"
+        )
     parent.copy_to(latest, parent.meta.fresh(dataset.ref, cfg, warm_start_from=str(parent.path)))
 
 
-def run_worker(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, out_dir: str | Path,
-               report: Reporter | None = None, resume: bool = True, warm_start: Path | None = None) -> TrainResult:
+def run_worker(
+    dataset_path: str | Path,
+    arch: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    report: Reporter | None = None,
+    resume: bool = True,
+    warm_start: Path | None = None,
+) -> TrainResult:
     """Train in an initialised process group; every rank returns the same result.
 
     ``resume`` continues the run in ``out_dir`` (same dataset and architecture only); ``warm_start`` (a checkpoint
@@ -268,8 +296,9 @@ def run_worker(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, ou
     dist.barrier()
     previous = _resumable(latest, dataset, config, out) if resume or warm_start is not None else None
     trainer = _Trainer(dataset, config, cfg, device)
-    meta = CheckpointMeta(model=config, train=cfg, dataset=dataset.ref, preprocessor=dataset.preprocessor_dict,
-                          world_size=world)
+    meta = CheckpointMeta(
+        model=config, train=cfg, dataset=dataset.ref, preprocessor=dataset.preprocessor_dict, world_size=world
+    )
     if previous is not None:
         trainer.restore(previous.load())
         meta = dataclasses.replace(previous.meta, train=cfg, world_size=world)
@@ -288,23 +317,35 @@ def run_worker(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, ou
     trainer.restore(best.load())
     test = trainer.evaluate(trainer.test)
     rates = [h["samples_per_s"] for h in meta.history]
-    return TrainResult(val_auc=best.meta.metrics["val_auc"], val_logloss=best.meta.metrics["val_logloss"],
-                       test_auc=test["auc"], test_logloss=test["logloss"],
-                       samples_per_s=float(np.median(rates)) if rates else float("nan"), epochs=len(meta.history),
-                       checkpoint=str(best_dir), dataset=dataset.ref.to_dict(), history=list(meta.history))
+    return TrainResult(
+        val_auc=best.meta.metrics["val_auc"],
+        val_logloss=best.meta.metrics["val_logloss"],
+        test_auc=test["auc"],
+        test_logloss=test["logloss"],
+        samples_per_s=float(np.median(rates)) if rates else float("nan"),
+        epochs=len(meta.history),
+        checkpoint=str(best_dir),
+        dataset=dataset.ref.to_dict(),
+        history=list(meta.history),
+    )
 
 
 def _epoch(trainer: _Trainer, meta: CheckpointMeta, epoch: int) -> tuple[CheckpointMeta, bool]:
     """Train one epoch and validate; the run's metadata after it, and whether validation AUC improved."""
     loss, samples, seconds = trainer.train_epoch(epoch)
-    metrics = {"epoch": epoch + 1, "train_loss": loss, "samples_per_s": samples / max(seconds, 1e-9),
-               "lr_factor": trainer.cfg.lr_factor(epoch),
-               **{f"val_{k}": v for k, v in trainer.evaluate(trainer.val).items()}}
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": loss,
+        "samples_per_s": samples / max(seconds, 1e-9),
+        "lr_factor": trainer.cfg.lr_factor(epoch),
+        **{f"val_{k}": v for k, v in trainer.evaluate(trainer.val).items()},
+    }
     metrics["auc"], metrics["logloss"] = metrics["val_auc"], metrics["val_logloss"]  # what sweeps rank by
     improved = metrics["val_auc"] > meta.best_auc
     best_auc, stale = (metrics["val_auc"], 0) if improved else (meta.best_auc, meta.stale + 1)
-    return dataclasses.replace(meta, epoch=epoch, best_auc=best_auc, stale=stale, metrics=metrics,
-                               history=(*meta.history, metrics)), improved
+    return dataclasses.replace(
+        meta, epoch=epoch, best_auc=best_auc, stale=stale, metrics=metrics, history=(*meta.history, metrics)
+    ), improved
 
 
 def free_port() -> int:
@@ -326,9 +367,16 @@ def _spawned(rank: int, world: int, port: int, parent: int, args: tuple) -> None
         dist.destroy_process_group()
 
 
-def fit(dataset_path: str | Path, arch: ModelConfig, cfg: TrainConfig, out_dir: str | Path,
-        nproc: int = 1, resume: bool = True, report: Reporter | None = None,
-        warm_start: Path | None = None) -> TrainResult:
+def fit(
+    dataset_path: str | Path,
+    arch: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    nproc: int = 1,
+    resume: bool = True,
+    report: Reporter | None = None,
+    warm_start: Path | None = None,
+) -> TrainResult:
     """Train with ``nproc`` processes on this host (1 = in this process); see :func:`run_worker`."""
     Dataset.open(dataset_path)  # fail fast on a bad path
     out = Path(out_dir)

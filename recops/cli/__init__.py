@@ -5,6 +5,7 @@ set with ``parser.set_defaults(func=handler)``. Handlers take the parsed namespa
 dict (printed as the last stdout line with ``--json``) or None. Heavy imports stay inside handlers
 so ``recops --help`` is fast.
 """
+
 from __future__ import annotations
 
 import argparse

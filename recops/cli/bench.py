@@ -1,4 +1,5 @@
 """`recops bench`: run the benchmark suite and render bench/results/REPORT.md + report.html."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Helpers shared by the command modules."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,21 @@ def model_repository(args: argparse.Namespace) -> Path:
 def add_model_source(parser: argparse.ArgumentParser) -> None:
     """The options naming the model that scores (``recops evaluate``, ``recops score``)."""
     source = parser.add_argument_group("model (choose one)")
-    source.add_argument("--checkpoint", type=Path, metavar="DIR", help="a checkpoint directory (<run>/checkpoints/best)")
+    source.add_argument(
+        "--checkpoint", type=Path, metavar="DIR", help="a checkpoint directory (<run>/checkpoints/best)"
+    )
     source.add_argument("--model-version", metavar="V|ALIAS", help="a registered version or alias (candidate, ...)")
     source.add_argument("--url", help="a running Triton server (with --name)")
     source.add_argument("--name", help="the served model's name (with --url)")
     source.add_argument("--version", type=int, help="the served version (default: production, else the latest)")
     source.add_argument("--protocol", choices=("http", "grpc"), default="http", help="with --url")
-    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help=REPO_HELP + "; with --url the served version's preprocessing is read from it")
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=REPO_HELP + "; with --url the served version's preprocessing is read from it",
+    )
     parser.add_argument("--registry", type=Path, default=None, metavar="DIR", help=REGISTRY_HELP)
 
 
@@ -54,5 +62,6 @@ def open_model(args: argparse.Namespace):
     from recops.serving.repository import ModelRepository
 
     source = ModelSource(args.checkpoint, args.model_version, args.url, args.name, args.version, args.protocol)
-    return open_scorer(source, LocalRegistry(args.registry), ModelRepository(model_repository(args)),
-                       settings().runs / "scoring")
+    return open_scorer(
+        source, LocalRegistry(args.registry), ModelRepository(model_repository(args)), settings().runs / "scoring"
+    )

@@ -1,4 +1,5 @@
 """`recops data synth|ingest`: synthetic Criteo-shaped data and versioned processed datasets."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,40 +23,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--rows", type=int, default=defaults.rows, help="default %(default)s")
     synth.add_argument("--out", type=Path, required=True, help="output directory (data.tsv, truth.npy)")
     synth.add_argument("--seed", type=int, default=defaults.seed, help="row sampling seed")
-    synth.add_argument("--world-seed", type=int, default=defaults.world_seed,
-                       help="seed of the fixed distributions and click function")
-    synth.add_argument("--covariate-drift", type=float, default=defaults.covariate_drift,
-                       help="0..1: shift of the drift features' distributions")
-    synth.add_argument("--concept-drift", type=float, default=defaults.concept_drift,
-                       help="0..1: blend of the click function towards another")
-    synth.add_argument("--drift-features", default=",".join(defaults.drift_features),
-                       help="comma-separated features moved by covariate drift (default %(default)s)")
+    synth.add_argument(
+        "--world-seed", type=int, default=defaults.world_seed, help="seed of the fixed distributions and click function"
+    )
+    synth.add_argument(
+        "--covariate-drift",
+        type=float,
+        default=defaults.covariate_drift,
+        help="0..1: shift of the drift features' distributions",
+    )
+    synth.add_argument(
+        "--concept-drift",
+        type=float,
+        default=defaults.concept_drift,
+        help="0..1: blend of the click function towards another",
+    )
+    synth.add_argument(
+        "--drift-features",
+        default=",".join(defaults.drift_features),
+        help="comma-separated features moved by covariate drift (default %(default)s)",
+    )
     add_json_flag(synth)
     synth.set_defaults(func=synth_command)
 
     ingest = data_sub.add_parser("ingest", help="raw file(s) -> versioned processed dataset under --out")
-    ingest.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="Criteo TSV, CSV or Parquet (plain or gzip): files, directories or globs such as "
-                             "'day_*.gz' (with --val-input/--test-input: the training rows)")
-    ingest.add_argument("--out", type=Path, default=None,
-                        help="dataset root; the version becomes a sub-directory (default: $RECOPS_DATASETS or "
-                             "runs/datasets)")
+    ingest.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="Criteo TSV, CSV or Parquet (plain or gzip): files, directories or globs such as "
+        "'day_*.gz' (with --val-input/--test-input: the training rows)",
+    )
+    ingest.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="dataset root; the version becomes a sub-directory (default: $RECOPS_DATASETS or runs/datasets)",
+    )
     ingest.add_argument("--spec", type=Path, help="column spec YAML (default: Criteo TSV); see README 'Your data'")
     pre, split = PreprocessConfig(), SplitConfig()
-    ingest.add_argument("--table-size", type=int, default=pre.table_size,
-                        help="hash buckets per categorical feature (default %(default)s)")
-    ingest.add_argument("--min-frequency", type=int, default=pre.min_frequency,
-                        help=">0: vocabulary of values seen this often")
+    ingest.add_argument(
+        "--table-size",
+        type=int,
+        default=pre.table_size,
+        help="hash buckets per categorical feature (default %(default)s)",
+    )
+    ingest.add_argument(
+        "--min-frequency", type=int, default=pre.min_frequency, help=">0: vocabulary of values seen this often"
+    )
     how = ingest.add_argument_group("split (default: random by --val-fraction/--test-fraction)")
     how.add_argument("--val-fraction", type=float, default=split.val_fraction, help="default %(default)s")
     how.add_argument("--test-fraction", type=float, default=split.test_fraction, help="default %(default)s")
     how.add_argument("--seed", type=int, default=split.seed, help="seed of the random split (default %(default)s)")
     how.add_argument("--val-input", nargs="+", default=[], metavar="FILE", help="validation rows: split by file")
-    how.add_argument("--test-input", nargs="+", default=[], metavar="FILE",
-                     help="test rows: split by file (e.g. the last day: --test-input day_23.gz)")
+    how.add_argument(
+        "--test-input",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="test rows: split by file (e.g. the last day: --test-input day_23.gz)",
+    )
     how.add_argument("--split-column", metavar="NAME", help="a column holding train, val or test for each row")
-    how.add_argument("--time-column", metavar="NAME", help="a column holding times (numbers or dates); with "
-                                                           "--val-from and --test-from")
+    how.add_argument(
+        "--time-column",
+        metavar="NAME",
+        help="a column holding times (numbers or dates); with --val-from and --test-from",
+    )
     how.add_argument("--val-from", metavar="T", help="with --time-column: first time of the validation rows")
     how.add_argument("--test-from", metavar="T", help="with --time-column: first time of the test rows")
     add_json_flag(ingest)
@@ -65,8 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def synth_command(args: argparse.Namespace) -> dict[str, Any]:
     from recops.training.synth import write
 
-    cfg = SynthConfig(rows=args.rows, seed=args.seed, world_seed=args.world_seed, covariate_drift=args.covariate_drift,
-                      concept_drift=args.concept_drift, drift_features=tuple(f for f in args.drift_features.split(",") if f))
+    cfg = SynthConfig(
+        rows=args.rows,
+        seed=args.seed,
+        world_seed=args.world_seed,
+        covariate_drift=args.covariate_drift,
+        concept_drift=args.concept_drift,
+        drift_features=tuple(f for f in args.drift_features.split(",") if f),
+    )
     return write(cfg, args.out)
 
 
@@ -78,8 +118,15 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
     if (args.val_from or args.test_from) and not args.time_column:
         raise RecopsError("--val-from/--test-from need --time-column")
     method = "files" if ways[0] else "column" if ways[1] else "time" if ways[2] else "random"
-    return SplitConfig(method=method, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-                       column=args.split_column or args.time_column, val_from=args.val_from, test_from=args.test_from)
+    return SplitConfig(
+        method=method,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        column=args.split_column or args.time_column,
+        val_from=args.val_from,
+        test_from=args.test_from,
+    )
 
 
 def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,9 +141,19 @@ def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
     spec = ColumnSpec.load(args.spec) if args.spec else ColumnSpec.criteo()
     config = PreprocessConfig(table_size=args.table_size, min_frequency=args.min_frequency)
     split = split_config(args)
-    files = {k: expand_inputs(v) if v else [] for k, v in
-             (("train", args.input), ("val", args.val_input), ("test", args.test_input))}
+    files = {
+        k: expand_inputs(v) if v else []
+        for k, v in (("train", args.input), ("val", args.val_input), ("test", args.test_input))
+    }
     with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="ingest") as bar:
-        dataset = ingest(files["train"], args.out or settings().datasets, spec, config, split,
-                         progress=lambda n: bar.update(n - bar.n), val_inputs=files["val"], test_inputs=files["test"])
+        dataset = ingest(
+            files["train"],
+            args.out or settings().datasets,
+            spec,
+            config,
+            split,
+            progress=lambda n: bar.update(n - bar.n),
+            val_inputs=files["val"],
+            test_inputs=files["test"],
+        )
     return dataset.summary()

@@ -1,4 +1,5 @@
 """`recops deploy`: put a model version into production (or a canary), promote or roll back, on a running server."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,20 +17,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--version", type=int, metavar="V", help="repository version to deploy")
     action.add_argument("--promote", action="store_true", help="make the canary production")
-    action.add_argument("--rollback", action="store_true",
-                        help="drop the canary, or without one bring back the previous production version")
+    action.add_argument(
+        "--rollback",
+        action="store_true",
+        help="drop the canary, or without one bring back the previous production version",
+    )
     action.add_argument("--status", action="store_true", help="show the deployment record only")
-    parser.add_argument("--canary", type=float, default=None, metavar="F",
-                        help="with --version: serve it to this share of traffic (0..1) beside production")
-    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help=REPO_HELP)
+    parser.add_argument(
+        "--canary",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --version: serve it to this share of traffic (0..1) beside production",
+    )
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
     parser.add_argument("--url", default=None, help="HTTP URL of the server (default: --repo's running server)")
-    parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
-                        help="serving target (default: the one the model's config.pbtxt uses)")
-    parser.add_argument("--drain", type=float, default=DeployConfig.drain_s, metavar="S",
-                        help="seconds between pointing routers at a new production version and unloading the old one")
-    parser.add_argument("--registry", type=Path, default=None, metavar="DIR",
-                        help=REGISTRY_HELP + "; it records which of its versions serve where")
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="serving target (default: the one the model's config.pbtxt uses)",
+    )
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=DeployConfig.drain_s,
+        metavar="S",
+        help="seconds between pointing routers at a new production version and unloading the old one",
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=REGISTRY_HELP + "; it records which of its versions serve where",
+    )
     add_json_flag(parser)
     parser.set_defaults(func=deploy)
 

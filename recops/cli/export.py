@@ -1,4 +1,5 @@
 """`recops export`: a registered model version or checkpoint -> ONNX, parity-gated, into a Triton repository."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,29 +12,56 @@ from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_rep
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export a model to ONNX, check parity, add it to a Triton repository")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-version", metavar="V|ALIAS",
-                        help="registered model version or alias (candidate, production, ...)")
-    source.add_argument("--checkpoint", type=Path, metavar="DIR",
-                        help="checkpoint directory (e.g. <run>/checkpoints/best); registered first if it is not yet")
+    source.add_argument(
+        "--model-version", metavar="V|ALIAS", help="registered model version or alias (candidate, production, ...)"
+    )
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="checkpoint directory (e.g. <run>/checkpoints/best); registered first if it is not yet",
+    )
     parser.add_argument("--name", required=True, help="served model name in the repository")
-    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help=REPO_HELP)
-    parser.add_argument("--target", choices=("cpu", "gpu"), default=None,
-                        help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU "
-                             "(default: the model's current target, cpu for a new model)")
-    parser.add_argument("--fp16", action="store_true", help="FP16 weights and compute (GPU targets; gate tolerance 1e-2)")
-    parser.add_argument("--external-data", action="store_true",
-                        help="always store weights in model.onnx.data (default: only above 1 GiB)")
-    parser.add_argument("--data", type=Path, default=None, metavar="DIR",
-                        help="processed dataset whose val split the parity gate scores (AUC check); "
-                             "without it only random inputs are compared")
-    parser.add_argument("--instances", type=int, default=None, metavar="N",
-                        help="Triton model instances (per GPU on the gpu target; default: the model's current "
-                             "setting, 1 for a new model). On CPU, one per core lets concurrent requests overlap")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="onnxruntime intra-op threads per instance on the cpu target (default: current, 1)")
-    parser.add_argument("--registry", default=None, metavar="DIR",
-                        help=REGISTRY_HELP)
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU "
+        "(default: the model's current target, cpu for a new model)",
+    )
+    parser.add_argument(
+        "--fp16", action="store_true", help="FP16 weights and compute (GPU targets; gate tolerance 1e-2)"
+    )
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="always store weights in model.onnx.data (default: only above 1 GiB)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="processed dataset whose val split the parity gate scores (AUC check); "
+        "without it only random inputs are compared",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Triton model instances (per GPU on the gpu target; default: the model's current "
+        "setting, 1 for a new model). On CPU, one per core lets concurrent requests overlap",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="onnxruntime intra-op threads per instance on the cpu target (default: current, 1)",
+    )
+    parser.add_argument("--registry", default=None, metavar="DIR", help=REGISTRY_HELP)
     add_json_flag(parser)
     parser.set_defaults(func=export)
 
@@ -46,7 +74,9 @@ def _options(args: argparse.Namespace, repo: Path):
     from recops.serving.export import current_options
     from recops.serving.repository import ModelRepository
 
-    changes = {k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None}
+    changes = {
+        k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None
+    }
     if not changes:
         return None
     if min(changes.values()) < 1:
@@ -63,10 +93,21 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
     validate_model_name(args.name)
     registry = LocalRegistry(args.registry)
-    model = registry.resolve(args.model_version) if args.model_version is not None else \
-        registered(registry, Checkpoint.open(args.checkpoint))
+    model = (
+        registry.resolve(args.model_version)
+        if args.model_version is not None
+        else registered(registry, Checkpoint.open(args.checkpoint))
+    )
     config = ExportConfig(fp16=args.fp16, external_data=True if args.external_data else None)
     repo = model_repository(args)
-    result = publish_model(registry, model, ModelRepository(repo), args.name, target=args.target, config=config,
-                           options=_options(args, repo), dataset=args.data)
+    result = publish_model(
+        registry,
+        model,
+        ModelRepository(repo),
+        args.name,
+        target=args.target,
+        config=config,
+        options=_options(args, repo),
+        dataset=args.data,
+    )
     return {**result.to_dict(), "model_version": model.version, "parity": result.parity.to_dict()}

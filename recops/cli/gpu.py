@@ -1,4 +1,5 @@
 """`recops gpu`: read every GPU once (NVML), or sample for a while and summarise."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,16 @@ from recops.cli.common import add_json_flag
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("gpu", help="GPU utilisation, memory, power and temperature (NVML)")
-    parser.add_argument("--interval", type=float, default=None, metavar="S",
-                        help="sample every S seconds for --duration and print the summary (default: one reading)")
-    parser.add_argument("--duration", type=float, default=5.0, metavar="S", help="sampling time with --interval (default 5)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="sample every S seconds for --duration and print the summary (default: one reading)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, metavar="S", help="sampling time with --interval (default 5)"
+    )
     add_json_flag(parser)
     parser.set_defaults(func=run_gpu)
 
@@ -29,4 +37,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     with gpu_monitor(interval_s=args.interval) as monitor:
         time.sleep(args.duration)
     summary = monitor.summary()
-    return {"gpus": summary.pop("gpus"), **({"reason": summary["reason"]} if not summary["available"] else {}), "summary": summary}
+    return {
+        "gpus": summary.pop("gpus"),
+        **({"reason": summary["reason"]} if not summary["available"] else {}),
+        "summary": summary,
+    }

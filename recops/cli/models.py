@@ -1,4 +1,5 @@
 """`recops models`: list, show, register and alias model versions; trace a served version to its registry record."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="one version's record: metrics, dataset, lineage, where it is served")
     which = show.add_mutually_exclusive_group(required=True)
     which.add_argument("version", nargs="?", metavar="V|ALIAS", help="registry version or alias")
-    which.add_argument("--served", metavar="NAME[:VERSION]",
-                       help="the registry record of a served model version (default: its production version)")
+    which.add_argument(
+        "--served",
+        metavar="NAME[:VERSION]",
+        help="the registry record of a served model version (default: its production version)",
+    )
     show.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
     _common(show, show_model)
 
@@ -79,8 +83,11 @@ def show_model(args: argparse.Namespace) -> dict[str, Any]:
     if lineage is None:
         raise RecopsError(f"{name} version {served} in {repo.root} has no export.json (not exported by recops)")
     registered = served_registry_version(registry, repo, name, served)
-    return {"served": {"model": name, "version": served, "repository": str(repo.root.resolve())},
-            "lineage": lineage.to_dict(), "registry": registry.get(registered).to_dict() if registered else None}
+    return {
+        "served": {"model": name, "version": served, "repository": str(repo.root.resolve())},
+        "lineage": lineage.to_dict(),
+        "registry": registry.get(registered).to_dict() if registered else None,
+    }
 
 
 def register_model(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,8 +108,12 @@ def alias_model(args: argparse.Namespace) -> dict[str, Any]:
     registry = _registry(args)
     version = registry.resolve(args.version).version
     event = registry.set_alias(version, args.name, reason=args.reason)
-    return {"alias": args.name, "version": version, "moved": event is not None,
-            "event": asdict(event) if event else None}
+    return {
+        "alias": args.name,
+        "version": version,
+        "moved": event is not None,
+        "event": asdict(event) if event else None,
+    }
 
 
 def _print_table(versions: list[dict[str, Any]]) -> None:

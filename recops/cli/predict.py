@@ -1,4 +1,5 @@
 """`recops predict`: score raw rows (Criteo TSV, CSV, Parquet) with a model served by Triton."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", required=True, type=Path, metavar="FILE", help="raw rows in the spec's format")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--url", default=None, help="server URL for --protocol (default: --repo's running server)")
-    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help=REPO_HELP)
-    parser.add_argument("--version", type=int, default=None, help="model version to ask for (default: the server's latest)")
-    parser.add_argument("--preprocess", type=Path, default=None, metavar="FILE",
-                        help="preprocessor JSON (Preprocessor.to_dict); default: preprocess.json in the model's "
-                             "version directory in --repo")
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
+    parser.add_argument(
+        "--version", type=int, default=None, help="model version to ask for (default: the server's latest)"
+    )
+    parser.add_argument(
+        "--preprocess",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="preprocessor JSON (Preprocessor.to_dict); default: preprocess.json in the model's "
+        "version directory in --repo",
+    )
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     add_json_flag(parser)
@@ -69,12 +76,22 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     repo = model_repository(args)
     preprocessor = _preprocessor(args, repo)
     frame = read_frame(args.input, preprocessor.spec)
-    with Predictor(_url(args, repo), args.name, protocol=args.protocol, timeout_s=args.timeout,
-                   batch_size=args.batch_size, preprocess=preprocessor.transform) as predictor:
+    with Predictor(
+        _url(args, repo),
+        args.name,
+        protocol=args.protocol,
+        timeout_s=args.timeout,
+        batch_size=args.batch_size,
+        preprocess=preprocessor.transform,
+    ) as predictor:
         result = predictor.predict(predictor.frame_inputs(frame), model_version=args.version or "")
     if len(result.outputs) != 1:
         raise RecopsError(f"model {args.name!r} has outputs {sorted(result.outputs)}; predict expects one score")
     scores = next(iter(result.outputs.values())).reshape(len(frame), -1)
-    return {"name": args.name, "versions": sorted(set(result.model_versions)), "rows": len(frame),
-            "mean": float(scores.mean()), "predictions": scores.squeeze(1).tolist()
-            if scores.shape[1] == 1 else scores.tolist()}
+    return {
+        "name": args.name,
+        "versions": sorted(set(result.model_versions)),
+        "rows": len(frame),
+        "mean": float(scores.mean()),
+        "predictions": scores.squeeze(1).tolist() if scores.shape[1] == 1 else scores.tolist(),
+    }

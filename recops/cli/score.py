@@ -1,4 +1,5 @@
 """`recops score`: batch scoring of unlabelled rows into Parquet or CSV, in process or through Triton."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,13 @@ from recops.cli.common import add_json_flag, add_model_source, open_model
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("score", help="score rows (labels not needed) into a Parquet or CSV file")
     add_model_source(p)
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="rows in the model's format: CSV/TSV/Parquet, gzip, directories or globs")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="rows in the model's format: CSV/TSV/Parquet, gzip, directories or globs",
+    )
     p.add_argument("--output", type=Path, required=True, help="scores: .parquet, .csv or .tsv")
     p.add_argument("--id-columns", default="", metavar="COL,...", help="input columns copied next to each score")
     p.add_argument("--spec", type=Path, help="column spec of the input (default: the model's)")
@@ -33,7 +39,12 @@ def score_command(args: argparse.Namespace) -> dict[str, Any]:
     scorer = open_model(args)
     try:
         with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="score") as bar:
-            return score_files(scorer, inputs, config, ColumnSpec.load(args.spec) if args.spec else None,
-                               progress=lambda n: bar.update(n - bar.n))
+            return score_files(
+                scorer,
+                inputs,
+                config,
+                ColumnSpec.load(args.spec) if args.spec else None,
+                progress=lambda n: bar.update(n - bar.n),
+            )
     finally:
         scorer.close()

@@ -1,4 +1,5 @@
 """`recops serve`: start, stop, inspect a local Triton server; load and unload its models."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start = actions.add_parser("start", help="start a detached server (127.0.0.1) and print its URLs and pid")
     for proto in ("http", "grpc", "metrics"):
         start.add_argument(f"--{proto}-port", type=int, default=0, help=f"{proto} port (default: a free one)")
-    start.add_argument("--load", action="append", default=[], metavar="NAME",
-                       help="model to load at start (repeatable); others are loaded with `serve load`")
+    start.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="model to load at start (repeatable); others are loaded with `serve load`",
+    )
     start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
     _common(start, start_server)
 
@@ -33,10 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _common(control, control_model, url=True)
 
 
-def _common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], Any],
-            url: bool = False) -> None:
-    parser.add_argument("--repo", type=Path, default=None, metavar="DIR",
-                        help=REPO_HELP)
+def _common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], Any], url: bool = False) -> None:
+    parser.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
     if url:
         parser.add_argument("--url", default=None, help="HTTP URL of a running server (instead of --repo's)")
     add_json_flag(parser)
@@ -58,9 +62,14 @@ def start_server(args: argparse.Namespace) -> dict[str, Any]:
 
     from recops.serving.server import ServerConfig, TritonServer
 
-    config = ServerConfig(repo=_repo(args), http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, startup_timeout_s=args.timeout,
-                          load_models=tuple(args.load))
+    config = ServerConfig(
+        repo=_repo(args),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        startup_timeout_s=args.timeout,
+        load_models=tuple(args.load),
+    )
     return asdict(TritonServer(config).start().state())
 
 
