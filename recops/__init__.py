@@ -7,6 +7,7 @@ One import root. The folders at the repository root install as its subpackages:
 - ``recops.ops``       registry, telemetry, online metrics, drift, policy, the closed loop (drives both)
 - ``recops.bench``     benchmarks; ``recops.cli`` the ``recops`` command (above everything)
 - ``recops.deploy``    Kubernetes manifests rendered from one set of values (reads settings, serving's name rule)
+- ``recops.triton_models``  python-backend code every Triton repository shares (runs serving inside Triton)
 
 ``recops.errors`` (the one exception type), ``recops.settings`` (default locations) and ``recops.files``
 (atomic writes) are leaves every layer may import.

@@ -149,6 +149,39 @@ def in_canary(key: str, share: float) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64 < share
 
 
+def route(state: DeployState, key: str) -> tuple[int, str]:
+    """(version, "production" | "canary") that ``key`` goes to: the one split rule, used by ``Router`` in clients and
+    by the raw-feature model's preprocessing step inside Triton (``recops.serving.raw_model``)."""
+    if state.canary is not None and in_canary(key, state.canary_share):
+        return state.canary, "canary"
+    if state.production is None:
+        raise ServingError("no production version deployed; deploy one with `recops deploy`")
+    return state.production, "production"
+
+
+class DeployRecord:
+    """One model's deployment record as a reader sees it: re-read only when its file changes."""
+
+    def __init__(self, repo: ModelRepository, name: str):
+        self.repo, self.name = repo, name
+        self._state, self._stamp = DeployState(), None
+
+    def exists(self) -> bool:
+        return state_path(self.repo, self.name).is_file()
+
+    def state(self) -> DeployState:
+        """The current record (an empty ``DeployState`` when there is none)."""
+        try:
+            info = os.stat(state_path(self.repo, self.name))
+        except FileNotFoundError:
+            self._state, self._stamp = DeployState(), None
+            return self._state
+        stamp = (info.st_ino, info.st_mtime_ns)
+        if stamp != self._stamp:
+            self._state, self._stamp = read_deploy_state(self.repo, self.name), stamp
+        return self._state
+
+
 class Deployer:
     """Moves one model's versions in and out of production on a running server."""
 
@@ -381,38 +414,30 @@ class Router:
         self.repo = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
         self.name = name
         self.predictor = Predictor(url, name, protocol=protocol, timeout_s=timeout_s)
-        self._state = DeployState()
-        self._stamp: tuple[int, int] | None = None
+        self.record = DeployRecord(self.repo, name)
 
     def state(self) -> DeployState:
-        try:
-            info = os.stat(state_path(self.repo, self.name))
-        except FileNotFoundError:
+        if not self.record.exists():
             raise ServingError(
                 f"model {self.name!r} has no deployment in {self.repo.root}; deploy a version with `recops deploy`"
-            ) from None
-        stamp = (info.st_ino, info.st_mtime_ns)
-        if stamp != self._stamp:
-            self._state, self._stamp = read_deploy_state(self.repo, self.name), stamp
-        return self._state
+            )
+        return self.record.state()
 
     def route(self, key: str) -> tuple[int, str]:
         """(version, "production" | "canary") for ``key``."""
-        state = self.state()
-        if state.canary is not None and in_canary(key, state.canary_share):
-            return state.canary, "canary"
-        if state.production is None:
-            raise ServingError(f"model {self.name!r} has no production version; deploy one with `recops deploy`")
-        return state.production, "production"
+        try:
+            return route(self.state(), key)
+        except ServingError as exc:
+            raise ServingError(f"model {self.name!r}: {exc}") from None
 
     def predict(self, inputs: dict[str, np.ndarray], key: str) -> RoutedPrediction:
         """Score ``inputs`` on the version ``key`` routes to; ``version`` is the one the server answered with."""
-        route = self.route(key)
+        chosen = self.route(key)
         try:
-            return self._predict(inputs, *route)
+            return self._predict(inputs, *chosen)
         except ServingError:
             retry = self.route(key)
-            if retry == route:
+            if retry == chosen:
                 raise
             return self._predict(inputs, *retry)
 

@@ -33,6 +33,7 @@ from recops.serving.onnx_model import (
     onnx_probabilities,
     onnx_session,
 )
+from recops.serving.raw_model import check_compatible, check_raw_names, write_raw_model
 from recops.serving.repository import ONNX_FILE, ModelRepository, ServingOptions, validate_model_name
 from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
@@ -119,17 +120,19 @@ class ExportedModel:
 
 @dataclass(frozen=True)
 class PublishResult:
-    """A gated version in the repository."""
+    """A gated version in the repository, and the raw-feature model serving it (``recops.serving.raw_model``)."""
 
     name: str
     version: int
     onnx_path: Path
     parity: ParityReport
     record: ExportRecord
+    raw_model: str
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "raw_model": self.raw_model,
             "version": self.version,
             "onnx_path": str(self.onnx_path),
             "exporter": self.record.exporter,
@@ -317,7 +320,8 @@ def publish(
     parity: ParityConfig = ParityConfig(),
     version: int | None = None,
 ) -> PublishResult:
-    """Gate ``exported`` and add it as a new version of ``name``; a failed gate writes nothing.
+    """Gate ``exported`` and add it as a new version of ``name`` and of its raw-feature model; a failed gate (or an
+    export whose raw columns or ONNX signature differ from the model's newest version) writes nothing.
 
     ``target``/``options`` None = the model's stored settings (a new model: cpu, ``ServingOptions()``). While a
     deployment serves the model its version policy is kept, so adding a version never changes what is served.
@@ -325,6 +329,8 @@ def publish(
     """
     report = check_parity(exported, dataset, parity)
     with deploy_lock(repo, name):
+        check_raw_names(repo, name)
+        check_compatible(repo, name, exported.directory)
         version = version if version is not None else repo.next_version(name)
         lineage = replace(exported.record.lineage, model=name, version=version, repository=str(repo.root.resolve()))
         record = replace(exported.record, lineage=lineage, parity=report.to_dict())
@@ -335,7 +341,8 @@ def publish(
         repo.add_version(
             name, exported.onnx_path, target=target, options=options, version=version, extra_files=exported.extra_files
         )
-    return PublishResult(name, version, repo.model_dir(name) / str(version) / ONNX_FILE, report, record)
+        raw = write_raw_model(repo, name, version)
+    return PublishResult(name, version, repo.model_dir(name) / str(version) / ONNX_FILE, report, record, raw)
 
 
 def export_to_repository(
@@ -354,6 +361,7 @@ def export_to_repository(
     (the next one unless ``version`` is given). The name is checked before any work; a killed export leaves only
     a staging directory that the next export removes."""
     repo = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
+    check_raw_names(repo, name)
     staging = repo.model_dir(name).parent / f".export-{validate_model_name(name)}"
     remove_stale(staging.parent)
     with staging_dir(staging) as tmp:

@@ -1,4 +1,13 @@
-"""Triton model repository writer: one ONNX file served by the CPU (python backend) or GPU target.
+"""Triton model repository writer: one ONNX file served by one of three targets, and the models around it.
+
+Targets of the tensor-level model (the ONNX graph's own inputs):
+
+- ``cpu``: python backend running the ONNX file with onnxruntime (``model.py`` from ``triton_python_model.py``);
+  the only one the local server (the nvidia-pytriton wheel, no onnxruntime backend) can run.
+- ``cpu-ort``: Triton's onnxruntime backend (``platform: "onnxruntime_onnx"``) on KIND_CPU instances (NGC images
+  on CPU nodes).
+- ``gpu``: the onnxruntime backend on KIND_GPU instances, optionally through ONNX Runtime's TensorRT execution
+  provider (``GpuOptimization``).
 
 Layout written (Triton's own)::
 
@@ -6,7 +15,9 @@ Layout written (Triton's own)::
     <root>/<name>/<version>/model.onnx   (+ its external-data files, + model.py for the cpu target)
 
 A version directory is assembled in a hidden temp directory beside it and renamed into place, and
-config.pbtxt is replaced atomically, so a server loading concurrently never sees half a version.
+config.pbtxt is replaced atomically, so a server loading concurrently never sees half a version. Python models
+with one fixed version (the raw-feature model's steps, ``recops.serving.raw_model``) and ensembles are written
+by ``write_python_model`` and ``write_ensemble``.
 """
 
 from __future__ import annotations
@@ -26,7 +37,13 @@ from recops.errors import RecopsError
 from recops.files import write_text_atomic
 from recops.serving.onnx_model import TensorSpec
 
-TARGETS = ("cpu", "gpu")
+TARGETS = ("cpu", "cpu-ort", "gpu")
+_BACKENDS = {  # target -> (the config's backend line, instance kind)
+    "cpu": ('backend: "python"', "KIND_CPU"),
+    "cpu-ort": ('platform: "onnxruntime_onnx"', "KIND_CPU"),
+    "gpu": ('platform: "onnxruntime_onnx"', "KIND_GPU"),
+}
+TENSORRT_PRECISIONS = ("FP32", "FP16")
 CONFIG_FILE = "config.pbtxt"
 SETTINGS_FILE = "recops-serving.json"  # target + options last written, reused when a call omits them
 ONNX_FILE = "model.onnx"
@@ -35,7 +52,7 @@ _PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_NAME = 200  # file names are at most 255 bytes, with room for staging prefixes
 
-# ONNX element type -> Triton datatype (config.pbtxt uses "TYPE_" + this; clients use it bare).
+# ONNX element type -> Triton datatype (clients use it bare; config.pbtxt spells it with config_type).
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "FP32",
     onnx.TensorProto.DOUBLE: "FP64",
@@ -96,9 +113,47 @@ class WarmupRequest:
 
 
 @dataclass(frozen=True)
+class GpuOptimization:
+    """The gpu target's ``optimization`` block: ONNX Runtime's TensorRT execution provider (``tensorrt``: None, or
+    its precision, FP32 or FP16), and CUDA graphs through it. ONNX Runtime captures CUDA graphs in its TensorRT
+    provider (``trt_cuda_graph_enable``); its CUDA provider's capture needs one fixed input shape, which dynamic
+    batching breaks, so CUDA graphs come only with TensorRT."""
+
+    tensorrt: str | None = None
+    cuda_graphs: bool = False
+    workspace_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.tensorrt is not None and self.tensorrt not in TENSORRT_PRECISIONS:
+            raise RecopsError(f"TensorRT precision {self.tensorrt!r}: use one of {', '.join(TENSORRT_PRECISIONS)}")
+        if self.cuda_graphs and self.tensorrt is None:
+            raise RecopsError(
+                "CUDA graphs need the TensorRT execution provider (ONNX Runtime's CUDA provider captures one fixed "
+                "input shape, which dynamic batching breaks): add --tensorrt fp32|fp16"
+            )
+
+    def to_pbtxt(self) -> str:
+        if self.tensorrt is None:
+            return ""
+        parameters = {"precision_mode": self.tensorrt, "max_workspace_size_bytes": str(self.workspace_bytes)}
+        if self.cuda_graphs:
+            parameters["trt_cuda_graph_enable"] = "1"
+        body = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in parameters.items())
+        accelerator = f'{{ name: "tensorrt" {body} }}'
+        return f"optimization {{ execution_accelerators {{ gpu_execution_accelerator: [ {accelerator} ] }} }}"
+
+
+RAW_DENSE_TYPES = ("FP32", "BYTES")
+
+
+@dataclass(frozen=True)
 class ServingOptions:
     """The tunable part of a model's config.pbtxt (everything not read from the ONNX graph). The defaults are a new
-    model's: batches up to 4096 rows, one instance with one thread, a zero-id warm-up request at load."""
+    model's: batches up to 4096 rows, one instance with one thread, a zero-id warm-up request at load.
+
+    ``gpu`` applies to the gpu target only. ``raw_dense`` is the datatype of the dense columns of the model's
+    raw-feature model (``recops.serving.raw_model``): FP32 (NaN = missing) or BYTES (decimal text, empty = missing).
+    """
 
     max_batch_size: int = 4096
     dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
@@ -106,10 +161,17 @@ class ServingOptions:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup: tuple[WarmupRequest, ...] = (WarmupRequest(batch_size=1, data="zero"),)
     intra_op_threads: int = 1
+    gpu: GpuOptimization = field(default_factory=GpuOptimization)
+    raw_dense: str = "FP32"
+
+    def __post_init__(self) -> None:
+        if self.raw_dense not in RAW_DENSE_TYPES:
+            raise RecopsError(f"raw dense datatype {self.raw_dense!r}: use one of {', '.join(RAW_DENSE_TYPES)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> ServingOptions:
-        """Inverse of ``dataclasses.asdict`` (as stored in the model's settings file)."""
+        """Inverse of ``dataclasses.asdict`` (as stored in the model's settings file; older files lack the
+        ``gpu`` and ``raw_dense`` keys)."""
         batching, policy = data["dynamic_batching"], data["version_policy"]
         return cls(
             max_batch_size=data["max_batch_size"],
@@ -119,23 +181,25 @@ class ServingOptions:
             version_policy=VersionPolicy(policy["kind"], policy["latest_n"], tuple(policy["versions"])),
             warmup=tuple(WarmupRequest(**w) for w in data["warmup"]),
             intra_op_threads=data["intra_op_threads"],
+            gpu=GpuOptimization(**data.get("gpu", {})),
+            raw_dense=data.get("raw_dense", "FP32"),
         )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything config.pbtxt says about one model."""
+    """Everything config.pbtxt says about one model (``parameters``: the ``parameters`` map, name -> string)."""
 
     name: str
     target: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     options: ServingOptions = field(default_factory=ServingOptions)
+    parameters: tuple[tuple[str, str], ...] = ()
 
     def to_pbtxt(self) -> str:
         opts = self.options
-        backend = 'backend: "python"' if self.target == "cpu" else 'platform: "onnxruntime_onnx"'
-        kind = "KIND_CPU" if self.target == "cpu" else "KIND_GPU"
+        backend, kind = _BACKENDS[self.target]
         lines = [
             f'name: "{self.name}"',
             backend,
@@ -149,10 +213,48 @@ class ModelConfig:
             lines.append(_dynamic_batching_pbtxt(opts.dynamic_batching))
         if opts.warmup:
             lines.append(_warmup_pbtxt(opts.warmup, self.inputs, opts.max_batch_size))
-        if self.target == "cpu":
-            lines.append(
-                f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{opts.intra_op_threads}" }} }}'
-            )
+        if self.target == "gpu" and opts.gpu.to_pbtxt():
+            lines.append(opts.gpu.to_pbtxt())
+        lines += [f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in self.parameters]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    """One step of an ensemble: a model (version -1 = the latest loaded) and its tensors by ensemble tensor name
+    (``inputs``: the step's input -> ensemble tensor; ``outputs``: the step's output -> ensemble tensor)."""
+
+    model: str
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[tuple[str, str], ...]
+    version: int = -1
+
+    def to_pbtxt(self) -> str:
+        maps = [f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in self.inputs]
+        maps += [f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in self.outputs]
+        return f'  {{ model_name: "{self.model}" model_version: {self.version}\n    ' + "\n    ".join(maps) + " }"
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """config.pbtxt of a Triton ensemble (``platform: "ensemble"``): inputs and outputs without the batch dim."""
+
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    steps: tuple[EnsembleStep, ...]
+
+    def to_pbtxt(self) -> str:
+        steps = ",\n".join(s.to_pbtxt() for s in self.steps)
+        lines = [
+            f'name: "{self.name}"',
+            'platform: "ensemble"',
+            f"max_batch_size: {self.max_batch_size}",
+            _tensors_pbtxt("input", self.inputs),
+            _tensors_pbtxt("output", self.outputs),
+            f"ensemble_scheduling {{ step [\n{steps}\n] }}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -160,8 +262,15 @@ def _dims(dims: tuple[int, ...]) -> str:
     return "[ " + ", ".join(map(str, dims)) + " ]"
 
 
+def config_type(dtype: str) -> str:
+    """config.pbtxt's name of a Triton datatype (BYTES is TYPE_STRING there)."""
+    return "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"
+
+
 def _tensors_pbtxt(kind: str, specs: tuple[TensorSpec, ...]) -> str:
-    body = ",\n".join(f'  {{ name: "{s.name}" data_type: TYPE_{s.dtype} dims: {_dims(s.dims)} }}' for s in specs)
+    body = ",\n".join(
+        f'  {{ name: "{s.name}" data_type: {config_type(s.dtype)} dims: {_dims(s.dims)} }}' for s in specs
+    )
     return f"{kind} [\n{body}\n]"
 
 
@@ -180,7 +289,7 @@ def _warmup_pbtxt(requests: tuple[WarmupRequest, ...], inputs: tuple[TensorSpec,
             raise RecopsError(f"warm-up data {req.data!r}: use 'zero' or 'random'")
         flag = "zero_data" if req.data == "zero" else "random_data"
         tensors = " ".join(
-            f'inputs {{ key: "{s.name}" value: {{ data_type: TYPE_{s.dtype} '
+            f'inputs {{ key: "{s.name}" value: {{ data_type: {config_type(s.dtype)} '
             f"dims: {_dims(tuple(max(d, 1) for d in s.dims))} {flag}: true }} }}"
             for s in inputs
         )
@@ -221,10 +330,15 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, _ONNX_TO_TRITON[tensor.elem_type], dims)
 
 
+_THREAD_PARAMETER = {"cpu": "intra_op_threads", "cpu-ort": "intra_op_thread_count"}  # model.py's, the ORT backend's
+
+
 def model_config(name: str, onnx_path: Path, target: str, options: ServingOptions) -> ModelConfig:
     """The config of ``onnx_path`` served as ``name``; the batch dim is dropped when batching."""
     if target not in TARGETS:
         raise RecopsError(f"target {target!r} is unknown: use one of {', '.join(TARGETS)}")
+    if target != "gpu" and options.gpu != GpuOptimization():
+        raise RecopsError(f"TensorRT and CUDA graphs are gpu-target options; target {target!r} cannot use them")
     inputs, outputs, batchable = read_signature(onnx_path)
     if options.max_batch_size > 0:
         if not batchable:
@@ -232,9 +346,14 @@ def model_config(name: str, onnx_path: Path, target: str, options: ServingOption
                 f"{onnx_path}: max_batch_size={options.max_batch_size} needs a dynamic first (batch) dim "
                 "on every input and output; export with a dynamic batch axis or use max_batch_size=0"
             )
-        inputs = tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in inputs)
-        outputs = tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in outputs)
-    return ModelConfig(validate_model_name(name), target, inputs, outputs, options)
+        inputs, outputs = without_batch(inputs), without_batch(outputs)
+    threads = ((_THREAD_PARAMETER[target], str(options.intra_op_threads)),) if target in _THREAD_PARAMETER else ()
+    return ModelConfig(validate_model_name(name), target, inputs, outputs, options, threads)
+
+
+def without_batch(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """``specs`` without their first (batch) dim, as a batching model's config.pbtxt declares them."""
+    return tuple(TensorSpec(s.name, s.dtype, s.dims[1:]) for s in specs)
 
 
 def external_data_files(onnx_path: Path) -> list[str]:
@@ -367,6 +486,19 @@ class ModelRepository:
         write_text_atomic(folder / CONFIG_FILE, config.to_pbtxt())
         return folder / CONFIG_FILE
 
+    def write_python_model(self, config: ModelConfig, code: Path) -> Path:
+        """A python-backend model with one version, 1, running ``code`` (copied as ``1/model.py``). Files whose
+        content is unchanged are left alone, so loading the model again is a no-op for Triton."""
+        folder = self.model_dir(config.name)
+        _write_if_changed(folder / "1" / PYTHON_MODEL_FILE, Path(code).read_text())
+        return _write_if_changed(folder / CONFIG_FILE, config.to_pbtxt())
+
+    def write_ensemble(self, config: EnsembleConfig) -> Path:
+        """An ensemble's config.pbtxt and its (empty) version directory 1, unchanged files left alone."""
+        folder = self.model_dir(config.name)
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        return _write_if_changed(folder / CONFIG_FILE, config.to_pbtxt())
+
     def configure(self, name: str, target: str | None = None, options: ServingOptions | None = None) -> ModelConfig:
         """Rewrite config.pbtxt from the latest version's ONNX signature with new options (e.g. a policy)."""
         existing = self.versions(name)
@@ -386,3 +518,10 @@ class ModelRepository:
         doomed = folder / f".removing-{version}-{os.getpid()}"
         os.rename(folder / str(version), doomed)
         shutil.rmtree(doomed)
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically unless it already holds exactly that."""
+    if not path.is_file() or path.read_text() != text:
+        write_text_atomic(path, text)
+    return path

@@ -19,6 +19,7 @@ FOLDERS = {
     "bench": "recops.bench",
     "configs": "recops.configs",
     "deploy": "recops.deploy",
+    "triton_models": "recops.triton_models",
 }
 # A module may import modules of its own layer or a lower one. recops.cli sits on top.
 RANKS = {
@@ -27,6 +28,7 @@ RANKS = {
     "recops.training": 2,
     "recops.serving": 3,
     "recops.ops": 4,
+    "recops.triton_models": 4,  # python-backend code running serving inside Triton
     "recops.bench": 5,
     "recops.deploy": 5,
     "recops.cli": 6,

@@ -1,0 +1,157 @@
+"""Raw columns as Triton tensors: the raw-feature model's names and inputs, a request's tensors decoded into the
+frame ``Preprocessor.transform`` takes (errors name the column and the fix), a frame encoded for a request, and
+random raw rows for probes.
+
+Input contract of the raw-feature model (``recops.serving.raw_model``), B = batch, one input per raw column of the
+column spec, each [B, 1]:
+
+- dense columns: FP32 (NaN = missing) or BYTES (decimal text, empty = missing), as the model's ``raw_dense`` says
+- categorical columns: BYTES (UTF-8, empty = missing)
+- multi-hot columns: BYTES, the values joined by the spec's separator (e.g. ``"3|17"``; empty = none)
+
+Outputs: the tensor-level model's outputs (``probability`` [B, 1]) and ``model_version`` INT64 [B, 1], the version
+that answered each row. Request parameters: ``version`` (ask for one version, as a number) and ``key`` (the routing
+key; default the request id, else a random one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from recops.errors import RecopsError
+from recops.serving.onnx_model import TensorSpec
+from recops.training.spec import ColumnSpec
+
+MODEL_VERSION = "model_version"  # output: the version that answered each row
+VERSION_PARAMETER, KEY_PARAMETER = "version", "key"
+
+
+class RawInputError(RecopsError):
+    """A raw-feature request the preprocessing step cannot use; the message names the column and the fix."""
+
+
+@dataclass(frozen=True)
+class RawModelNames:
+    """The Triton models serving tensor-level model ``model`` on raw features: the ensemble clients call (``raw``)
+    and its two steps."""
+
+    model: str
+
+    @property
+    def raw(self) -> str:
+        return f"{self.model}_raw"
+
+    @property
+    def preprocess(self) -> str:
+        return f"{self.model}_raw_preprocess"
+
+    @property
+    def score(self) -> str:
+        return f"{self.model}_raw_score"
+
+
+def raw_columns(spec: ColumnSpec, dense_dtype: str) -> tuple[TensorSpec, ...]:
+    """The raw-feature model's inputs (batch first): dense columns as ``dense_dtype``, the others as BYTES."""
+    dense = tuple(TensorSpec(name, dense_dtype, (-1, 1)) for name in spec.dense)
+    return dense + tuple(TensorSpec(name, "BYTES", (-1, 1)) for name in (*spec.sparse, *spec.multi_hot))
+
+
+# ---- server side: a request's tensors -> the Preprocessor's frame ------------------------------------------------
+def raw_frame(spec: ColumnSpec, tensors: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The frame ``Preprocessor.transform`` takes, from one request's raw tensors (each [B, 1] or [B])."""
+    names = (*spec.dense, *spec.sparse, *spec.multi_hot)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise RawInputError(
+            f"columns {', '.join(missing)} are missing: send one input per column ({', '.join(names)}), with an "
+            "empty string (BYTES) or NaN (FP32) where a value is missing"
+        )
+    data = {name: _numbers(name, tensors[name]) for name in spec.dense}
+    data |= {name: _texts(name, tensors[name]) for name in (*spec.sparse, *spec.multi_hot)}
+    rows = {name: len(values) for name, values in data.items()}
+    if len(set(rows.values())) > 1:
+        raise RawInputError(f"columns have different row counts {rows}: send every column with the same rows")
+    return pd.DataFrame(data)
+
+
+def _texts(name: str, tensor: np.ndarray) -> np.ndarray:
+    """BYTES (UTF-8) values as str."""
+    values = np.asarray(tensor).reshape(-1)
+    if values.dtype != object:
+        raise RawInputError(f"column {name} is {values.dtype}: send it as BYTES (UTF-8 text)")
+    try:
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+    except UnicodeDecodeError:
+        row = next(i for i, v in enumerate(values) if isinstance(v, bytes) and not _utf8(v))
+        raise RawInputError(f"column {name}: row {row} is not UTF-8 text; send text as UTF-8") from None
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _numbers(name: str, tensor: np.ndarray) -> np.ndarray:
+    """float64 values of a dense column (NaN = missing), from FP32/FP64 or from decimal text (empty = missing)."""
+    values = np.asarray(tensor).reshape(-1)
+    if values.dtype.kind == "f":
+        return values.astype(np.float64)
+    if values.dtype != object:
+        raise RawInputError(f"column {name} is {values.dtype}: send it as FP32 numbers or BYTES decimal text")
+    text = pd.Series(_texts(name, values)).str.strip()
+    numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
+    bad = numbers.isna() & (text != "") & (text.str.lower() != "nan")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise RawInputError(
+            f"column {name}: {text.iloc[row][:40]!r} (row {row}) is not a number; send a decimal number such as "
+            "3 or 0.25, or an empty string for a missing value"
+        )
+    return numbers.to_numpy(np.float64)
+
+
+# ---- client side: a frame -> a request's tensors -----------------------------------------------------------------
+def raw_inputs(frame: pd.DataFrame, columns: Sequence[TensorSpec], separator: str = "|") -> dict[str, np.ndarray]:
+    """One [B, 1] tensor per raw column of ``frame``, in each column's declared datatype (FP32 or BYTES)."""
+    missing = [c.name for c in columns if c.name not in frame]
+    if missing:
+        raise RecopsError(f"rows lack the model's columns {missing}; read them with the model's column spec")
+    return {c.name: _tensor(frame[c.name], c.dtype, separator).reshape(-1, 1) for c in columns}
+
+
+def _tensor(values: pd.Series, dtype: str, separator: str) -> np.ndarray:
+    if dtype != "BYTES":
+        return pd.to_numeric(values, errors="raise").to_numpy(np.float32, na_value=np.nan)
+    return np.array([_text(v, separator).encode() for v in values], dtype=object)
+
+
+def _text(value, separator: str) -> str:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return separator.join(str(v) for v in value)
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
+
+
+# ---- probes -------------------------------------------------------------------------------------------------------
+def random_raw_frame(spec: ColumnSpec, rows: int, rng: np.random.Generator, missing: float = 0.1) -> pd.DataFrame:
+    """Raw rows in ``spec``'s columns: dense counts, hex categorical values, 0..L+1 multi-hot values, each missing
+    with probability ``missing``."""
+    data = {}
+    for name in spec.dense:
+        values = rng.integers(0, 200, rows).astype(np.float64)
+        data[name] = np.where(rng.random(rows) < missing, np.nan, values)
+    for name in spec.sparse:
+        values = np.array([f"{v:08x}" for v in rng.integers(0, 2**32, rows)], dtype=object)
+        data[name] = np.where(rng.random(rows) < missing, "", values)
+    for name, length in spec.multi_hot.items():
+        counts = rng.integers(0, int(length) + 2, rows)
+        data[name] = [spec.separator.join(str(v) for v in rng.integers(0, 50, n)) for n in counts]
+    return pd.DataFrame(data)
