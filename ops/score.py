@@ -3,7 +3,8 @@
 Rows are read in the model's column spec (labels may be absent), prepared by the model's own preprocessor and
 scored by an ``OnnxScorer`` or ``TritonScorer``; memory stays bounded by the reader's block size. The output holds
 the id columns, the source file (with several inputs), the line number, ``score`` and, for a served model, the
-``version`` that answered. Rows that cannot be scored are never dropped silently: they are counted per reason and
+``version`` that answered each row (through a raw-feature model, the deployment's split decides it per request).
+Rows that cannot be scored are never dropped silently: they are counted per reason and
 written with their file and line to ``<output>.rejects.tsv``. The output appears whole (temp file + rename).
 """
 
@@ -108,16 +109,14 @@ def score_files(
 def _scored(
     scorer: OnnxScorer | TritonScorer, chunk: Chunk, path: Path, config: ScoreConfig, several: bool
 ) -> pa.Table:
-    before = set(scorer.versions)
-    probs = scorer.score(scorer.preprocessor.transform(chunk.frame)).astype(np.float32)
+    probs, versions = scorer.score_frame(chunk.frame)
     columns = {c: pa.array(chunk.frame[c].astype("string"), type=pa.string()) for c in config.id_columns}
     if several:
         columns["file"] = pa.array([path.name] * len(probs), type=pa.string())
     columns["line"] = pa.array(chunk.lines, type=pa.int64())
-    columns["score"] = pa.array(probs, type=pa.float32())
-    if isinstance(scorer, TritonScorer):
-        answered = scorer.versions - before or scorer.versions
-        columns["version"] = pa.array([",".join(sorted(answered))] * len(probs), type=pa.string())
+    columns["score"] = pa.array(probs.astype(np.float32), type=pa.float32())
+    if versions is not None:
+        columns["version"] = pa.array(versions.astype(str), type=pa.string())
     return pa.table(columns)
 
 

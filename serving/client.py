@@ -3,7 +3,8 @@
 ``Predictor.predict_frame`` runs the shared preprocessing (``recops.training.preprocess.Preprocessor.transform``
 or any callable returning an object with ``.dense``, ``.sparse``, ``.multi``) and maps the features to the
 model's inputs by name: ``dense``, ``sparse``, and for each multi-hot feature ``multi_<name>`` (ids, -1
-padded) with ``mask_<name>`` (ids >= 0, cast to the dtype the model declares).
+padded) with ``mask_<name>`` (ids >= 0, cast to the dtype the model declares). ``Predictor.predict_rows`` sends
+raw rows to a raw-feature model (``recops.serving.raw_model``), which preprocesses them in the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from recops.serving.errors import ServingError
+from recops.serving.onnx_model import TensorSpec
+from recops.serving.raw_features import KEY_PARAMETER, MODEL_VERSION, VERSION_PARAMETER, raw_inputs
 from recops.serving.server import http_address
 
 PROTOCOLS = ("http", "grpc")
@@ -27,6 +30,23 @@ class Prediction:
     outputs: dict[str, np.ndarray]
     model_versions: tuple[str, ...]  # one per request (batch chunk), as the server answered
     request_ids: tuple[str, ...]
+    chunk_rows: tuple[int, ...] = ()  # rows of each request
+
+    @property
+    def row_versions(self) -> np.ndarray:
+        """int64 [N]: the version that answered each row (a raw-feature model's ``model_version`` output, else the
+        version each request was answered by)."""
+        if MODEL_VERSION in self.outputs:
+            return self.outputs[MODEL_VERSION].reshape(-1).astype(np.int64)
+        return np.repeat(np.array(self.model_versions, dtype=np.int64), self.chunk_rows)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The one output that is not ``model_version`` (e.g. ``probability``)."""
+        scores = [v for k, v in self.outputs.items() if k != MODEL_VERSION]
+        if len(scores) != 1:
+            raise ServingError(f"outputs {sorted(self.outputs)} hold {len(scores)} scores; pick one by name")
+        return scores[0]
 
 
 def features_to_inputs(features: Any) -> dict[str, np.ndarray]:
@@ -125,9 +145,22 @@ class Predictor:
     def is_ready(self, model_version: str | int = "") -> bool:
         return self._call("readiness", lambda c: c.is_model_ready(self.model_name, str(model_version)))
 
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The model's inputs as it declares them (name, datatype, shape with -1 for the batch)."""
+        return tuple(
+            TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t["shape"])) for t in self.metadata()["inputs"]
+        )
+
     # ---- inference ---------------------------------------------------------------------------
-    def predict(self, inputs: dict[str, np.ndarray], model_version: str | int = "", request_id: str = "") -> Prediction:
-        """Score ``inputs`` (name -> array, rows on the first axis), in chunks of at most the batch size."""
+    def predict(
+        self,
+        inputs: dict[str, np.ndarray],
+        model_version: str | int = "",
+        request_id: str = "",
+        parameters: dict[str, Any] | None = None,
+    ) -> Prediction:
+        """Score ``inputs`` (name -> array, rows on the first axis), in chunks of at most the batch size;
+        ``parameters`` go with every request (e.g. a raw-feature model's ``key``)."""
         arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
         if not arrays:
             raise ServingError(f"no inputs given for model {self.model_name!r}")
@@ -136,9 +169,22 @@ class Predictor:
         results = []
         for i, chunk in enumerate(chunks):
             rid = f"{request_id}-{i}" if request_id and len(chunks) > 1 else request_id
-            results.append(self._infer(chunk, str(model_version), rid))
+            results.append(self._infer(chunk, str(model_version), rid, parameters))
         outputs = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
-        return Prediction(outputs, tuple(r[1] for r in results), tuple(r[2] for r in results))
+        rows = tuple(len(next(iter(chunk.values()))) for chunk in chunks)
+        return Prediction(outputs, tuple(r[1] for r in results), tuple(r[2] for r in results), rows)
+
+    def predict_rows(
+        self, frame: Any, version: int | None = None, key: str | None = None, separator: str = "|"
+    ) -> Prediction:
+        """Score raw rows (a DataFrame with the model's raw columns) with a raw-feature model: the server
+        preprocesses them. ``version`` asks for one version; else the deployment's split routes each request by
+        ``key`` (default: the request id, else random). ``separator`` joins multi-hot lists."""
+        parameters = {VERSION_PARAMETER: version, KEY_PARAMETER: key}
+        return self.predict(
+            raw_inputs(frame, self.inputs(), separator),
+            parameters={k: v for k, v in parameters.items() if v is not None},
+        )
 
     def predict_arrays(
         self, inputs: dict[str, np.ndarray], model_version: str | int = "", request_id: str = ""
@@ -184,7 +230,9 @@ class Predictor:
         n = next(iter(rows.values()))
         return [{name: a[start : start + size] for name, a in arrays.items()} for start in range(0, n, size)]
 
-    def _infer(self, arrays: dict[str, np.ndarray], model_version: str, request_id: str):
+    def _infer(
+        self, arrays: dict[str, np.ndarray], model_version: str, request_id: str, parameters: dict[str, Any] | None
+    ):
         from tritonclient.utils import np_to_triton_dtype
 
         def run(client):
@@ -197,7 +245,12 @@ class Predictor:
                 tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
             result = client.infer(
-                self.model_name, tensors, model_version=model_version, request_id=request_id, **self._grpc_kwargs()
+                self.model_name,
+                tensors,
+                model_version=model_version,
+                request_id=request_id,
+                parameters=parameters,
+                **self._grpc_kwargs(),
             )
             response = result.get_response()
             if isinstance(response, dict):

@@ -34,7 +34,8 @@ from recops.errors import RecopsError
 from recops.files import write_json_atomic
 from recops.serving.client import Predictor
 from recops.serving.errors import ServingError
-from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session
+from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
+from recops.serving.raw_features import random_raw_frame, raw_model_of
 from recops.serving.repository import (
     ONNX_FILE,
     ModelRepository,
@@ -315,29 +316,50 @@ class Deployer:
         for version in versions:
             if not self.server.model_ready(self.name, version):
                 raise DeployError(f"version {version} of {self.name!r} is not ready after loading")
+        raw = raw_model_of(self.repo, self.name)
+        if raw is not None and not self.server.model_ready(raw):  # loaded once: it follows the record by itself
+            self.server.load(raw)
 
     def _verify(self, version: int) -> None:
-        """Warm ``version`` up and compare its served outputs with local ONNX Runtime on a probe batch."""
+        """Warm ``version`` up and compare its served outputs with local ONNX Runtime on a probe batch; likewise its
+        raw-feature path (raw probe rows through the ensemble vs its preprocessing + ONNX Runtime) when the model has
+        one."""
         record = ExportRecord.read(self._onnx(version).parent)
         rng = np.random.default_rng(self.config.seed)
         inputs = record.layout.random_inputs(self.config.probe_rows, rng) if record else self._zero_inputs(version)
-        expected = onnx_probabilities(onnx_session(self._onnx(version), threads=1), inputs)
+        session = onnx_session(self._onnx(version), threads=1)
         with Predictor(self.server.http_url, self.name, timeout_s=self.config.timeout_s) as predictor:
             for _ in range(self.config.warmup_requests):
                 predictor.predict_arrays(inputs, model_version=version)
             served = predictor.predict_arrays(inputs, model_version=version)
-        bad = int((~np.isfinite(served)).sum())
-        if bad:
+        tolerance = self.config.fp16_tolerance if self._fp16(record) else self.config.tolerance
+        _compare(version, served, onnx_probabilities(session, inputs), tolerance, "served scores")
+        raw = raw_model_of(self.repo, self.name)
+        if raw is not None:
+            self._verify_raw(raw, version, record, session, rng, tolerance)
+
+    def _verify_raw(self, raw: str, version: int, record, session, rng: np.random.Generator, tolerance: float) -> None:
+        if record is None:
             raise DeployError(
-                f"version {version} returned {bad} non-finite (NaN/inf) scores of {served.size} on the probe batch"
+                f"version {version} has no export.json, so the raw-feature model {raw!r} cannot serve it; "
+                "export it with `recops export`"
             )
-        tolerance = self.config.fp16_tolerance if record and record.fp16 else self.config.tolerance
-        diff = float(np.abs(served.astype(np.float64) - expected).max())
-        if not diff <= tolerance:
-            raise DeployError(
-                f"version {version}: served scores differ from local ONNX Runtime by {diff:.3g} "
-                f"(tolerance {tolerance:g}) on the probe batch"
-            )
+        preprocessor = read_preprocessor(self._onnx(version).parent)
+        frame = random_raw_frame(preprocessor.spec, self.config.probe_rows, rng)
+        features = preprocessor.transform(frame)
+        expected = onnx_probabilities(
+            session, record.layout.features_inputs(features.dense, features.sparse, features.multi)
+        )
+        with Predictor(self.server.http_url, raw, timeout_s=self.config.timeout_s) as predictor:
+            result = predictor.predict_rows(frame, version=version, separator=preprocessor.spec.separator)
+        answered = set(result.row_versions.tolist())
+        if answered != {version}:
+            raise DeployError(f"raw-feature model {raw!r} answered with versions {sorted(answered)}, not {version}")
+        _compare(version, result.scores, expected, tolerance, f"raw rows through {raw!r}")
+
+    def _fp16(self, record: ExportRecord | None) -> bool:
+        """Half precision: an FP16 export, or TensorRT in FP16 on the gpu target."""
+        return bool(record and record.fp16) or (self.target == "gpu" and self.options.gpu.tensorrt == "FP16")
 
     def _zero_inputs(self, version: int) -> dict[str, np.ndarray]:
         """Probe inputs for a version without export.json: random floats, id 0 (always a valid row)."""
@@ -392,6 +414,21 @@ class Deployer:
     def _write(self, state: DeployState) -> DeployState:
         write_json_atomic(state_path(self.repo, self.name), state.to_dict())
         return state
+
+
+def _compare(version: int, served: np.ndarray, expected: np.ndarray, tolerance: float, what: str) -> None:
+    """Raise DeployError when ``served`` has non-finite scores or differs from ``expected`` beyond ``tolerance``."""
+    bad = int((~np.isfinite(served)).sum())
+    if bad:
+        raise DeployError(
+            f"version {version} returned {bad} non-finite (NaN/inf) scores of {served.size} on the probe batch"
+        )
+    diff = float(np.abs(served.astype(np.float64) - expected).max())
+    if not diff <= tolerance:
+        raise DeployError(
+            f"version {version}: {what} differ from local ONNX Runtime by {diff:.3g} "
+            f"(tolerance {tolerance:g}) on the probe batch"
+        )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.serving.onnx_model import TensorSpec
+from recops.serving.repository import CONFIG_FILE, ModelRepository
 from recops.training.spec import ColumnSpec
 
 MODEL_VERSION = "model_version"  # output: the version that answered each row
@@ -52,6 +53,12 @@ class RawModelNames:
     @property
     def score(self) -> str:
         return f"{self.model}_raw_score"
+
+
+def raw_model_of(repo: ModelRepository, name: str) -> str | None:
+    """The raw-feature model's name if ``repo`` holds one for tensor-level model ``name``."""
+    raw = RawModelNames(name).raw
+    return raw if (repo.model_dir(raw) / CONFIG_FILE).is_file() else None
 
 
 def raw_columns(spec: ColumnSpec, dense_dtype: str) -> tuple[TensorSpec, ...]:

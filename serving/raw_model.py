@@ -148,18 +148,6 @@ def _same(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, str], ...]:
     return tuple((s.name, s.name) for s in specs)
 
 
-def raw_model_of(repo: ModelRepository, name: str) -> str | None:
-    """The raw-feature model's name if ``repo`` holds one for ``name``."""
-    raw = RawModelNames(name).raw
-    return raw if (repo.model_dir(raw) / CONFIG_FILE).is_file() else None
-
-
-def raw_spec_columns(repo: ModelRepository, name: str, version: int) -> tuple[TensorSpec, ...]:
-    """The raw inputs ``version`` of ``name`` would have (its column spec, the model's dense datatype)."""
-    spec = read_preprocessor(repo.model_dir(name) / str(version)).spec
-    return raw_columns(spec, repo.settings(name)[1].raw_dense)
-
-
 # ---- step 1: what <name>_raw_preprocess runs ------------------------------------------------------------------
 @dataclass(frozen=True)
 class RawRequest:

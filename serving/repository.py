@@ -338,7 +338,9 @@ def model_config(name: str, onnx_path: Path, target: str, options: ServingOption
     if target not in TARGETS:
         raise RecopsError(f"target {target!r} is unknown: use one of {', '.join(TARGETS)}")
     if target != "gpu" and options.gpu != GpuOptimization():
-        raise RecopsError(f"TensorRT and CUDA graphs are gpu-target options; target {target!r} cannot use them")
+        raise RecopsError(
+            f"TensorRT and CUDA graphs are gpu-target options; target {target!r} cannot use them (--tensorrt off)"
+        )
     inputs, outputs, batchable = read_signature(onnx_path)
     if options.max_batch_size > 0:
         if not batchable:

@@ -1,8 +1,9 @@
-"""Scoring processed rows with a model: in process with ONNX Runtime on an export, or through a Triton server.
+"""Scoring rows with a model: in process with ONNX Runtime on an export, or through a Triton server.
 
-Both scorers carry the model's own preprocessor, so raw rows are prepared exactly as for training. A checkpoint is
-scored through an ONNX export of it (:func:`exported_checkpoint`, made once per checkpoint and parity-gated), the
-same graph Triton serves.
+Both scorers carry the model's own preprocessor, so raw rows are prepared exactly as for training: ``score`` takes
+processed features, ``score_frame`` raw rows (a served model with a raw-feature model gets them raw, preprocessed
+and routed by the server, and says which version answered each row). A checkpoint is scored through an ONNX export
+of it (:func:`exported_checkpoint`, made once per checkpoint and parity-gated), the same graph Triton serves.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir
-from recops.serving.client import Predictor, features_to_inputs
+from recops.serving.client import Prediction, Predictor, features_to_inputs
 from recops.serving.export import check_parity, export_onnx
 from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
 from recops.serving.repository import ONNX_FILE
@@ -37,12 +39,17 @@ class OnnxScorer:
         inputs = self.layout.features_inputs(features.dense, features.sparse, features.multi)
         return onnx_probabilities(self.session, inputs).ravel().astype(np.float64)
 
+    def score_frame(self, frame: pd.DataFrame) -> tuple[np.ndarray, None]:
+        """Scores of raw rows (no served version)."""
+        return self.score(self.preprocessor.transform(frame)), None
+
     def close(self) -> None:
         self.session = None
 
 
 class TritonScorer:
-    """A served model (``version`` None: the server's choice), fed rows prepared by ``preprocessor``."""
+    """A served model (``version`` None: the server's choice, a deployment's split on the raw-feature model ``raw``),
+    fed rows prepared by ``preprocessor`` (here, or in the server when ``raw`` names the model's raw-feature model)."""
 
     def __init__(
         self,
@@ -52,13 +59,27 @@ class TritonScorer:
         version: int | None = None,
         protocol: str = "http",
         batch_size: int = 4096,
+        raw: str | None = None,
     ):
         self.preprocessor, self.version = preprocessor, version
         self.predictor = Predictor(url, name, protocol=protocol, batch_size=batch_size, timeout_s=60.0)
-        self.description = f"Triton {url} model {name}" + (f" version {version}" if version else "")
+        self.raw = raw and Predictor(url, raw, protocol=protocol, batch_size=batch_size, timeout_s=60.0)
+        served = f"model {raw} (raw rows)" if raw else f"model {name}"
+        self.description = f"Triton {url} {served}" + (f" version {version}" if version else "")
         self.versions: set[str] = set()  # the versions that answered
 
     def score(self, features: Features) -> np.ndarray:
+        return self._tensor(features)[0]
+
+    def score_frame(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of raw rows and the version that answered each."""
+        if self.raw is None:
+            return self._tensor(self.preprocessor.transform(frame))
+        return self._answered(
+            self.raw.predict_rows(frame, version=self.version, separator=self.preprocessor.spec.separator)
+        )
+
+    def _tensor(self, features: Features) -> tuple[np.ndarray, np.ndarray]:
         inputs = {k: np.ascontiguousarray(v) for k, v in features_to_inputs(features).items()}
         declared = {t["name"]: t["datatype"] for t in self.predictor.metadata()["inputs"]}
         inputs = {
@@ -66,12 +87,17 @@ class TritonScorer:
             for k, v in inputs.items()
             if k in declared
         }
-        result = self.predictor.predict(inputs, model_version=self.version or "")
-        self.versions.update(result.model_versions)
-        return next(iter(result.outputs.values())).ravel().astype(np.float64)
+        return self._answered(self.predictor.predict(inputs, model_version=self.version or ""))
+
+    def _answered(self, result: Prediction) -> tuple[np.ndarray, np.ndarray]:
+        versions = result.row_versions
+        self.versions.update(str(v) for v in np.unique(versions))
+        return result.scores.ravel().astype(np.float64), versions
 
     def close(self) -> None:
         self.predictor.close()
+        if self.raw:
+            self.raw.close()
 
 
 def exported_checkpoint(checkpoint: Checkpoint, cache: Path) -> Path:

@@ -9,6 +9,7 @@ from typing import Any
 from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_repository
 from recops.errors import RecopsError
 from recops.serving.deploy import DeployConfig
+from recops.serving.repository import TARGETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--url", default=None, help="HTTP URL of the server (default: --repo's running server)")
     parser.add_argument(
         "--target",
-        choices=("cpu", "gpu"),
+        choices=TARGETS,
         default=None,
         help="serving target (default: the one the model's config.pbtxt uses)",
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_repository
+from recops.serving.repository import TARGETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,10 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
     parser.add_argument(
         "--target",
-        choices=("cpu", "gpu"),
+        choices=TARGETS,
         default=None,
-        help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx on KIND_GPU "
-        "(default: the model's current target, cpu for a new model)",
+        help="cpu: python backend + onnxruntime (the local server); cpu-ort: Triton's onnxruntime backend on CPU "
+        "instances; gpu: the onnxruntime backend on KIND_GPU (default: the model's current target, cpu for a new one)",
+    )
+    parser.add_argument(
+        "--tensorrt",
+        choices=("off", "fp32", "fp16"),
+        default=None,
+        help="gpu target: run through ONNX Runtime's TensorRT execution provider at this precision "
+        "(default: the model's current setting, off for a new model)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gpu target with --tensorrt: CUDA graphs (trt_cuda_graph_enable; default: the current setting, off)",
+    )
+    parser.add_argument(
+        "--raw-dense",
+        choices=("fp32", "bytes"),
+        default=None,
+        help="datatype of the dense columns of the raw-feature model <name>_raw: fp32 (NaN = missing) or bytes "
+        "(decimal text, empty = missing); default: the current setting, fp32 for a new model",
     )
     parser.add_argument(
         "--fp16", action="store_true", help="FP16 weights and compute (GPU targets; gate tolerance 1e-2)"
@@ -67,21 +88,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace, repo: Path):
-    """The model's serving options with --instances/--threads applied; None (keep them) when neither is given."""
+    """The model's serving options with the options given applied; None (keep them) when none is given."""
     from dataclasses import replace
 
     from recops.errors import RecopsError
     from recops.serving.export import current_options
-    from recops.serving.repository import ModelRepository
+    from recops.serving.repository import GpuOptimization, ModelRepository
 
-    changes = {
+    current = current_options(ModelRepository(repo), args.name)
+    counts = {
         k: v for k, v in (("instance_count", args.instances), ("intra_op_threads", args.threads)) if v is not None
     }
-    if not changes:
-        return None
-    if min(changes.values()) < 1:
-        raise RecopsError(f"--instances and --threads must be >= 1, got {changes}")
-    return replace(current_options(ModelRepository(repo), args.name), **changes)
+    if counts and min(counts.values()) < 1:
+        raise RecopsError(f"--instances and --threads must be >= 1, got {counts}")
+    changes = {**counts, **({"raw_dense": args.raw_dense.upper()} if args.raw_dense else {})}
+    if args.tensorrt is not None or args.cuda_graphs is not None:
+        tensorrt = (
+            current.gpu.tensorrt if args.tensorrt is None else {"off": None}.get(args.tensorrt, args.tensorrt.upper())
+        )
+        cuda_graphs = current.gpu.cuda_graphs if args.cuda_graphs is None else args.cuda_graphs
+        changes["gpu"] = GpuOptimization(tensorrt, cuda_graphs)
+    return replace(current, **changes) if changes else None
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:

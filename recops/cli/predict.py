@@ -1,4 +1,9 @@
-"""`recops predict`: score raw rows (Criteo TSV, CSV, Parquet) with a model served by Triton."""
+"""`recops predict`: score raw rows (Criteo TSV, CSV, Parquet) with a model served by Triton.
+
+Rows go to the model's raw-feature model when the repository has one (the server preprocesses them and, without
+--version, the deployment's split picks the version per request by --key); with --preprocess FILE, or for a model
+without one, they are preprocessed here and sent to the tensor-level model. Each row's answering version is
+reported."""
 
 from __future__ import annotations
 
@@ -19,15 +24,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--url", default=None, help="server URL for --protocol (default: --repo's running server)")
     parser.add_argument("--repo", type=Path, default=None, metavar="DIR", help=REPO_HELP)
     parser.add_argument(
-        "--version", type=int, default=None, help="model version to ask for (default: the server's latest)"
+        "--version",
+        type=int,
+        default=None,
+        help="model version to ask for (default: the deployment's split on the raw-feature model, else the latest)",
+    )
+    parser.add_argument(
+        "--key", default=None, help="routing key of the requests (raw-feature model; default: random per request)"
     )
     parser.add_argument(
         "--preprocess",
         type=Path,
         default=None,
         metavar="FILE",
-        help="preprocessor JSON (Preprocessor.to_dict); default: preprocess.json in the model's "
-        "version directory in --repo",
+        help="preprocessor JSON (Preprocessor.to_dict): preprocess here and send tensors to the tensor-level model; "
+        "default: the raw-feature model preprocesses in the server (or preprocess.json of the model's version)",
     )
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
@@ -71,27 +82,33 @@ def _url(args: argparse.Namespace, repo: Path) -> str:
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
     from recops.serving.client import Predictor
+    from recops.serving.raw_features import raw_model_of
+    from recops.serving.repository import ModelRepository
     from recops.training.readers import read_frame
 
     repo = model_repository(args)
     preprocessor = _preprocessor(args, repo)
     frame = read_frame(args.input, preprocessor.spec)
+    raw = None if args.preprocess else raw_model_of(ModelRepository(repo), args.name)
     with Predictor(
         _url(args, repo),
-        args.name,
+        raw or args.name,
         protocol=args.protocol,
         timeout_s=args.timeout,
         batch_size=args.batch_size,
         preprocess=preprocessor.transform,
     ) as predictor:
-        result = predictor.predict(predictor.frame_inputs(frame), model_version=args.version or "")
-    if len(result.outputs) != 1:
-        raise RecopsError(f"model {args.name!r} has outputs {sorted(result.outputs)}; predict expects one score")
-    scores = next(iter(result.outputs.values())).reshape(len(frame), -1)
+        if raw:
+            result = predictor.predict_rows(frame, args.version, args.key, preprocessor.spec.separator)
+        else:
+            result = predictor.predict(predictor.frame_inputs(frame), model_version=args.version or "")
+    scores = result.scores.reshape(len(frame), -1)
     return {
         "name": args.name,
-        "versions": sorted(set(result.model_versions)),
+        "model": raw or args.name,
+        "versions": sorted({str(v) for v in result.row_versions}),
         "rows": len(frame),
         "mean": float(scores.mean()),
         "predictions": scores.squeeze(1).tolist() if scores.shape[1] == 1 else scores.tolist(),
+        "row_versions": result.row_versions.tolist(),
     }
