@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from onnx import TensorProto, helper
 from recops.errors import RecopsError
 from recops.serving.repository import (
     DynamicBatching,
+    GpuOptimization,
     ModelRepository,
     ServingOptions,
     VersionPolicy,
@@ -83,15 +86,67 @@ def test_versions_are_numbered_listed_and_removed(tmp_path, tiny_onnx):
     assert hidden_entries(tmp_path / "m") == []
 
 
-def test_gpu_target_uses_onnxruntime_platform_on_gpu_instances(tmp_path, tiny_onnx):
+def parsed(config: Path) -> dict:
+    """A config.pbtxt as Triton reads it: parsed with Triton's own ModelConfig schema (unknown fields fail)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+@pytest.mark.parametrize(
+    "target, kind, threads", [("cpu-ort", "KIND_CPU", "intra_op_thread_count"), ("gpu", "KIND_GPU", None)]
+)
+def test_onnxruntime_backend_targets(tmp_path, tiny_onnx, target, kind, threads):
+    """cpu-ort and gpu: Triton's onnxruntime backend (not servable here: the local server has no such backend)."""
     repo = ModelRepository(tmp_path)
-    repo.add_version("tiny_gpu", tiny_onnx, target="gpu")
-    text = (tmp_path / "tiny_gpu" / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in text
-    assert "instance_group [ { count: 1 kind: KIND_GPU } ]" in text
-    assert "backend" not in text and "intra_op_threads" not in text
-    assert not (tmp_path / "tiny_gpu" / "1" / "model.py").exists()
-    assert (tmp_path / "tiny_gpu" / "1" / "model.onnx").is_file()
+    repo.add_version("m", tiny_onnx, target=target, options=ServingOptions(instance_count=2, intra_op_threads=3))
+    config = parsed(tmp_path / "m" / "config.pbtxt")
+    assert config["platform"] == "onnxruntime_onnx" and "backend" not in config
+    assert config["instance_group"] == [{"count": 2, "kind": kind}]
+    assert config.get("parameters", {}) == ({threads: {"string_value": "3"}} if threads else {})
+    assert "optimization" not in config
+    assert sorted(p.name for p in (tmp_path / "m" / "1").iterdir()) == sorted(
+        ["model.onnx", *external_data_files(tiny_onnx)]
+    )
+
+
+def test_gpu_target_tensorrt_and_cuda_graphs_block(tmp_path, tiny_onnx):
+    repo = ModelRepository(tmp_path)
+    options = ServingOptions(gpu=GpuOptimization("FP16", cuda_graphs=True))
+    repo.add_version("m", tiny_onnx, target="gpu", options=options)
+    tensorrt = {"name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}}
+    graphs = {"parameters": {**tensorrt["parameters"], "trt_cuda_graph_enable": "1"}}
+    assert parsed(tmp_path / "m" / "config.pbtxt")["optimization"] == {
+        "execution_accelerators": {"gpu_execution_accelerator": [{**tensorrt, **graphs}]}
+    }
+    assert repo.settings("m") == ("gpu", options)  # later versions keep it
+
+    repo.configure("m", options=replace(options, gpu=GpuOptimization("FP32")))
+    accelerator = parsed(tmp_path / "m" / "config.pbtxt")["optimization"]["execution_accelerators"]
+    assert accelerator["gpu_execution_accelerator"][0]["parameters"] == {
+        **tensorrt["parameters"],
+        "precision_mode": "FP32",
+    }
+
+    with pytest.raises(RecopsError, match="CUDA graphs need the TensorRT execution provider"):
+        GpuOptimization(cuda_graphs=True)
+    with pytest.raises(RecopsError, match="TensorRT precision 'INT8'"):
+        GpuOptimization("INT8")
+    with pytest.raises(RecopsError, match="gpu-target options; target 'cpu-ort' cannot use them"):
+        repo.add_version("c", tiny_onnx, target="cpu-ort", options=options)
+    assert repo.versions("c") == []
+
+
+def test_settings_written_before_the_gpu_and_raw_options_still_load(tmp_path, tiny_onnx):
+    repo = ModelRepository(tmp_path)
+    repo.add_version("m", tiny_onnx)
+    settings = tmp_path / "m" / "recops-serving.json"
+    data = json.loads(settings.read_text())
+    del data["options"]["gpu"], data["options"]["raw_dense"]
+    settings.write_text(json.dumps(data))
+    assert repo.settings("m") == ("cpu", ServingOptions())
 
 
 def test_serving_options_are_written(tmp_path, tiny_onnx):
