@@ -15,10 +15,12 @@ Same inputs + configs -> same version id; the directory appears whole (temp dir 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -28,7 +30,7 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.training.preprocess import Features, Preprocessor
-from recops.training.readers import REASONS, read_chunks
+from recops.training.readers import read_chunks
 from recops.training.spec import ColumnSpec, PreprocessConfig, canonical_json
 
 SPLITS = ("train", "val", "test")
@@ -101,7 +103,7 @@ def version_id(input_hashes: list[str], spec: ColumnSpec, config: PreprocessConf
 
 
 class _SplitWriter:
-    """Appends arrays per split to raw files, then turns them into .npy files."""
+    """Appends arrays per split straight into .npy files; their fixed-size header is rewritten at the end."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -111,10 +113,12 @@ class _SplitWriter:
         (self.root / split).mkdir(exist_ok=True)
         for name, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
-            with open(self.root / split / f"{name}.bin", "ab") as fh:
-                fh.write(arr.tobytes())
-            _, tail, rows = self.shapes.get((split, name), (arr.dtype, arr.shape[1:], 0))
-            self.shapes[(split, name)] = (arr.dtype, tail, rows + len(arr))
+            dtype, tail, rows = self.shapes.get((split, name), (arr.dtype, arr.shape[1:], 0))
+            with open(self.root / split / f"{name}.npy", "ab") as fh:
+                if fh.tell() == 0:
+                    fh.write(_npy_header(dtype, (0, *tail)))
+                fh.write(arr.data)
+            self.shapes[(split, name)] = (dtype, tail, rows + len(arr))
 
     def finish(self, templates: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, int]:
         rows = {}
@@ -122,15 +126,19 @@ class _SplitWriter:
             (self.root / split).mkdir(exist_ok=True)
             for name, (dtype, tail) in templates.items():
                 _, _, n = self.shapes.get((split, name), (dtype, tail, 0))
-                raw = self.root / split / f"{name}.bin"
-                out = np.lib.format.open_memmap(self.root / split / f"{name}.npy", "w+", dtype, (n, *tail))
-                if n:
-                    out[:] = np.fromfile(raw, dtype=dtype).reshape(n, *tail)
-                out.flush()
-                del out
-                raw.unlink(missing_ok=True)
+                path = self.root / split / f"{name}.npy"
+                with open(path, "r+b" if path.is_file() else "wb") as fh:
+                    fh.write(_npy_header(dtype, (n, *tail)))
                 rows[split] = n
         return rows
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A .npy header; numpy pads it so its size does not depend on the row count."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": shape})
+    return out.getvalue()
 
 
 class BottomKSample:
@@ -148,7 +156,7 @@ class BottomKSample:
     def add(self, frame: pd.DataFrame) -> None:
         keys = self._rng.random(len(frame))
         keep = keys < self._threshold
-        self._frames.append(frame[keep])
+        self._frames.append(frame if keep.all() else frame[keep])
         self._keys.append(keys[keep])
         self._pending += int(keep.sum())
         if self._pending > 2 * self.k:
@@ -220,7 +228,7 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
         preprocessor = preprocessor.fit(c.frame for p in paths for c in read_chunks(p, spec))
     (tmp / "preprocessor.json").write_text(json.dumps(preprocessor.to_dict()))
     writer = _SplitWriter(tmp)
-    rejected = dict.fromkeys(REASONS, 0)
+    rejected: Counter[str] = Counter()
     sample = BottomKSample(split.reference_rows)
     seen = 0
     templates: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
@@ -246,7 +254,7 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
                 if progress:
                     progress(seen)
     if seen == 0:
-        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {rejected}); check the data and --spec")
+        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(rejected)}); check the data and --spec")
     rows = writer.finish(templates)
     save_reference(tmp, sample.result(), spec, max_rows=split.reference_rows)
     return {
@@ -254,7 +262,7 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": [{"path": str(p.resolve()), "sha256": h, "bytes": p.stat().st_size} for p, h in zip(paths, hashes)],
         "rows": {"total": seen, **rows},
-        "rejected": {**rejected, "total": sum(rejected.values())},
+        "rejected": {**rejected, "total": sum(rejected.values())},  # reasons that occurred (readers.REASONS)
         "rejects_file": "rejects.tsv",
         "schema": spec.to_dict(),
         "preprocess": config.to_dict(),
