@@ -10,9 +10,11 @@ without a single valid row (a schema or format mismatch, not bad rows).
 from __future__ import annotations
 
 import csv
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Full, Queue
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -26,9 +28,11 @@ from recops.training.columns import STRING_DTYPE, string_series, to_float
 from recops.training.spec import ColumnSpec
 from recops.training.textfile import Block, TextFile, preview
 
-REASONS = ("field_count", "bad_encoding", "line_too_long", "non_numeric_dense", "bad_label", "label_between_thresholds")
+REASONS = ("field_count", "bad_quoting", "bad_encoding", "line_too_long", "non_numeric_dense", "bad_label",
+           "label_between_thresholds")
 _CODE = {reason: code for code, reason in enumerate(REASONS, start=1)}  # 0 = valid
 _FIXES = {
+    "bad_quoting": "a quote opened in one line closes in another: values with line ends are not supported",
     "bad_encoding": "the file is not UTF-8 text: re-encode it, e.g. iconv -f LATIN1 -t UTF-8",
     "line_too_long": "is it a line-oriented text file?",
     "non_numeric_dense": "the spec's dense columns hold text: check the dense list of the column spec (--spec)",
@@ -78,6 +82,11 @@ def read_chunks(path: Path, spec: ColumnSpec, block_bytes: int = 16 << 20, *, re
     if not path.is_file():
         raise RecopsError(f"input {path}: no such file; pass an existing Criteo TSV, CSV or Parquet file")
     extra = tuple(c for c in dict.fromkeys(passthrough) if c not in spec.columns)
+    yield from _prefetched(_chunks(path, spec, block_bytes, require_label, extra))
+
+
+def _chunks(path: Path, spec: ColumnSpec, block_bytes: int, require_label: bool,
+            extra: tuple[str, ...]) -> Iterator[Chunk]:
     if spec.format == "parquet":
         pfile, layout = _parquet_open(path, spec, require_label, extra)
         yield from _checked(path, layout, _parquet_chunks(path, pfile, layout))
@@ -85,6 +94,47 @@ def read_chunks(path: Path, spec: ColumnSpec, block_bytes: int = 16 << 20, *, re
     with TextFile(path, block_bytes) as text:
         layout = (_csv_layout if spec.format == "csv" else _criteo_layout)(path, spec, text, require_label, extra)
         yield from _checked(path, layout, (_block_chunk(block, layout) for block in text.blocks()))
+
+
+def _prefetched(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """``chunks`` made by a background thread up to ``depth`` ahead, so reading and parsing the next block
+    overlaps the caller's work on this one (Arrow and numpy release the GIL); errors surface here."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not put(("chunk", chunk)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(("error", exc))
+        finally:
+            chunks.close()
+
+    thread = threading.Thread(target=produce, name="recops-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = queue.get()
+            if kind == "error":
+                raise item
+            if kind == "end":
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_frame(path: Path, spec: ColumnSpec | None = None, *, require_label: bool = True,
@@ -134,7 +184,7 @@ def _criteo_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: 
     labelled = not fields or fields.most_common(1)[0][0] != len(spec.columns) - 1
     _check_label(path, spec, labelled, require_label)
     names = spec.columns if labelled else spec.columns[1:]
-    return _Layout(spec, tuple(names), labelled, passthrough)
+    return _Layout(spec, tuple(names), labelled and require_label, passthrough)
 
 
 def _csv_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: bool,
@@ -174,7 +224,7 @@ def _block_chunk(block: Block, layout: _Layout) -> Chunk:
         pieces, unparsed = _parse_range(block, 0, len(block.lines), layout)
     chunks = [_validate(table, block.lines[rows], layout, lambda i, rows=rows: block.line_text(rows[i]))
               for table, rows in pieces]
-    rejects = block.rejects + [(int(block.lines[i]), "field_count", preview(text.encode())) for i, text in unparsed]
+    rejects = block.rejects + [(int(block.lines[i]), reason, preview(text.encode())) for i, reason, text in unparsed]
     rejects += [r for c in chunks for r in c.rejects]
     if len(chunks) == 1:
         return Chunk(chunks[0].frame, chunks[0].lines, sorted(rejects))
@@ -184,34 +234,42 @@ def _block_chunk(block: Block, layout: _Layout) -> Chunk:
     return Chunk(frame, lines, sorted(rejects))
 
 
-def _parse_range(block: Block, start: int, stop: int, layout: _Layout) -> tuple[list, list[tuple[int, str]]]:
-    """Parse lines ``start:stop`` of a block: ([(table, line indexes of its rows)], [(line index, text) unparsed]).
+def _parse_range(block: Block, start: int, stop: int, layout: _Layout) -> tuple[list, list[tuple[int, str, str]]]:
+    """Parse lines ``start:stop`` of a block: ([(table, line indexes of its rows)], [(line index, reason, text)]).
 
     Where the parser's rows do not match the lines one to one (a quote left open joins lines), the range is
-    halved until they do; a single line that still does not parse is unparsed."""
+    halved until they do; a single line that still does not parse on its own is ``bad_quoting``."""
     parsed = _parse_lines(block.span(start, stop), stop - start, layout)
     if parsed is not None:
         table, rows, invalid = parsed
-        return [(table, start + rows)], [(start + i, text) for i, text in invalid]
+        return [(table, start + rows)], [(start + i, reason, text) for i, reason, text in invalid]
     if stop - start == 1:
-        return [], [(start, block.line_text(start))]
+        return [], [(start, "bad_quoting", block.line_text(start))]
     middle = (start + stop) // 2
     head, tail = _parse_range(block, start, middle, layout), _parse_range(block, middle, stop, layout)
     return head[0] + tail[0], head[1] + tail[1]
 
 
 def _parse_lines(data: bytes, count: int, layout: _Layout) -> tuple[pa.Table, np.ndarray, list] | None:
-    """Parse ``count`` whole lines: (table, line index of each row, [(line index, text) of rows with the wrong
-    field count]), or None when rows and lines do not match one to one (empty lines, quoted line ends)."""
+    """Parse ``count`` whole lines: (table, line index of each row, [(line index, "field_count", text)] of rows
+    with the wrong field count), or None when rows and lines do not match one to one (empty lines, quotes
+    spanning lines; a quote left open in the last line takes its line end into the value)."""
     try:
         table, invalid = _parse(data, layout)
     except pa.ArrowInvalid:
         return None
-    if table.num_rows + len(invalid) != count or any(n is None for n, _ in invalid):
+    if table.num_rows + len(invalid) != count or any(n is None for n, _ in invalid) or _open_quote_at_end(table, layout):
         return None
     rows = np.ones(count, bool)
     rows[[n - 1 for n, _ in invalid]] = False
-    return table, np.flatnonzero(rows), [(n - 1, text) for n, text in invalid]
+    return table, np.flatnonzero(rows), [(n - 1, "field_count", text) for n, text in invalid]
+
+
+def _open_quote_at_end(table: pa.Table, layout: _Layout) -> bool:
+    if layout.spec.format != "csv" or not table.num_rows:
+        return False
+    last = table.slice(table.num_rows - 1).to_pylist()[0]
+    return any(isinstance(v, str) and "\n" in v for v in last.values())
 
 
 def _parse(data: bytes, layout: _Layout, typed: bool = True) -> tuple[pa.Table, list[tuple[int | None, str]]]:

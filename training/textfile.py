@@ -16,13 +16,12 @@ another compression format, a Parquet file read as text, a corrupt gzip stream.
 """
 from __future__ import annotations
 
-import gzip
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from recops.errors import RecopsError
 
@@ -165,7 +164,7 @@ class TextFile:
     def _read(self, size: int) -> bytes:
         try:
             return self._stream.read(size)
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, pa.ArrowException) as exc:
             raise RecopsError(f"input {self.path}: the gzip stream is corrupt or truncated ({exc}); "
                               "re-download or re-compress the file") from exc
 
@@ -177,16 +176,16 @@ class TextFile:
                               "pass a file with rows")
         if data.startswith(_UTF8_BOM):
             data = data[len(_UTF8_BOM):]
+        if data.startswith(b"PAR1"):
+            raise RecopsError(f"input {self.path}: a Parquet file; set format: parquet in the column spec (--spec)")
         if data.startswith(_UTF16_32) or data[:64].count(b"\0") > 16:
             raise RecopsError(f"input {self.path}: UTF-16 or UTF-32 text; recops reads UTF-8: convert it, e.g. "
                               f"iconv -f UTF-16 -t UTF-8 {self.path.name} > {self.path.stem}.utf8{self.path.suffix}")
-        if data.startswith(b"PAR1"):
-            raise RecopsError(f"input {self.path}: a Parquet file; set format: parquet in the column spec (--spec)")
         share = _non_text_share(data)
         if share > _BINARY_FRACTION:
             raise RecopsError(f"input {self.path}: binary data, not text ({share:.0%} of the first {len(data)} bytes are "
-                              "not UTF-8 text); pass a Criteo TSV or CSV file, plain or gzip, or a Parquet file with "
-                              "format: parquet")
+                              "control bytes or invalid UTF-8); pass a Criteo TSV or CSV file (UTF-8, plain or gzip), "
+                              "or a Parquet file with format: parquet")
         return data
 
 
@@ -197,7 +196,7 @@ def _open(path: Path) -> BinaryIO:
         if magic.startswith(prefix):
             raise RecopsError(f"input {path}: {name}-compressed; recops reads plain or gzip text: decompress it "
                               f"(or recompress it with gzip)")
-    return gzip.open(path, "rb") if magic.startswith(_GZIP) else open(path, "rb")
+    return pa.CompressedInputStream(pa.OSFile(str(path)), "gzip") if magic.startswith(_GZIP) else open(path, "rb")
 
 
 def _is_gzip(path: Path) -> bool:
