@@ -254,7 +254,8 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
                 if progress:
                     progress(seen)
     if seen == 0:
-        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(rejected)}); check the data and --spec")
+        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(rejected)}); "
+                          "check the data and --spec")
     rows = writer.finish(templates)
     save_reference(tmp, sample.result(), spec, max_rows=split.reference_rows)
     return {

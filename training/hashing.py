@@ -33,9 +33,8 @@ def feature_seed(feature: str, key: str) -> np.uint64:
     return np.uint64(int.from_bytes(digest.digest(), "little"))
 
 
-def fmix64(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser, in place on a uint64 array (``scratch``: a same-size buffer)."""
-    scratch = np.empty_like(x) if scratch is None else scratch
+def fmix64(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser, in place on a uint64 array (``scratch``: a same-size buffer it overwrites)."""
     for multiplier in (_M1, _M2, None):
         np.right_shift(x, np.uint64(33), out=scratch)
         np.bitwise_xor(x, scratch, out=x)
@@ -45,7 +44,8 @@ def fmix64(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
 
 
 def hash_values(array: pa.Array | pa.ChunkedArray, seed: np.uint64) -> np.ndarray:
-    """uint64 hash of every value of a string or binary array (nulls hash like empty values)."""
+    """uint64 hash of every value of a string or binary array (those of null and empty values are not ids:
+    callers give them id 0)."""
     chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
     if len(chunks) == 1:
         return _hash_chunk(chunks[0], seed)

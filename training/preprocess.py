@@ -67,7 +67,7 @@ def transform_dense(values: np.ndarray) -> np.ndarray:
 def dense_values(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     """float64 [N, D] of raw dense columns (numbers or numeric text), NaN = missing (null, empty, non-finite)."""
     if all(frame[n].dtype.kind == "f" for n in names):
-        values = frame[list(names)].to_numpy(dtype=np.float64)
+        values = frame[list(names)].to_numpy(dtype=np.float64, na_value=np.nan)
         return np.where(np.isfinite(values), values, np.nan)
     out = np.empty((len(frame), len(names)))
     for j, name in enumerate(names):
@@ -106,7 +106,7 @@ class Preprocessor:
         counts: dict[str, pa.Table] = {}
         for frame in frames:
             for name in self.spec.sparse:
-                values = _categorical(frame[name])
+                values = _categorical(frame[name]).cast(pa.large_binary())
                 new = pc.value_counts(values.filter(pa.array(present(values))))
                 table = pa.table({"value": new.field("values"), "count": new.field("counts")})
                 if name in counts:
@@ -118,14 +118,15 @@ class Preprocessor:
             kept = table.filter(pc.greater_equal(table["count"], self.config.min_frequency))
             order = pc.sort_indices(kept, [("count", "descending"), ("value", "ascending")])
             top = kept["value"].take(order[: self.config.size_of(name) - 2])
-            vocab[name] = [v.decode() if isinstance(v, bytes) else v for v in top.to_pylist()]
+            vocab[name] = [v.decode() for v in top.to_pylist()]
         return Preprocessor(self.spec, self.config, vocab)
 
     def ids(self, name: str, values: pd.Series | pa.Array) -> np.ndarray:
         """Categorical values of one feature -> int64 ids in [0, table size); 0 = missing (null or empty)."""
         array = _categorical(values)
         if name in self._vocab:
-            index = pc.index_in(array.cast(pa.large_binary()), value_set=self._vocab[name]).to_numpy(zero_copy_only=False)
+            index = pc.index_in(array.cast(pa.large_binary()), value_set=self._vocab[name])
+            index = index.to_numpy(zero_copy_only=False)  # float, NaN where out of vocabulary
             ids = np.where(np.isnan(index), OOV_ID, np.nan_to_num(index) + 2).astype(np.int64)
         else:
             ids = bucket(hash_values(array, self._seeds[name]), self.config.size_of(name))
@@ -166,7 +167,8 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessor":
-        return cls(ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"]), data.get("vocabularies"))
+        spec, config = ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"])
+        return cls(spec, config, data.get("vocabularies"))
 
 
 def _categorical(values: pd.Series | pa.Array) -> pa.Array:

@@ -40,7 +40,7 @@ _FIXES = {
     "label_between_thresholds": "every label lies between label_negative_max and label_positive_min: check them",
 }
 PARQUET_BATCH_ROWS = 65_536
-ARROW_BLOCK = 4 << 20  # the parser's own block: faster than one block of the whole input
+ARROW_BLOCK = 4 << 20  # Arrow's parsing block within ours: faster than parsing 16 MiB as one
 
 
 @dataclass
@@ -76,7 +76,9 @@ def read_chunks(path: Path, spec: ColumnSpec, block_bytes: int = 16 << 20, *, re
 
     ``require_label=False`` reads rows for scoring: the label column may be absent (a Criteo file of the
     spec's columns without the label, a CSV without it) and is not read. ``passthrough`` names extra columns
-    (e.g. row ids) carried into ``chunk.frame`` as strings, unvalidated.
+    (e.g. row ids) carried into ``chunk.frame`` as strings, unvalidated (spec columns are there anyway).
+    Text is read in blocks of ``block_bytes``; a longer line is rejected as ``line_too_long``. A background
+    thread reads and parses the next block while the caller works on this one.
     """
     path = Path(path)
     if not path.is_file():
@@ -145,7 +147,8 @@ def read_frame(path: Path, spec: ColumnSpec | None = None, *, require_label: boo
     rejects = sorted(r for c in chunks for r in c.rejects)
     if rejects:
         line, reason, _ = rejects[0]
-        raise RecopsError(f"input {path}: {len(rejects)} invalid rows (first: line {line}, {reason}); fix or remove them")
+        raise RecopsError(f"input {path}: {len(rejects)} invalid rows (first: line {line}, {reason}); "
+                          "fix or remove them")
     return pd.concat([c.frame for c in chunks if len(c.frame)], ignore_index=True)
 
 
@@ -168,7 +171,8 @@ def _nothing_valid(path: Path, layout: _Layout, rejects: list[tuple[int, str, st
     if reason == "field_count":
         return RecopsError(
             f"input {path}: schema mismatch: no row has the expected {len(layout.names)} fields "
-            f"({', '.join(layout.names[:3])}, ...); is this {layout.spec.format} data matching the column spec (--spec)?")
+            f"({', '.join(layout.names[:3])}, ...); is this {layout.spec.format} data matching the column spec "
+            "(--spec)?")
     line, _, text = next(r for r in rejects if r[1] == reason)
     return RecopsError(f"input {path}: no valid row among the first {len(rejects)} (rejected: {dict(reasons)}; "
                        f"first: line {line}: {text[:80]!r}); {_FIXES[reason]}")
@@ -192,7 +196,8 @@ def _csv_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: boo
     header = next(csv.reader([text.header()]), [])
     missing = [c for c in (*spec.dense, *spec.sparse, *spec.multi_hot) if c not in header]
     if missing:
-        raise RecopsError(f"input {path}: CSV header lacks columns {missing} named in the column spec; header is {header}")
+        raise RecopsError(f"input {path}: CSV header lacks columns {missing} named in the column spec; "
+                          f"header is {header}")
     absent = [c for c in passthrough if c not in header]
     if absent:
         raise RecopsError(f"input {path}: CSV header lacks the passthrough columns {absent}; header is {header}")
@@ -206,30 +211,26 @@ def _csv_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: boo
 
 def _check_label(path: Path, spec: ColumnSpec, present: bool, require_label: bool) -> None:
     if require_label and not present:
-        where = "a header column" if spec.format == "csv" else ("a column" if spec.format == "parquet" else "the first field")
+        where = {"csv": "a header column", "parquet": "a column"}.get(spec.format, "the first field")
         raise RecopsError(f"input {path}: no label column {spec.label!r}; training data needs it as {where} "
                           "(unlabelled rows can be scored, not ingested)")
 
 
 def _block_chunk(block: Block, layout: _Layout) -> Chunk:
-    """Parse and validate one clean block; rows the parser cannot split into the file's fields are rejects."""
+    """Parse and validate one clean block; lines the parser cannot split into the file's fields are rejects."""
     parsed = _parse_lines(block.data, len(block.lines), layout) if block.data else None
-    if parsed is None and block.data:
-        block = block.checked_lines()  # empty lines, which the parser skips, out as rejects
-    if not block.data:
-        return Chunk(_empty_frame(layout), np.zeros(0, np.int64), sorted(block.rejects))
     if parsed:
-        pieces, unparsed = [parsed[:2]], parsed[2]
+        table, rows, unparsed = parsed
+        pieces = [(table, rows)]
     else:
-        pieces, unparsed = _parse_range(block, 0, len(block.lines), layout)
+        block = block.checked_lines() if block.data else block  # empty lines, which the parser skips, out
+        pieces, unparsed = _parse_range(block, 0, len(block.lines), layout) if block.data else ([], [])
     chunks = [_validate(table, block.lines[rows], layout, lambda i, rows=rows: block.line_text(rows[i]))
               for table, rows in pieces]
-    rejects = block.rejects + [(int(block.lines[i]), reason, preview(text.encode())) for i, reason, text in unparsed]
+    rejects = block.rejects + [(int(block.lines[i]), reason, preview(text)) for i, reason, text in unparsed]
     rejects += [r for c in chunks for r in c.rejects]
-    if len(chunks) == 1:
-        return Chunk(chunks[0].frame, chunks[0].lines, sorted(rejects))
     frames = [c.frame for c in chunks if len(c.frame)]
-    frame = pd.concat(frames, ignore_index=True) if frames else _empty_frame(layout)
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0] if frames else _empty_frame(layout)
     lines = np.concatenate([c.lines for c in chunks]) if chunks else np.zeros(0, np.int64)
     return Chunk(frame, lines, sorted(rejects))
 
@@ -258,7 +259,9 @@ def _parse_lines(data: bytes, count: int, layout: _Layout) -> tuple[pa.Table, np
         table, invalid = _parse(data, layout)
     except pa.ArrowInvalid:
         return None
-    if table.num_rows + len(invalid) != count or any(n is None for n, _ in invalid) or _open_quote_at_end(table, layout):
+    if table.num_rows + len(invalid) != count or any(n is None for n, _ in invalid):
+        return None
+    if _open_quote_at_end(table, layout):
         return None
     rows = np.ones(count, bool)
     rows[[n - 1 for n, _ in invalid]] = False
@@ -266,6 +269,7 @@ def _parse_lines(data: bytes, count: int, layout: _Layout) -> tuple[pa.Table, np
 
 
 def _open_quote_at_end(table: pa.Table, layout: _Layout) -> bool:
+    """A line end inside a value of the last row: its quote was never closed."""
     if layout.spec.format != "csv" or not table.num_rows:
         return False
     last = table.slice(table.num_rows - 1).to_pylist()[0]
@@ -309,7 +313,8 @@ def _parquet_open(path: Path, spec: ColumnSpec, require_label: bool,
     names = pfile.schema_arrow.names
     missing = [c for c in (*spec.dense, *spec.sparse, *spec.multi_hot, *passthrough) if c not in names]
     if missing:
-        raise RecopsError(f"input {path}: Parquet file lacks columns {missing} named in the column spec or passthrough")
+        raise RecopsError(f"input {path}: Parquet file lacks columns {missing} named in the column spec or "
+                          "passthrough")
     _check_label(path, spec, spec.label in names, require_label)
     return pfile, _Layout(spec, tuple(names), spec.label in names and require_label, passthrough)
 
@@ -319,11 +324,12 @@ def _parquet_chunks(path: Path, pfile: pq.ParquetFile, layout: _Layout) -> Itera
     try:
         for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(layout.columns)):
             table = pa.Table.from_batches([batch])
-            yield _validate(table, np.arange(start, start + len(table)), layout, lambda i, t=table: _row_text(t, i))
+            lines = np.arange(start, start + len(table))
+            yield _validate(table, lines, layout, lambda i, t=table: _row_text(t, i))
             start += len(table)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise RecopsError(f"input {path}: Parquet data unreadable after row {start - 1} ({exc}); the file is damaged: "
-                          "rewrite it") from exc
+        raise RecopsError(f"input {path}: Parquet data unreadable after row {start - 1} ({exc}); the file is "
+                          "damaged: rewrite it") from exc
 
 
 def _row_text(table: pa.Table, index: int) -> str:
@@ -344,7 +350,7 @@ def _validate(table: pa.Table, lines: np.ndarray, layout: _Layout, line_text: Ca
         labels, why = _labels(_column(table, spec.label), spec)
         reasons = np.where(reasons == 0, why, reasons)
     bad = np.flatnonzero(reasons)
-    rejects = [(int(lines[i]), REASONS[reasons[i] - 1], line_text(int(i))) for i in bad]
+    rejects = [(int(lines[i]), REASONS[reasons[i] - 1], preview(line_text(int(i)))) for i in bad]
     if len(bad):
         keep = reasons == 0
         table, lines = table.filter(pa.array(keep)), lines[keep]

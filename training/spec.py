@@ -65,8 +65,8 @@ class ColumnSpec:
             raise RecopsError("column spec: set both label_positive_min and label_negative_max (ratings), or neither "
                               f"(0/1 clicks); got label_positive_min={high}, label_negative_max={low}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
-            raise RecopsError(f"column spec: rating thresholds must be finite numbers, got label_positive_min={high!r}, "
-                              f"label_negative_max={low!r}")
+            raise RecopsError(f"column spec: rating thresholds must be finite numbers, got "
+                              f"label_positive_min={high!r}, label_negative_max={low!r}")
         if not low < high:
             raise RecopsError(f"column spec: label_negative_max ({low}) must be below label_positive_min ({high})")
 

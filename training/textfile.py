@@ -26,7 +26,7 @@ import pyarrow as pa
 from recops.errors import RecopsError
 
 SNIFF_BYTES = 64 << 10
-PREVIEW_CHARS = 200
+PREVIEW_CHARS = 4096
 _GZIP = b"\x1f\x8b"
 _OTHER_FORMATS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 _UTF16_32 = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
@@ -72,11 +72,13 @@ class Block:
         return self._line_ends
 
 
-def preview(raw: bytes, size: int | None = None) -> str:
-    """Printable text of a rejected line: bad bytes as ``\\xNN``, long lines cut with their size."""
+def preview(raw: bytes | str, size: int | None = None) -> str:
+    """One printable line for a rejected row: bad bytes as ``\\xNN``, NUL and line ends escaped, a row of more
+    than ``PREVIEW_CHARS`` characters cut and followed by its size in bytes."""
+    raw = raw.encode() if isinstance(raw, str) else raw
     size = len(raw) if size is None else size
     text = raw[: PREVIEW_CHARS * 4].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
-    text = text.replace("\0", "\\x00").replace("\r", "\\r")
+    text = text.replace("\0", "\\x00").replace("\r", "\\r").replace("\n", "\\n")
     return text if size <= PREVIEW_CHARS else f"{text[:PREVIEW_CHARS]}... ({size} bytes)"
 
 
@@ -86,7 +88,7 @@ class TextFile:
     def __init__(self, path: Path, block_bytes: int = 16 << 20):
         self.path = Path(path)
         self.block_bytes = block_bytes
-        self._stream = _open(self.path)
+        self._stream, self._gzip = _open(self.path)
         self._line = 1
         try:
             self._pending = self._sniff()
@@ -102,7 +104,7 @@ class TextFile:
 
     def first_lines(self, count: int = 100) -> list[bytes]:
         """Up to ``count`` complete lines from the start of what is left (nothing is consumed)."""
-        return [line.rstrip(b"\r") for line in self._pending.split(b"\n", count)[:-1]][:count]
+        return [line.rstrip(b"\r") for line in self._pending.split(b"\n", count)[:-1]]
 
     def header(self) -> str:
         """Take the first line off (a CSV header) and return it."""
@@ -114,13 +116,15 @@ class TextFile:
             data += more
         end = data.find(b"\n")
         if end < 0 and len(data) > self.block_bytes:
-            raise RecopsError(f"input {self.path}: the header line is longer than {self.block_bytes} bytes; is it a CSV file?")
+            raise RecopsError(f"input {self.path}: the header line is longer than {self.block_bytes} bytes; "
+                              "is it a CSV file?")
         line, self._pending = (data, b"") if end < 0 else (data[:end], data[end + 1:])
         self._line += 1
         try:
             return line.rstrip(b"\r").decode()
         except UnicodeDecodeError as exc:
-            raise RecopsError(f"input {self.path}: the header line is not UTF-8 ({exc}); re-encode the file as UTF-8") from exc
+            raise RecopsError(f"input {self.path}: the header line is not UTF-8 ({exc}); "
+                              "re-encode the file as UTF-8") from exc
 
     def blocks(self) -> Iterator[Block]:
         """The rest of the file as clean blocks (a block may hold no line, only rejects)."""
@@ -165,14 +169,14 @@ class TextFile:
         try:
             return self._stream.read(size)
         except (OSError, pa.ArrowException) as exc:
-            raise RecopsError(f"input {self.path}: the gzip stream is corrupt or truncated ({exc}); "
-                              "re-download or re-compress the file") from exc
+            problem = "the gzip stream is corrupt or truncated" if self._gzip else "cannot read it"
+            raise RecopsError(f"input {self.path}: {problem} ({exc}); re-download or re-create the file") from exc
 
     def _sniff(self) -> bytes:
         """The first bytes, checked: not empty, not binary, not UTF-16/32 (a UTF-8 BOM is dropped)."""
         data = self._read(SNIFF_BYTES)
         if not data:
-            raise RecopsError(f"input {self.path}: empty file (no bytes{' after gunzip' if _is_gzip(self.path) else ''}); "
+            raise RecopsError(f"input {self.path}: empty file (no bytes{' after gunzip' if self._gzip else ''}); "
                               "pass a file with rows")
         if data.startswith(_UTF8_BOM):
             data = data[len(_UTF8_BOM):]
@@ -183,29 +187,27 @@ class TextFile:
                               f"iconv -f UTF-16 -t UTF-8 {self.path.name} > {self.path.stem}.utf8{self.path.suffix}")
         share = _non_text_share(data)
         if share > _BINARY_FRACTION:
-            raise RecopsError(f"input {self.path}: binary data, not text ({share:.0%} of the first {len(data)} bytes are "
-                              "control bytes or invalid UTF-8); pass a Criteo TSV or CSV file (UTF-8, plain or gzip), "
-                              "or a Parquet file with format: parquet")
+            raise RecopsError(f"input {self.path}: binary data, not text ({share:.0%} of the first {len(data)} bytes "
+                              "are control bytes or invalid UTF-8); pass a Criteo TSV or CSV file (UTF-8, plain or "
+                              "gzip), or a Parquet file with format: parquet")
         return data
 
 
-def _open(path: Path) -> BinaryIO:
+def _open(path: Path) -> tuple[BinaryIO, bool]:
+    """The file as a byte stream, gunzipped (Arrow's zlib stream) when its magic bytes say gzip; is it gzip."""
     with open(path, "rb") as fh:
         magic = fh.read(6)
     for prefix, name in _OTHER_FORMATS.items():
         if magic.startswith(prefix):
             raise RecopsError(f"input {path}: {name}-compressed; recops reads plain or gzip text: decompress it "
                               f"(or recompress it with gzip)")
-    return pa.CompressedInputStream(pa.OSFile(str(path)), "gzip") if magic.startswith(_GZIP) else open(path, "rb")
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == _GZIP
+    if magic.startswith(_GZIP):
+        return pa.CompressedInputStream(pa.OSFile(str(path)), "gzip"), True
+    return open(path, "rb"), False
 
 
 def _non_text_share(data: bytes) -> float:
-    """Share of control bytes and bytes of invalid UTF-8 (a sequence cut at the end is not counted)."""
+    """Share of control bytes and of bytes of invalid UTF-8 (a character cut at the end counts too)."""
     control = len(data) - len(data.translate(None, _CONTROL))
     invalid = data.decode("utf-8", "replace").count("\ufffd") if not data.isascii() else 0
     return (control + invalid) / len(data)
