@@ -7,8 +7,8 @@ The hash of one value (its UTF-8 bytes, length ``n``) under a 64-bit ``seed``::
 
 with ``fmix64`` MurmurHash3's finaliser and ``G = 0x9E3779B97F4A7C15``. :func:`feature_seed` derives the
 seed from the feature name keyed by ``PreprocessConfig.hash_key`` (BLAKE2b), so every feature hashes
-differently. :func:`bucket` maps a hash to an id in ``[1, size)`` with a multiply-shift on its top 32 bits.
-No per-value Python object is created: values up to 8 bytes take one word, longer ones a segmented XOR.
+differently. :func:`bucket` maps a hash to an id in ``[1, size)`` with a multiply-shift on its top 32
+bits. ``spec.HASH_SCHEME`` names this function in saved configs. No per-value Python object is created: values up to 8 bytes take one word, longer ones a segmented XOR.
 The arithmetic runs in place (fresh temporaries of a few hundred KB cost more in page faults than in work).
 """
 from __future__ import annotations
@@ -19,9 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from recops.training.columns import buffers
+from recops.training.spec import MAX_TABLE_SIZE
 
-SCHEME = "fmix64-words"  # PreprocessConfig.hash_scheme naming this function
-MAX_BUCKETS = 1 << 32
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB3F99AB8E2AD)
 _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
@@ -54,7 +53,7 @@ def hash_values(array: pa.Array | pa.ChunkedArray, seed: np.uint64) -> np.ndarra
 
 def bucket(hashes: np.ndarray, size: int) -> np.ndarray:
     """int64 ids in ``[1, size)``: ``1 + ((hash >> 32) * (size - 1) >> 32)``; overwrites ``hashes``."""
-    if not 2 <= size <= MAX_BUCKETS:
+    if not 2 <= size <= MAX_TABLE_SIZE:
         raise ValueError(f"bucket count {size} outside [2, 2**32]")
     np.right_shift(hashes, np.uint64(32), out=hashes)
     np.multiply(hashes, np.uint64(size - 1), out=hashes)

@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 
 from recops.errors import RecopsError
-from recops.training.hashing import MAX_BUCKETS, SCHEME as HASH_SCHEME
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
+HASH_SCHEME = "fmix64-words"  # names recops.training.hashing's function
+MAX_TABLE_SIZE = 1 << 32  # its bucket mapping works on 32 bits
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class PreprocessConfig:
             raise RecopsError(f"preprocess config: hash scheme {self.hash_scheme!r} is not this recops' "
                               f"{HASH_SCHEME!r}; re-run `recops data ingest` and retrain the model")
         for name, size in {"table_size": self.table_size, **self.table_sizes}.items():
-            if not 2 <= int(size) <= MAX_BUCKETS:
+            if not 2 <= int(size) <= MAX_TABLE_SIZE:
                 raise RecopsError(f"preprocess config: table size for {name} must be in [2, 2**32], got {size}")
 
     def size_of(self, feature: str) -> int:
