@@ -1,4 +1,5 @@
 """The benchmarks `recops bench` runs, and the sizes that fit this 2-core, 24 GiB machine."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

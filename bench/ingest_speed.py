@@ -18,6 +18,7 @@ busy host compare the ratios, measured side by side.
 
 ``python -m recops.bench.ingest_speed [--rows 1000000,3000000] [--rounds 3] [--quick] [--results-dir DIR]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,16 @@ BUCKETS = 100_000
 
 def _parser():
     parser = bench_parser(__doc__)
-    parser.add_argument("--rows", default="1000000,3000000",
-                        help="rows of the synthetic file; a comma list runs several")
+    parser.add_argument(
+        "--rows", default="1000000,3000000", help="rows of the synthetic file; a comma list runs several"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="runs of each tool per size (median reported)")
-    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "recops-ingest-bench",
-                        help="where the generated files are cached and the runs write")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "recops-ingest-bench",
+        help="where the generated files are cached and the runs write",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)  # one timed run (internal)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -104,8 +110,14 @@ def worker(tool: str, path: Path, out: Path) -> dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
     rows = run(path, out)
     seconds = time.perf_counter() - start
-    return {"tool": tool, "rows": rows, "seconds": seconds, "cpu_s": time.process_time() - cpu,
-            "rows_per_s": rows / seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "tool": tool,
+        "rows": rows,
+        "seconds": seconds,
+        "cpu_s": time.process_time() - cpu,
+        "rows_per_s": rows / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_round(args, path: Path, order: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -115,8 +127,9 @@ def run_round(args, path: Path, order: tuple[str, ...]) -> dict[str, dict[str, A
         out = args.work_dir / f"out-{tool}-{os.getpid()}"
         shutil.rmtree(out, ignore_errors=True)
         try:
-            results[tool] = run_json_subprocess([__file__, "--worker", tool, "--input", str(path), "--out", str(out)],
-                                                args.timeout)
+            results[tool] = run_json_subprocess(
+                [__file__, "--worker", tool, "--input", str(path), "--out", str(out)], args.timeout
+            )
         finally:
             shutil.rmtree(out, ignore_errors=True)
     return results
@@ -127,14 +140,22 @@ def summarize(rows: int, rounds: list[dict[str, dict[str, Any]]]) -> list[dict[s
     median = lambda tool, key: statistics.median(r[tool][key] for r in rounds)  # noqa: E731
     out = []
     for tool in TOOLS:
-        row = {"tool": tool, "rows": rows, "rounds": len(rounds), "seconds": round(median(tool, "seconds"), 2),
-               "cpu_s": round(median(tool, "cpu_s"), 2), "rows_per_s": round(median(tool, "rows_per_s")),
-               "peak_rss_mib": round(median(tool, "peak_rss_mib"))}
+        row = {
+            "tool": tool,
+            "rows": rows,
+            "rounds": len(rounds),
+            "seconds": round(median(tool, "seconds"), 2),
+            "cpu_s": round(median(tool, "cpu_s"), 2),
+            "rows_per_s": round(median(tool, "rows_per_s")),
+            "peak_rss_mib": round(median(tool, "peak_rss_mib")),
+        }
         if tool != "pandas":
-            row["speedup_vs_pandas"] = round(statistics.median(r[tool]["rows_per_s"] / r["pandas"]["rows_per_s"]
-                                                               for r in rounds), 2)
-            row["rss_vs_pandas"] = round(statistics.median(r[tool]["peak_rss_mib"] / r["pandas"]["peak_rss_mib"]
-                                                           for r in rounds), 2)
+            row["speedup_vs_pandas"] = round(
+                statistics.median(r[tool]["rows_per_s"] / r["pandas"]["rows_per_s"] for r in rounds), 2
+            )
+            row["rss_vs_pandas"] = round(
+                statistics.median(r[tool]["peak_rss_mib"] / r["pandas"]["peak_rss_mib"] for r in rounds), 2
+            )
         out.append(row)
     return out
 
@@ -154,15 +175,25 @@ def main(argv: list[str] | None = None) -> int:
         measured = []
         for i in range(rounds):
             measured.append(run_round(args, path, TOOLS if i % 2 == 0 else TOOLS[::-1]))
-            done = ", ".join(f"{t} {m['rows_per_s']:,.0f} rows/s, {m['peak_rss_mib']:.0f} MiB"
-                             for t, m in measured[-1].items())
+            done = ", ".join(
+                f"{t} {m['rows_per_s']:,.0f} rows/s, {m['peak_rss_mib']:.0f} MiB" for t, m in measured[-1].items()
+            )
             print(f"{size} rows, round {i + 1}: {done}", file=sys.stderr)
         table += summarize(size, measured)
         details[str(size)] = {"file_bytes": path.stat().st_size, "rounds": measured}
     config = {"rows": sizes, "rounds": rounds, "buckets": BUCKETS, "cores": len(os.sched_getaffinity(0))}
-    out = write_result(NAME, table, args.results_dir, baseline="pandas", config=config, details=details,
-                       plots=[{"x": "rows", "y": "rows_per_s", "series": "tool", "title": "ingest rows/s"},
-                              {"x": "rows", "y": "peak_rss_mib", "series": "tool", "title": "ingest peak RSS (MiB)"}])
+    out = write_result(
+        NAME,
+        table,
+        args.results_dir,
+        baseline="pandas",
+        config=config,
+        details=details,
+        plots=[
+            {"x": "rows", "y": "rows_per_s", "series": "tool", "title": "ingest rows/s"},
+            {"x": "rows", "y": "peak_rss_mib", "series": "tool", "title": "ingest peak RSS (MiB)"},
+        ],
+    )
     print(format_table(table))
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,6 @@
 """Raw-data reader: bad bytes as counted rejects or one clear error, gzip, unlabelled rows, ratings, row ids,
 and the Arrow-side hashing and value rules shared with serving."""
+
 from __future__ import annotations
 
 import gzip
@@ -35,17 +36,27 @@ def read(path, spec=CRITEO, **kw) -> tuple[pd.DataFrame, np.ndarray, dict[int, t
 
 # --- whole-file problems: one clear error naming the file and the fix ---------------------------------
 
-@pytest.mark.parametrize("name, content, message", [
-    ("empty.tsv", b"", r"empty\.tsv: empty file"),
-    ("binary.tsv", np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes(),
-     r"binary\.tsv: binary data, not text"),
-    ("utf16.tsv", (line() + "\n").encode("utf-16"), r"utf16\.tsv: UTF-16 or UTF-32 text; .*iconv"),
-    ("latin1.tsv", "".join(line(cats=["café"] + ["x"] * 25) + "\n" for _ in range(5)).encode("latin-1"),
-     r"latin1\.tsv: no valid row .*bad_encoding.* re-encode it"),
-    ("blank.tsv", b"\n\n\n", r"blank\.tsv: schema mismatch"),
-    ("day_0.bz2", b"BZh91AY&SY" + bytes(100), r"day_0\.bz2: bzip2-compressed; .*decompress it"),
-    ("table.tsv", b"PAR1" + bytes(100), r"table\.tsv: a Parquet file; set format: parquet"),
-])
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.tsv", b"", r"empty\.tsv: empty file"),
+        (
+            "binary.tsv",
+            np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes(),
+            r"binary\.tsv: binary data, not text",
+        ),
+        ("utf16.tsv", (line() + "\n").encode("utf-16"), r"utf16\.tsv: UTF-16 or UTF-32 text; .*iconv"),
+        (
+            "latin1.tsv",
+            "".join(line(cats=["café"] + ["x"] * 25) + "\n" for _ in range(5)).encode("latin-1"),
+            r"latin1\.tsv: no valid row .*bad_encoding.* re-encode it",
+        ),
+        ("blank.tsv", b"\n\n\n", r"blank\.tsv: schema mismatch"),
+        ("day_0.bz2", b"BZh91AY&SY" + bytes(100), r"day_0\.bz2: bzip2-compressed; .*decompress it"),
+        ("table.tsv", b"PAR1" + bytes(100), r"table\.tsv: a Parquet file; set format: parquet"),
+    ],
+)
 def test_unreadable_files_are_one_clear_error(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
@@ -80,6 +91,7 @@ def test_truncated_gzip_is_an_error(tmp_path):
 
 # --- bad rows in a good file: per-row rejects with line numbers, the rest read --------------------------
 
+
 def test_bad_bytes_are_rejected_rows_with_line_numbers(tmp_path):
     good = line()
     raw = "\n".join([good, line(cats=["ab\0cd"] * 26), good, "", good]).encode() + b"\n"
@@ -87,8 +99,12 @@ def test_bad_bytes_are_rejected_rows_with_line_numbers(tmp_path):
     (tmp_path / "mixed.tsv").write_bytes(raw)
     frame, lines, rejects = read(tmp_path / "mixed.tsv")
     assert lines.tolist() == [1, 3, 5, 7, 9] and len(frame) == 5
-    assert {n: r for n, (r, _) in rejects.items()} == {2: "bad_encoding", 4: "field_count", 6: "bad_encoding",
-                                                      8: "bad_encoding"}
+    assert {n: r for n, (r, _) in rejects.items()} == {
+        2: "bad_encoding",
+        4: "field_count",
+        6: "bad_encoding",
+        8: "bad_encoding",
+    }
     assert "\\x00" in rejects[2][1] and "caf\\xe9" in rejects[6][1] and rejects[4][1] == ""
     assert frame["C26"].tolist() == [f"{25:08x}"] * 5  # the CRLF line lost its \r
 
@@ -106,8 +122,9 @@ def test_non_finite_dense_values_are_missing_in_ingest_and_in_serving(tmp_path):
     values = ["inf", "-inf", "nan", "NaN", "1e999", "7"]
     rows = [line(dense=[v] + ["1"] * 12) for v in values]
     (tmp_path / "inf.tsv").write_text("\n".join(rows) + "\n")
-    ds = ingest([tmp_path / "inf.tsv"], tmp_path / "ds", config=PreprocessConfig(table_size=50),
-                split=SplitConfig(0, 0))
+    ds = ingest(
+        [tmp_path / "inf.tsv"], tmp_path / "ds", config=PreprocessConfig(table_size=50), split=SplitConfig(0, 0)
+    )
     dense = np.asarray(ds.split("train").dense)
     np.testing.assert_allclose(dense[:, 0], [0, 0, 0, 0, 0, np.log1p(7)], rtol=1e-6)
     stats = json.loads((ds.path / "stats.json").read_text())
@@ -151,6 +168,7 @@ def test_transform_refuses_non_numeric_dense_text():
 
 # --- inputs as users publish them ------------------------------------------------------------------
 
+
 def test_gzip_is_found_by_its_magic_bytes_and_reads_like_plain_text(tmp_path):
     text = "".join(line(label=str(i % 2), cats=[f"{i:08x}"] * 26) + "\n" for i in range(5000))
     (tmp_path / "plain.tsv").write_text(text)
@@ -183,22 +201,36 @@ def test_unlabelled_rows_read_for_scoring_and_refused_for_training(tmp_path):
 
 
 def test_ratings_become_clicks_by_thresholds_and_the_middle_is_counted(tmp_path):
-    spec = ColumnSpec(label="rating", dense=("age",), sparse=("user", "item"), format="csv",
-                      label_positive_min=4, label_negative_max=2)
+    spec = ColumnSpec(
+        label="rating",
+        dense=("age",),
+        sparse=("user", "item"),
+        format="csv",
+        label_positive_min=4,
+        label_negative_max=2,
+    )
     (tmp_path / "r.csv").write_text("user,item,rating,age\nu1,i1,5,30\nu2,i1,3,20\nu1,i2,1,30\nu3,i3,4.5,\nu3,i1,,40\n")
-    ds = ingest([tmp_path / "r.csv"], tmp_path / "ds", spec=spec, config=PreprocessConfig(table_size=64),
-                split=SplitConfig(0, 0))
+    ds = ingest(
+        [tmp_path / "r.csv"],
+        tmp_path / "ds",
+        spec=spec,
+        config=PreprocessConfig(table_size=64),
+        split=SplitConfig(0, 0),
+    )
     assert np.asarray(ds.split("train").label).tolist() == [1.0, 0.0, 1.0]
     assert ds.manifest["rejected"] == {"label_between_thresholds": 1, "bad_label": 1, "total": 2}
     rejects = (ds.path / "rejects.tsv").read_text().splitlines()[1:]
     assert [r.split("\t")[1:3] for r in rejects] == [["3", "label_between_thresholds"], ["6", "bad_label"]]
 
 
-@pytest.mark.parametrize("thresholds, message", [
-    ({"label_positive_min": 4}, "set both label_positive_min and label_negative_max"),
-    ({"label_positive_min": 2, "label_negative_max": 4}, r"label_negative_max \(4\) must be below"),
-    ({"label_positive_min": "4", "label_negative_max": 2}, "rating thresholds must be finite numbers"),
-])
+@pytest.mark.parametrize(
+    "thresholds, message",
+    [
+        ({"label_positive_min": 4}, "set both label_positive_min and label_negative_max"),
+        ({"label_positive_min": 2, "label_negative_max": 4}, r"label_negative_max \(4\) must be below"),
+        ({"label_positive_min": "4", "label_negative_max": 2}, "rating thresholds must be finite numbers"),
+    ],
+)
 def test_rating_thresholds_are_validated(thresholds, message):
     with pytest.raises(RecopsError, match=message):
         ColumnSpec.from_dict({"label": "rating", **thresholds})
@@ -216,6 +248,7 @@ def test_passthrough_columns_are_carried_unvalidated(tmp_path):
 
 # --- the hash: keyed, salted per feature, the documented function, the same for training and serving ------
 
+
 def _reference_hash(value: bytes, seed: int) -> int:
     mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
 
@@ -226,7 +259,7 @@ def _reference_hash(value: bytes, seed: int) -> int:
         x = x * 0xC4CEB3F99AB8E2AD & mask
         return x ^ x >> 33
 
-    words = [int.from_bytes(value[i:i + 8].ljust(8, b"\0"), "little") for i in range(0, max(len(value), 1), 8)]
+    words = [int.from_bytes(value[i : i + 8].ljust(8, b"\0"), "little") for i in range(0, max(len(value), 1), 8)]
     h = words[0] ^ seed ^ (len(value) * golden & mask)
     for j, w in enumerate(words[1:], start=1):
         h ^= fmix(w ^ (seed + j * golden & mask))
@@ -238,14 +271,17 @@ def test_ids_are_the_documented_keyed_hash_salted_per_feature():
 
     values = ["a", "abcdefgh", "abcdefghi", "é" * 7, "x" * 100, "0a1b2c3d", None, ""]
     size = 1 << 20
-    pre = lambda key: Preprocessor(ColumnSpec(dense=(), sparse=("c1", "c2")),  # noqa: E731
-                                   PreprocessConfig(table_size=size, hash_key=key))
+    pre = lambda key: Preprocessor(
+        ColumnSpec(dense=(), sparse=("c1", "c2")),  # noqa: E731
+        PreprocessConfig(table_size=size, hash_key=key),
+    )
     frame = pd.DataFrame({"c1": values, "c2": values})
     ids = pre("recops-hash-v001").transform(frame).sparse
     for j, feature in enumerate(("c1", "c2")):
         seed = int(feature_seed(feature, "recops-hash-v001"))
-        expected = [1 + ((_reference_hash(v.encode(), seed) >> 32) * (size - 1) >> 32) if v else MISSING_ID
-                    for v in values]
+        expected = [
+            1 + ((_reference_hash(v.encode(), seed) >> 32) * (size - 1) >> 32) if v else MISSING_ID for v in values
+        ]
         assert ids[:, j].tolist() == expected
     assert (ids[:6, 0] != ids[:6, 1]).all()  # salted per feature
     assert (ids[:6] != pre("another-key-0001").transform(frame).sparse[:6]).all()  # keyed

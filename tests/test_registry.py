@@ -1,4 +1,5 @@
 """Model registry: versions, lineage, moving aliases, multi-process safety, and `recops models`."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,13 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def test_register_copies_checkpoint_and_records_lineage(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "reg")
     source = make_checkpoint(tmp_path / "run1" / "ckpt", b"v1-weights")
-    lineage = Lineage(sweep_id="sweep-7", trial_id="trial_0003", code=CodeVersion("abc123", dirty=True),
-                      libraries={"torch": "2.13.0"}, hardware={"gpu": "none", "cpus": 2})
+    lineage = Lineage(
+        sweep_id="sweep-7",
+        trial_id="trial_0003",
+        code=CodeVersion("abc123", dirty=True),
+        libraries={"torch": "2.13.0"},
+        hardware={"gpu": "none", "cpus": 2},
+    )
     first = registry.register(source, {"auc": 0.79, "logloss": 0.45}, {"lr": 0.01, "dims": [16]}, "ds-1", lineage)
     second = registry.register(source, {"auc": 0.80}, {"lr": 0.02}, "ds-1", Lineage(parent_version=first.version))
 
@@ -140,8 +146,12 @@ for trial in range(6):
 def test_concurrent_registrations_from_two_processes(tmp_path: Path) -> None:
     root = tmp_path / "reg"
     procs = [
-        subprocess.Popen([sys.executable, "-c", REGISTER_MANY, str(root), str(make_checkpoint(tmp_path / tag)), tag],
-                         cwd=REPO, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", REGISTER_MANY, str(root), str(make_checkpoint(tmp_path / tag)), tag],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for tag in ("a", "b")
     ]
     for proc in procs:
@@ -165,8 +175,9 @@ def test_default_root_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def recops(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recops.cli", "models", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "recops.cli", "models", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_list_show_alias(tmp_path: Path) -> None:
@@ -184,7 +195,9 @@ def test_cli_list_show_alias(tmp_path: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout.splitlines()[-1])["versions"]
     assert [(r["version"], r["aliases"], r["dataset_version"], r["metrics"]) for r in rows] == [
-        (1, [], "ds-1", {"auc": 0.78}), (2, ["production"], "ds-2", {"auc": 0.81})]
+        (1, [], "ds-1", {"auc": 0.78}),
+        (2, ["production"], "ds-2", {"auc": 0.81}),
+    ]
     assert Path(rows[1]["checkpoint"]) == registry.get(2).checkpoint
 
     table = recops("list", *reg).stdout.splitlines()

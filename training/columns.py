@@ -7,6 +7,7 @@ One rule set for every caller (ingest, drift, scoring, serving):
   and overflowing numbers are non-finite and count as missing, like null or empty; anything else is not a
   number (the reader rejects the row as ``non_numeric_dense``; ``Preprocessor.transform`` refuses it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,12 @@ def as_arrow(values: pd.Series | pa.Array | pa.ChunkedArray | np.ndarray) -> pa.
 def as_strings(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """String/binary arrays as they are; other scalar types (ids stored as numbers) as their text."""
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
-            or pa.types.is_large_binary(kind):
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         return array
     if pa.types.is_dictionary(kind):
         return as_strings(array.cast(kind.value_type))

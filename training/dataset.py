@@ -12,6 +12,7 @@ Layout of a version directory::
 
 Same inputs + configs -> same version id; the directory appears whole (temp dir + rename).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,7 +99,9 @@ def file_sha256(path: Path) -> str:
 
 
 def version_id(input_hashes: list[str], spec: ColumnSpec, config: PreprocessConfig, split: SplitConfig) -> str:
-    key = canonical_json({"inputs": input_hashes, "spec": spec.to_dict(), "pre": config.to_dict(), "split": asdict(split)})
+    key = canonical_json(
+        {"inputs": input_hashes, "spec": spec.to_dict(), "pre": config.to_dict(), "split": asdict(split)}
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -136,8 +139,9 @@ class _SplitWriter:
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """A .npy header; numpy pads it so its size does not depend on the row count."""
     out = io.BytesIO()
-    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                               "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
     return out.getvalue()
 
 
@@ -254,8 +258,9 @@ def _ingest_into(tmp, paths, hashes, version, spec, config, split, progress, sav
                 if progress:
                     progress(seen)
     if seen == 0:
-        raise RecopsError(f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(rejected)}); "
-                          "check the data and --spec")
+        raise RecopsError(
+            f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(rejected)}); check the data and --spec"
+        )
     rows = writer.finish(templates)
     save_reference(tmp, sample.result(), spec, max_rows=split.reference_rows)
     return {

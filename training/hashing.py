@@ -12,6 +12,7 @@ bits. ``spec.HASH_SCHEME`` names this function in saved configs. No per-value Py
 values up to 8 bytes take one word, longer ones a segmented XOR. The arithmetic runs in place (fresh
 temporaries of a few hundred KB cost more in page faults than in work).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,7 +83,7 @@ def _first_words(offsets: np.ndarray, data: np.ndarray, lengths: np.ndarray) -> 
     present = lengths > 0
     count = int(np.count_nonzero(present))
     width = int(lengths.max()) if len(lengths) else 0
-    span = data[offsets[0]:offsets[-1]]
+    span = data[offsets[0] : offsets[-1]]
     if not 0 < width <= 8 or len(span) != width * count:
         return _gather_words(span, offsets[:-1] - offsets[0], lengths)
     words = np.zeros(len(lengths), np.uint64)
@@ -113,7 +114,7 @@ def _later_words(offsets: np.ndarray, data: np.ndarray, lengths: np.ndarray, see
     rows = np.repeat(np.arange(len(lengths)), extra)
     j = np.arange(1, len(rows) + 1) - np.repeat(np.cumsum(extra) - extra, extra)
     starts = offsets[:-1][rows] - offsets[0] + 8 * j
-    words = _gather_words(data[offsets[0]:offsets[-1]], starts, offsets[1:][rows] - offsets[0] - starts)
+    words = _gather_words(data[offsets[0] : offsets[-1]], starts, offsets[1:][rows] - offsets[0] - starts)
     keys = j.view(np.uint64) * _G
     keys += seed
     words ^= keys

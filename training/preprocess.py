@@ -4,6 +4,7 @@ Categorical ids are ``recops.training.hashing``'s keyed hash of the value's UTF-
 feature's table (0 = missing); dense values become ``log1p(max(x, 0))`` with missing and non-finite -> 0.
 Everything runs on Arrow arrays: a frame from ``recops.training.readers`` is used without copies.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -74,8 +75,10 @@ def dense_values(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
         out[:, j], bad = to_float(as_arrow(frame[name]))
         if bad.any():
             rows = np.flatnonzero(bad)
-            raise RecopsError(f"preprocess: dense column {name} holds non-numbers at rows {rows[:5].tolist()} "
-                              f"(e.g. {frame[name].iloc[rows[0]]!r}); send numbers, or empty for missing")
+            raise RecopsError(
+                f"preprocess: dense column {name} holds non-numbers at rows {rows[:5].tolist()} "
+                f"(e.g. {frame[name].iloc[rows[0]]!r}); send numbers, or empty for missing"
+            )
     return out
 
 

@@ -7,6 +7,7 @@ Whole-file problems stop with one :class:`RecopsError` naming the file and the f
 binary, not UTF-8, no data rows, missing columns, no label where one is required, and a first block
 without a single valid row (a schema or format mismatch, not bad rows).
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,15 @@ from recops.training.columns import STRING_DTYPE, string_series, to_float
 from recops.training.spec import ColumnSpec
 from recops.training.textfile import Block, TextFile, preview
 
-REASONS = ("field_count", "bad_quoting", "bad_encoding", "line_too_long", "non_numeric_dense", "bad_label",
-           "label_between_thresholds")
+REASONS = (
+    "field_count",
+    "bad_quoting",
+    "bad_encoding",
+    "line_too_long",
+    "non_numeric_dense",
+    "bad_label",
+    "label_between_thresholds",
+)
 _CODE = {reason: code for code, reason in enumerate(REASONS, start=1)}  # 0 = valid
 _FIXES = {
     "bad_quoting": "a quote opened in one line closes in another: values with line ends are not supported",
@@ -70,8 +78,14 @@ class _Layout:
         return ((self.spec.label,) if self.label else ()) + tuple(self.spec.dense) + self.strings
 
 
-def read_chunks(path: Path, spec: ColumnSpec, block_bytes: int = 16 << 20, *, require_label: bool = True,
-                passthrough: Iterable[str] = ()) -> Iterator[Chunk]:
+def read_chunks(
+    path: Path,
+    spec: ColumnSpec,
+    block_bytes: int = 16 << 20,
+    *,
+    require_label: bool = True,
+    passthrough: Iterable[str] = (),
+) -> Iterator[Chunk]:
     """Stream ``path`` as validated chunks.
 
     ``require_label=False`` reads rows for scoring: the label column may be absent (a Criteo file of the
@@ -87,8 +101,9 @@ def read_chunks(path: Path, spec: ColumnSpec, block_bytes: int = 16 << 20, *, re
     yield from _prefetched(_chunks(path, spec, block_bytes, require_label, extra))
 
 
-def _chunks(path: Path, spec: ColumnSpec, block_bytes: int, require_label: bool,
-            extra: tuple[str, ...]) -> Iterator[Chunk]:
+def _chunks(
+    path: Path, spec: ColumnSpec, block_bytes: int, require_label: bool, extra: tuple[str, ...]
+) -> Iterator[Chunk]:
     if spec.format == "parquet":
         pfile, layout = _parquet_open(path, spec, require_label, extra)
         yield from _checked(path, layout, _parquet_chunks(path, pfile, layout))
@@ -139,16 +154,18 @@ def _prefetched(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
         thread.join()
 
 
-def read_frame(path: Path, spec: ColumnSpec | None = None, *, require_label: bool = True,
-               passthrough: Iterable[str] = ()) -> pd.DataFrame:
+def read_frame(
+    path: Path, spec: ColumnSpec | None = None, *, require_label: bool = True, passthrough: Iterable[str] = ()
+) -> pd.DataFrame:
     """Read a small file whole; any rejected row is an error (used by clients and tools)."""
     spec = spec or ColumnSpec.criteo()
     chunks = list(read_chunks(path, spec, require_label=require_label, passthrough=passthrough))
     rejects = sorted(r for c in chunks for r in c.rejects)
     if rejects:
         line, reason, _ = rejects[0]
-        raise RecopsError(f"input {path}: {len(rejects)} invalid rows (first: line {line}, {reason}); "
-                          "fix or remove them")
+        raise RecopsError(
+            f"input {path}: {len(rejects)} invalid rows (first: line {line}, {reason}); fix or remove them"
+        )
     return pd.concat([c.frame for c in chunks if len(c.frame)], ignore_index=True)
 
 
@@ -161,8 +178,10 @@ def _checked(path: Path, layout: _Layout, chunks: Iterator[Chunk]) -> Iterator[C
         rows += len(chunk.frame) + len(chunk.rejects)
         yield chunk
     if rows == 0:
-        raise RecopsError(f"input {path}: no data rows{' after the header' if layout.spec.format == 'csv' else ''}; "
-                          "pass a file with rows")
+        raise RecopsError(
+            f"input {path}: no data rows{' after the header' if layout.spec.format == 'csv' else ''}; "
+            "pass a file with rows"
+        )
 
 
 def _nothing_valid(path: Path, layout: _Layout, rejects: list[tuple[int, str, str]]) -> RecopsError:
@@ -172,18 +191,24 @@ def _nothing_valid(path: Path, layout: _Layout, rejects: list[tuple[int, str, st
         return RecopsError(
             f"input {path}: schema mismatch: no row has the expected {len(layout.names)} fields "
             f"({', '.join(layout.names[:3])}, ...); is this {layout.spec.format} data matching the column spec "
-            "(--spec)?")
+            "(--spec)?"
+        )
     line, _, text = next(r for r in rejects if r[1] == reason)
-    return RecopsError(f"input {path}: no valid row among the first {len(rejects)} (rejected: {dict(reasons)}; "
-                       f"first: line {line}: {text[:80]!r}); {_FIXES[reason]}")
+    return RecopsError(
+        f"input {path}: no valid row among the first {len(rejects)} (rejected: {dict(reasons)}; "
+        f"first: line {line}: {text[:80]!r}); {_FIXES[reason]}"
+    )
 
 
-def _criteo_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: bool,
-                   passthrough: tuple[str, ...]) -> _Layout:
+def _criteo_layout(
+    path: Path, spec: ColumnSpec, text: TextFile, require_label: bool, passthrough: tuple[str, ...]
+) -> _Layout:
     """Criteo TSV: the spec's columns in order, the label first; a file whose rows have one field less has none."""
     if passthrough:
-        raise RecopsError(f"input {path}: a Criteo file has only the spec's columns, not {list(passthrough)}; "
-                          "pass row ids in a CSV (with a header) or Parquet file")
+        raise RecopsError(
+            f"input {path}: a Criteo file has only the spec's columns, not {list(passthrough)}; "
+            "pass row ids in a CSV (with a header) or Parquet file"
+        )
     fields = Counter(line.count(b"\t") + 1 for line in text.first_lines())
     labelled = not fields or fields.most_common(1)[0][0] != len(spec.columns) - 1
     _check_label(path, spec, labelled, require_label)
@@ -191,13 +216,15 @@ def _criteo_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: 
     return _Layout(spec, tuple(names), labelled and require_label, passthrough)
 
 
-def _csv_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: bool,
-                passthrough: tuple[str, ...]) -> _Layout:
+def _csv_layout(
+    path: Path, spec: ColumnSpec, text: TextFile, require_label: bool, passthrough: tuple[str, ...]
+) -> _Layout:
     header = next(csv.reader([text.header()]), [])
     missing = [c for c in (*spec.dense, *spec.sparse, *spec.multi_hot) if c not in header]
     if missing:
-        raise RecopsError(f"input {path}: CSV header lacks columns {missing} named in the column spec; "
-                          f"header is {header}")
+        raise RecopsError(
+            f"input {path}: CSV header lacks columns {missing} named in the column spec; header is {header}"
+        )
     absent = [c for c in passthrough if c not in header]
     if absent:
         raise RecopsError(f"input {path}: CSV header lacks the passthrough columns {absent}; header is {header}")
@@ -212,8 +239,10 @@ def _csv_layout(path: Path, spec: ColumnSpec, text: TextFile, require_label: boo
 def _check_label(path: Path, spec: ColumnSpec, present: bool, require_label: bool) -> None:
     if require_label and not present:
         where = {"csv": "a header column", "parquet": "a column"}.get(spec.format, "the first field")
-        raise RecopsError(f"input {path}: no label column {spec.label!r}; training data needs it as {where} "
-                          "(unlabelled rows can be scored, not ingested)")
+        raise RecopsError(
+            f"input {path}: no label column {spec.label!r}; training data needs it as {where} "
+            "(unlabelled rows can be scored, not ingested)"
+        )
 
 
 def _block_chunk(block: Block, layout: _Layout) -> Chunk:
@@ -225,8 +254,10 @@ def _block_chunk(block: Block, layout: _Layout) -> Chunk:
     else:
         block = block.checked_lines() if block.data else block  # empty lines, which the parser skips, out
         pieces, unparsed = _parse_range(block, 0, len(block.lines), layout) if block.data else ([], [])
-    chunks = [_validate(table, block.lines[rows], layout, lambda i, rows=rows: block.line_text(rows[i]))
-              for table, rows in pieces]
+    chunks = [
+        _validate(table, block.lines[rows], layout, lambda i, rows=rows: block.line_text(rows[i]))
+        for table, rows in pieces
+    ]
     rejects = block.rejects + [(int(block.lines[i]), reason, preview(text)) for i, reason, text in unparsed]
     rejects += [r for c in chunks for r in c.rejects]
     frames = [c.frame for c in chunks if len(c.frame)]
@@ -291,10 +322,16 @@ def _parse(data: bytes, layout: _Layout, typed: bool = True) -> tuple[pa.Table, 
         table = pacsv.read_csv(
             pa.py_buffer(data),
             read_options=pacsv.ReadOptions(column_names=list(layout.names), use_threads=False, block_size=ARROW_BLOCK),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if criteo else ",", quote_char=False if criteo else '"',
-                                             invalid_row_handler=skip),
-            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=list(layout.columns),
-                                                 null_values=[""], strings_can_be_null=True, check_utf8=False),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t" if criteo else ",", quote_char=False if criteo else '"', invalid_row_handler=skip
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types,
+                include_columns=list(layout.columns),
+                null_values=[""],
+                strings_can_be_null=True,
+                check_utf8=False,
+            ),
         )
     except pa.ArrowInvalid as exc:
         if typed and "conversion error" in str(exc):
@@ -303,18 +340,20 @@ def _parse(data: bytes, layout: _Layout, typed: bool = True) -> tuple[pa.Table, 
     return table, invalid
 
 
-def _parquet_open(path: Path, spec: ColumnSpec, require_label: bool,
-                  passthrough: tuple[str, ...]) -> tuple[pq.ParquetFile, _Layout]:
+def _parquet_open(
+    path: Path, spec: ColumnSpec, require_label: bool, passthrough: tuple[str, ...]
+) -> tuple[pq.ParquetFile, _Layout]:
     try:
         pfile = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise RecopsError(f"input {path}: not a readable Parquet file ({exc}); pass Parquet, or set the column "
-                          "spec's format to criteo or csv for text") from exc
+        raise RecopsError(
+            f"input {path}: not a readable Parquet file ({exc}); pass Parquet, or set the column "
+            "spec's format to criteo or csv for text"
+        ) from exc
     names = pfile.schema_arrow.names
     missing = [c for c in (*spec.dense, *spec.sparse, *spec.multi_hot, *passthrough) if c not in names]
     if missing:
-        raise RecopsError(f"input {path}: Parquet file lacks columns {missing} named in the column spec or "
-                          "passthrough")
+        raise RecopsError(f"input {path}: Parquet file lacks columns {missing} named in the column spec or passthrough")
     _check_label(path, spec, spec.label in names, require_label)
     return pfile, _Layout(spec, tuple(names), spec.label in names and require_label, passthrough)
 
@@ -328,8 +367,9 @@ def _parquet_chunks(path: Path, pfile: pq.ParquetFile, layout: _Layout) -> Itera
             yield _validate(table, lines, layout, lambda i, t=table: _row_text(t, i))
             start += len(table)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise RecopsError(f"input {path}: Parquet data unreadable after row {start - 1} ({exc}); the file is "
-                          "damaged: rewrite it") from exc
+        raise RecopsError(
+            f"input {path}: Parquet data unreadable after row {start - 1} ({exc}); the file is damaged: rewrite it"
+        ) from exc
 
 
 def _row_text(table: pa.Table, index: int) -> str:

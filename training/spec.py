@@ -1,4 +1,5 @@
 """Column specification of raw data and the preprocessing configuration (plain value types)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,11 +64,15 @@ class ColumnSpec:
         if low is None and high is None:
             return
         if low is None or high is None:
-            raise RecopsError("column spec: set both label_positive_min and label_negative_max (ratings), or neither "
-                              f"(0/1 clicks); got label_positive_min={high}, label_negative_max={low}")
+            raise RecopsError(
+                "column spec: set both label_positive_min and label_negative_max (ratings), or neither "
+                f"(0/1 clicks); got label_positive_min={high}, label_negative_max={low}"
+            )
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
-            raise RecopsError(f"column spec: rating thresholds must be finite numbers, got "
-                              f"label_positive_min={high!r}, label_negative_max={low!r}")
+            raise RecopsError(
+                f"column spec: rating thresholds must be finite numbers, got "
+                f"label_positive_min={high!r}, label_negative_max={low!r}"
+            )
         if not low < high:
             raise RecopsError(f"column spec: label_negative_max ({low}) must be below label_positive_min ({high})")
 
@@ -134,8 +139,10 @@ class PreprocessConfig:
         if len(self.hash_key.encode()) != 16:
             raise RecopsError("preprocess config: hash_key must be exactly 16 bytes")
         if self.hash_scheme != HASH_SCHEME:
-            raise RecopsError(f"preprocess config: hash scheme {self.hash_scheme!r} is not this recops' "
-                              f"{HASH_SCHEME!r}; re-run `recops data ingest` and retrain the model")
+            raise RecopsError(
+                f"preprocess config: hash scheme {self.hash_scheme!r} is not this recops' "
+                f"{HASH_SCHEME!r}; re-run `recops data ingest` and retrain the model"
+            )
         for name, size in {"table_size": self.table_size, **self.table_sizes}.items():
             if not 2 <= int(size) <= MAX_TABLE_SIZE:
                 raise RecopsError(f"preprocess config: table size for {name} must be in [2, 2**32], got {size}")

@@ -11,6 +11,7 @@ Computed from a uniform sample (at most ``max_rows`` rows) of validated raw rows
 ``save_reference`` writes ``stats.json`` (JSON, human-readable) and ``reference_sample.npz`` (the
 transformed dense sample, NaN = missing, used for exact two-sample KS tests) atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def _as_arrow(values: pd.Series) -> pa.Array:
     try:
         array = pa.array(values, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise RecopsError(f"column {values.name}: mixed value types ({exc}); categorical values must be strings") from exc
+        raise RecopsError(
+            f"column {values.name}: mixed value types ({exc}); categorical values must be strings"
+        ) from exc
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
@@ -74,7 +77,11 @@ def categorical_values(frame: pd.DataFrame, name: str, spec: ColumnSpec) -> tupl
     rows missing it (null or empty; for multi-hot: no non-empty token)."""
     array = _as_arrow(frame[name])
     if name in spec.multi_hot:
-        lists = pc.split_pattern(array.cast(pa.large_string()), spec.separator) if not pa.types.is_list(array.type) else array
+        lists = (
+            pc.split_pattern(array.cast(pa.large_string()), spec.separator)
+            if not pa.types.is_list(array.type)
+            else array
+        )
         tokens, rows = pc.list_flatten(lists).cast(pa.large_string()), pc.list_parent_indices(lists)
         keep = pc.and_(pc.is_valid(tokens), pc.not_equal(tokens, "")).fill_null(False)
         present_rows = len(pc.unique(rows.filter(keep)))
@@ -91,7 +98,10 @@ def _finite(x: float) -> float | None:
 def _dense_stats(values: np.ndarray, bins: int) -> dict[str, Any]:
     """Statistics of one dense column (transformed, NaN = missing)."""
     present = np.sort(values[~np.isnan(values)]).astype(np.float64)
-    stats: dict[str, Any] = {"count": int(present.size), "missing_rate": _finite(1 - present.size / max(values.size, 1))}
+    stats: dict[str, Any] = {
+        "count": int(present.size),
+        "missing_rate": _finite(1 - present.size / max(values.size, 1)),
+    }
     if present.size == 0:
         return {**stats, "mean": None, "std": None, "quantiles": {}, "edges": [], "fractions": []}
     edges = np.unique(np.quantile(present, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf"))
@@ -157,7 +167,9 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_reference(dataset_dir: Path, frame: pd.DataFrame, spec: ColumnSpec, max_rows: int = 200_000, seed: int = 0) -> None:
+def save_reference(
+    dataset_dir: Path, frame: pd.DataFrame, spec: ColumnSpec, max_rows: int = 200_000, seed: int = 0
+) -> None:
     """Write ``stats.json`` and ``reference_sample.npz`` for ``frame`` (uniformly subsampled to ``max_rows``)."""
     dataset_dir = Path(dataset_dir)
     if len(frame) > max_rows:
@@ -184,11 +196,15 @@ def load_reference(dataset_dir: Path) -> Reference:
     except (OSError, ValueError, KeyError) as exc:
         raise RecopsError(f"reference {dataset_dir}: cannot read it ({exc}); re-run the ingest") from exc
     if stats.get("format_version") != FORMAT_VERSION:
-        raise RecopsError(f"reference {stats_path}: format_version {stats.get('format_version')} is not "
-                          f"{FORMAT_VERSION}; re-run the ingest with this recops version")
+        raise RecopsError(
+            f"reference {stats_path}: format_version {stats.get('format_version')} is not "
+            f"{FORMAT_VERSION}; re-run the ingest with this recops version"
+        )
     spec = ColumnSpec.from_dict(stats["schema"], source=str(stats_path))
     if dense.shape != (stats["rows"], len(spec.dense)):
-        raise RecopsError(f"reference {dataset_dir}: {SAMPLE_FILE} shape {dense.shape} does not match "
-                          f"{STATS_FILE} ({stats['rows']} rows, {len(spec.dense)} dense); re-run the ingest")
+        raise RecopsError(
+            f"reference {dataset_dir}: {SAMPLE_FILE} shape {dense.shape} does not match "
+            f"{STATS_FILE} ({stats['rows']} rows, {len(spec.dense)} dense); re-run the ingest"
+        )
     sorted_ = {name: np.sort(dense[~np.isnan(dense[:, j]), j]) for j, name in enumerate(spec.dense)}
     return Reference(spec=spec, stats=stats, dense_sorted=sorted_)

@@ -14,6 +14,7 @@ The checks of a clean block are a few byte scans (``memchr``, ASCII test), no pe
 Whole-file problems are one :class:`RecopsError` naming the file and the fix: empty, binary, UTF-16/32,
 another compression format, a Parquet file read as text, a corrupt gzip stream.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Block:
     def span(self, start: int, stop: int) -> bytes:
         """The bytes of lines ``start`` to ``stop - 1`` (0-based, in ``data``), each ending in ``\\n``."""
         ends = self._ends()
-        return self.data[ends[start - 1] + 1 if start else 0:ends[stop - 1] + 1]
+        return self.data[ends[start - 1] + 1 if start else 0 : ends[stop - 1] + 1]
 
     def line_text(self, index: int) -> str:
         """The text of line ``index`` (0-based, in ``data``) without its line end."""
@@ -116,15 +117,17 @@ class TextFile:
             data += more
         end = data.find(b"\n")
         if end < 0 and len(data) > self.block_bytes:
-            raise RecopsError(f"input {self.path}: the header line is longer than {self.block_bytes} bytes; "
-                              "is it a CSV file?")
-        line, self._pending = (data, b"") if end < 0 else (data[:end], data[end + 1:])
+            raise RecopsError(
+                f"input {self.path}: the header line is longer than {self.block_bytes} bytes; is it a CSV file?"
+            )
+        line, self._pending = (data, b"") if end < 0 else (data[:end], data[end + 1 :])
         self._line += 1
         try:
             return line.rstrip(b"\r").decode()
         except UnicodeDecodeError as exc:
-            raise RecopsError(f"input {self.path}: the header line is not UTF-8 ({exc}); "
-                              "re-encode the file as UTF-8") from exc
+            raise RecopsError(
+                f"input {self.path}: the header line is not UTF-8 ({exc}); re-encode the file as UTF-8"
+            ) from exc
 
     def blocks(self) -> Iterator[Block]:
         """The rest of the file as clean blocks (a block may hold no line, only rejects)."""
@@ -156,7 +159,7 @@ class TextFile:
         size += max(end, 0)
         reject = (self._line, "line_too_long", preview(head, size))
         self._line += 1
-        return (data[end + 1:] if end >= 0 else b""), [reject]
+        return (data[end + 1 :] if end >= 0 else b""), [reject]
 
     def _clean(self, data: bytes, rejects: list) -> Block:
         """A block of whole lines, with the lines that are not clean text taken out."""
@@ -176,20 +179,26 @@ class TextFile:
         """The first bytes, checked: not empty, not binary, not UTF-16/32 (a UTF-8 BOM is dropped)."""
         data = self._read(SNIFF_BYTES)
         if not data:
-            raise RecopsError(f"input {self.path}: empty file (no bytes{' after gunzip' if self._gzip else ''}); "
-                              "pass a file with rows")
+            raise RecopsError(
+                f"input {self.path}: empty file (no bytes{' after gunzip' if self._gzip else ''}); "
+                "pass a file with rows"
+            )
         if data.startswith(_UTF8_BOM):
-            data = data[len(_UTF8_BOM):]
+            data = data[len(_UTF8_BOM) :]
         if data.startswith(b"PAR1"):
             raise RecopsError(f"input {self.path}: a Parquet file; set format: parquet in the column spec (--spec)")
         if data.startswith(_UTF16_32) or data[:64].count(b"\0") > 16:
-            raise RecopsError(f"input {self.path}: UTF-16 or UTF-32 text; recops reads UTF-8: convert it, e.g. "
-                              f"iconv -f UTF-16 -t UTF-8 {self.path.name} > {self.path.stem}.utf8{self.path.suffix}")
+            raise RecopsError(
+                f"input {self.path}: UTF-16 or UTF-32 text; recops reads UTF-8: convert it, e.g. "
+                f"iconv -f UTF-16 -t UTF-8 {self.path.name} > {self.path.stem}.utf8{self.path.suffix}"
+            )
         share = _non_text_share(data)
         if share > _BINARY_FRACTION:
-            raise RecopsError(f"input {self.path}: binary data, not text ({share:.0%} of the first {len(data)} bytes "
-                              "are control bytes or invalid UTF-8); pass a Criteo TSV or CSV file (UTF-8, plain or "
-                              "gzip), or a Parquet file with format: parquet")
+            raise RecopsError(
+                f"input {self.path}: binary data, not text ({share:.0%} of the first {len(data)} bytes "
+                "are control bytes or invalid UTF-8); pass a Criteo TSV or CSV file (UTF-8, plain or "
+                "gzip), or a Parquet file with format: parquet"
+            )
         return data
 
 
@@ -199,8 +208,10 @@ def _open(path: Path) -> tuple[BinaryIO, bool]:
         magic = fh.read(6)
     for prefix, name in _OTHER_FORMATS.items():
         if magic.startswith(prefix):
-            raise RecopsError(f"input {path}: {name}-compressed; recops reads plain or gzip text: decompress it "
-                              f"(or recompress it with gzip)")
+            raise RecopsError(
+                f"input {path}: {name}-compressed; recops reads plain or gzip text: decompress it "
+                f"(or recompress it with gzip)"
+            )
     if magic.startswith(_GZIP):
         return pa.CompressedInputStream(pa.OSFile(str(path)), "gzip"), True
     return open(path, "rb"), False
