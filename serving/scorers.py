@@ -13,7 +13,7 @@ import numpy as np
 
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir
-from recops.serving.client import Predictor, features_to_inputs
+from recops.serving.client import Predictor
 from recops.serving.export import check_parity, export_onnx
 from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
 from recops.serving.repository import ONNX_FILE
@@ -59,14 +59,7 @@ class TritonScorer:
         self.versions: set[str] = set()  # the versions that answered
 
     def score(self, features: Features) -> np.ndarray:
-        inputs = {k: np.ascontiguousarray(v) for k, v in features_to_inputs(features).items()}
-        declared = {t["name"]: t["datatype"] for t in self.predictor.metadata()["inputs"]}
-        inputs = {
-            k: v.astype(np.float32) if k.startswith("mask_") and declared.get(k) == "FP32" else v
-            for k, v in inputs.items()
-            if k in declared
-        }
-        result = self.predictor.predict(inputs, model_version=self.version or "")
+        result = self.predictor.predict(self.predictor.feature_inputs(features), model_version=self.version or "")
         self.versions.update(result.model_versions)
         return next(iter(result.outputs.values())).ravel().astype(np.float64)
 

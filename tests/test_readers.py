@@ -140,7 +140,7 @@ def test_every_reject_reason_is_counted_in_the_manifest(tmp_path):
     rows = [line(), line(dense=["x"] + ["1"] * 12), line(label="2"), line(label=""), line(), "1\t2"]
     (tmp_path / "r.tsv").write_text("\n".join(rows) + "\n")
     ds = ingest([tmp_path / "r.tsv"], tmp_path / "ds", config=PreprocessConfig(table_size=50), split=SplitConfig(0, 0))
-    assert ds.manifest["rejected"] == {"non_numeric_dense": 1, "bad_label": 2, "field_count": 1, "total": 4}
+    assert ds.rejected == {"non_numeric_dense": 1, "bad_label": 2, "field_count": 1, "total": 4}
 
 
 def test_an_unbalanced_quote_rejects_its_line_only(tmp_path):
@@ -218,7 +218,7 @@ def test_ratings_become_clicks_by_thresholds_and_the_middle_is_counted(tmp_path)
         split=SplitConfig(0, 0),
     )
     assert np.asarray(ds.split("train").label).tolist() == [1.0, 0.0, 1.0]
-    assert ds.manifest["rejected"] == {"label_between_thresholds": 1, "bad_label": 1, "total": 2}
+    assert ds.rejected == {"label_between_thresholds": 1, "bad_label": 1, "total": 2}
     rejects = (ds.path / "rejects.tsv").read_text().splitlines()[1:]
     assert [r.split("\t")[1:3] for r in rejects] == [["3", "label_between_thresholds"], ["6", "bad_label"]]
 

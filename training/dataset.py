@@ -59,14 +59,14 @@ class SplitConfig:
     training rows that drift detection compares live data with.
     """
 
-    method: str = "random"
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    reference_rows: int = 200_000
+    method: str = "random"
     seed: int = 0
     column: str | None = None
     val_from: str | None = None
     test_from: str | None = None
-    reference_rows: int = 200_000
 
     def __post_init__(self) -> None:
         if self.method not in SPLIT_METHODS:

@@ -75,7 +75,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
 
     repo = model_repository(args)
     preprocessor = _preprocessor(args, repo)
-    frame = read_frame(args.input, preprocessor.spec)
+    frame = read_frame(args.input, preprocessor.spec, require_label=False)
     with Predictor(
         _url(args, repo),
         args.name,
