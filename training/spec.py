@@ -102,7 +102,12 @@ class ColumnSpec:
         data = dict(data)
         for key in ("dense", "sparse"):
             if key in data:
-                data[key] = tuple(data[key])
+                data[key] = _names(data[key], key, source)
+        if "multi_hot" in data:
+            data["multi_hot"] = _lengths(data["multi_hot"], source)
+        for key in ("label", "format", "separator"):
+            if key in data and not isinstance(data[key], str):
+                raise RecopsError(f"{source}: {key} must be a string, got {data[key]!r}")
         return cls(**data)
 
     @classmethod
@@ -157,6 +162,31 @@ class PreprocessConfig:
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         """A saved config; one without ``hash_scheme`` predates it (pandas' SipHash ids)."""
         return cls(**{"hash_scheme": "pandas-siphash", **data})
+
+
+def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RecopsError(f"{source}: {key} must be a list of column names, e.g. {key}: [a, b]; got {value!r}")
+    return tuple(value)
+
+
+def _lengths(value: Any, source: str) -> dict[str, int]:
+    """``multi_hot``: column -> the most ids kept per row."""
+    if isinstance(value, (list, tuple)):
+        example = ", ".join(f"{v}: 5" for v in value[:2]) if all(isinstance(v, str) for v in value) else "genres: 5"
+        raise RecopsError(
+            f"{source}: multi_hot maps each list column to the most ids kept per row, e.g. "
+            f"multi_hot: {{{example}}}; got a list {value!r}"
+        )
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()
+    ):
+        raise RecopsError(
+            f"{source}: multi_hot must map column names to integers, e.g. multi_hot: {{genres: 5}}; got {value!r}"
+        )
+    return dict(value)
 
 
 def canonical_json(data: Any) -> str:
