@@ -29,5 +29,6 @@ BENCHMARKS = (
     Benchmark("serve_latency"),
     Benchmark("sweep_overhead"),
     Benchmark("drift_speed", full=("--rows", "200000")),
+    Benchmark("ingest_speed"),
     Benchmark("onnx_gpu", gpu_only=True),
 )

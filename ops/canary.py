@@ -4,6 +4,7 @@ follow every move."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from recops.ops.decision import Decision, fmt
@@ -83,15 +84,19 @@ class Rollout:
         return self._recorded(before, self.deployer.deploy(version, canary=share))
 
     def promote(self, registry_version: int | None, reason: str) -> DeployState:
-        before = self.deployer.state()
-        after = before if before.canary is None else self._recorded(before, self.deployer.promote())
-        if registry_version is not None:
-            self.registry.set_alias(registry_version, "production", reason=reason)
-        return after
+        """The canary becomes production (and its registry version ``production``)."""
+        return self._end_canary(self.deployer.promote, registry_version, "production", reason)
 
     def rollback(self, registry_version: int | None, reason: str) -> DeployState:
+        """The canary is dropped (and its registry version aliased ``rejected``)."""
+        return self._end_canary(self.deployer.rollback, registry_version, "rejected", reason)
+
+    def _end_canary(
+        self, move: Callable[[], DeployState], registry_version: int | None, alias: str, reason: str
+    ) -> DeployState:
+        """``move`` unless a crash already made it (no canary left), then the alias."""
         before = self.deployer.state()
-        after = before if before.canary is None else self._recorded(before, self.deployer.rollback())
+        after = before if before.canary is None else self._recorded(before, move())
         if registry_version is not None:
-            self.registry.set_alias(registry_version, "rejected", reason=reason)
+            self.registry.set_alias(registry_version, alias, reason=reason)
         return after

@@ -206,18 +206,21 @@ class Predictor:
         return self.predict_arrays(self.frame_inputs(frame), model_version, request_id)
 
     def frame_inputs(self, frame: Any) -> dict[str, np.ndarray]:
-        """The model inputs for a raw frame: ``preprocess``, contract names, masks in the declared dtype."""
-        from tritonclient.utils import triton_to_np_dtype
-
+        """The model inputs for a raw frame, prepared by the constructor's ``preprocess``."""
         if self.preprocess is None:
             raise ServingError("predict_frame needs Predictor(preprocess=...), e.g. Preprocessor(...).transform")
-        inputs = features_to_inputs(self.preprocess(frame))
+        return self.feature_inputs(self.preprocess(frame))
+
+    def feature_inputs(self, features: Any) -> dict[str, np.ndarray]:
+        """The inputs the model declares, from ``Features``: contract names, each in its declared dtype (a model
+        without dense columns has no ``dense`` input)."""
+        from tritonclient.utils import triton_to_np_dtype
+
         declared = {t["name"]: t["datatype"] for t in self.metadata()["inputs"]}
         return {
-            name: value.astype(triton_to_np_dtype(declared[name]))
-            if name.startswith("mask_") and name in declared
-            else value
-            for name, value in inputs.items()
+            name: np.ascontiguousarray(value, triton_to_np_dtype(declared[name]))
+            for name, value in features_to_inputs(features).items()
+            if name in declared
         }
 
     @staticmethod

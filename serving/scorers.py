@@ -15,7 +15,7 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir
-from recops.serving.client import Prediction, Predictor, features_to_inputs
+from recops.serving.client import Prediction, Predictor
 from recops.serving.export import check_parity, export_onnx
 from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
 from recops.serving.repository import ONNX_FILE
@@ -80,13 +80,7 @@ class TritonScorer:
         )
 
     def _tensor(self, features: Features) -> tuple[np.ndarray, np.ndarray]:
-        inputs = {k: np.ascontiguousarray(v) for k, v in features_to_inputs(features).items()}
-        declared = {t["name"]: t["datatype"] for t in self.predictor.metadata()["inputs"]}
-        inputs = {
-            k: v.astype(np.float32) if k.startswith("mask_") and declared.get(k) == "FP32" else v
-            for k, v in inputs.items()
-            if k in declared
-        }
+        inputs = self.predictor.feature_inputs(features)
         return self._answered(self.predictor.predict(inputs, model_version=self.version or ""))
 
     def _answered(self, result: Prediction) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ import pytest
 
 from recops.ops.registry import LocalRegistry
 from recops.training.dataset import Dataset
+from recops.training.spec import ColumnSpec
 from tests.conftest import recops
 from tests.triton_fixtures import running_server
 
@@ -471,3 +472,46 @@ def test_a_split_column_keeps_the_users_split(tmp_path) -> None:
     assert ingested["rows"]["test"] == int((kept["part"] == "test").sum())
     assert ingested["rows"]["val"] == int((kept["part"] == "val").sum())
     assert ingested["rejected"].get("bad_split") == (1 if frame.loc[5, "rating"] != 3 else 0)
+
+
+def test_the_readme_spec_is_valid_and_spec_mistakes_are_clear_errors(tmp_path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("# ratings.yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "readme.yaml").write_text(block)
+    spec = ColumnSpec.load(tmp_path / "readme.yaml")
+    assert (spec.label, spec.dense, spec.multi_hot, spec.label_positive_min) == ("rating", ("age",), {"genres": 3}, 4)
+    ratings(500, 6).to_csv(tmp_path / "r.csv", index=False)
+    mistakes = {
+        "multi_hot: [genres]": "multi_hot maps each list column to the most ids kept per row",
+        "dense: age": "dense must be a list of column names",
+        "sparse: [user_id]\ncolour: red": "unknown keys ['colour']",
+        "label: rating\nlabel_positive_min: 4": "set both label_positive_min and label_negative_max",
+    }
+    for text, message in mistakes.items():
+        (tmp_path / "bad.yaml").write_text("format: csv\n" + text + "\n")
+        bad = recops(
+            "data",
+            "ingest",
+            "--input",
+            str(tmp_path / "r.csv"),
+            "--spec",
+            str(tmp_path / "bad.yaml"),
+            "--out",
+            str(tmp_path / "ds"),
+            check=False,
+        )
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (text, bad.stderr)
+
+
+def test_training_without_tuning_flags_stops_when_validation_stops_improving(tiny_dataset, tmp_path) -> None:
+    from recops.training.config import TrainConfig
+
+    result = out_json(
+        recops(
+            "train", "--data", str(tiny_dataset.path), "--out", str(tmp_path), "--no-register", "--json", timeout=600
+        )
+    )
+    history = json.loads((tmp_path / "result.json").read_text())["history"]
+    assert result["epochs"] == len(history) < TrainConfig().epochs, "early stopping ended the run"
+    best = max(range(len(history)), key=lambda i: history[i]["val_auc"])
+    assert len(history) - 1 - best == TrainConfig().patience and result["val_auc"] == history[best]["val_auc"]

@@ -16,6 +16,7 @@ Same inputs + configs -> same version id; the directory appears whole (temp dir 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from collections import Counter
@@ -58,14 +59,14 @@ class SplitConfig:
     training rows that drift detection compares live data with.
     """
 
-    method: str = "random"
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    reference_rows: int = 200_000
+    method: str = "random"
     seed: int = 0
     column: str | None = None
     val_from: str | None = None
     test_from: str | None = None
-    reference_rows: int = 200_000
 
     def __post_init__(self) -> None:
         if self.method not in SPLIT_METHODS:
@@ -258,7 +259,7 @@ def version_id(input_hashes: list[str], spec: ColumnSpec, config: PreprocessConf
 
 
 class _SplitWriter:
-    """Appends arrays per split to raw files, then turns them into .npy files."""
+    """Appends arrays per split straight into .npy files; their fixed-size header is rewritten at the end."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -268,10 +269,12 @@ class _SplitWriter:
         (self.root / split).mkdir(exist_ok=True)
         for name, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
-            with open(self.root / split / f"{name}.bin", "ab") as fh:
-                fh.write(arr.tobytes())
-            _, tail, rows = self.shapes.get((split, name), (arr.dtype, arr.shape[1:], 0))
-            self.shapes[(split, name)] = (arr.dtype, tail, rows + len(arr))
+            dtype, tail, rows = self.shapes.get((split, name), (arr.dtype, arr.shape[1:], 0))
+            with open(self.root / split / f"{name}.npy", "ab") as fh:
+                if fh.tell() == 0:
+                    fh.write(_npy_header(dtype, (0, *tail)))
+                fh.write(arr.data)
+            self.shapes[(split, name)] = (dtype, tail, rows + len(arr))
 
     def finish(self, templates: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, int]:
         rows = {}
@@ -279,15 +282,20 @@ class _SplitWriter:
             (self.root / split).mkdir(exist_ok=True)
             for name, (dtype, tail) in templates.items():
                 _, _, n = self.shapes.get((split, name), (dtype, tail, 0))
-                raw = self.root / split / f"{name}.bin"
-                out = np.lib.format.open_memmap(self.root / split / f"{name}.npy", "w+", dtype, (n, *tail))
-                if n:
-                    out[:] = np.fromfile(raw, dtype=dtype).reshape(n, *tail)
-                out.flush()
-                del out
-                raw.unlink(missing_ok=True)
+                path = self.root / split / f"{name}.npy"
+                with open(path, "r+b" if path.is_file() else "wb") as fh:
+                    fh.write(_npy_header(dtype, (n, *tail)))
                 rows[split] = n
         return rows
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A .npy header; numpy pads it so its size does not depend on the row count."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+    return out.getvalue()
 
 
 class BottomKSample:
@@ -305,7 +313,7 @@ class BottomKSample:
     def add(self, frame: pd.DataFrame) -> None:
         keys = self._rng.random(len(frame))
         keep = keys < self._threshold
-        self._frames.append(frame[keep])
+        self._frames.append(frame if keep.all() else frame[keep])
         self._keys.append(keys[keep])
         self._pending += int(keep.sum())
         if self._pending > 2 * self.k:

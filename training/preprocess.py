@@ -1,4 +1,9 @@
-"""The one preprocessing function shared by training and serving (no train/serve skew)."""
+"""The one preprocessing function shared by training and serving (no train/serve skew).
+
+Categorical ids are ``recops.training.hashing``'s keyed hash of the value's UTF-8 bytes, bucketed into the
+feature's table (0 = missing); dense values become ``log1p(max(x, 0))`` with missing and non-finite -> 0.
+Everything runs on Arrow arrays: a frame from ``recops.training.readers`` is used without copies.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from recops.errors import RecopsError
+from recops.training.columns import as_arrow, as_strings, present, to_float
+from recops.training.hashing import bucket, feature_seed, hash_values
 from recops.training.spec import ColumnSpec, PreprocessConfig
 
 MISSING_ID = 0
 OOV_ID = 1
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -48,97 +56,110 @@ class Features:
 
 
 def transform_dense(values: np.ndarray) -> np.ndarray:
-    """log(1 + max(x, 0)), missing (NaN) -> 0."""
-    out = np.log1p(np.maximum(np.nan_to_num(values.astype(np.float64), nan=0.0), 0.0))
+    """log(1 + max(x, 0)); missing (NaN) and non-finite values -> 0."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.where(np.isfinite(values), values, 0.0)
+    np.maximum(out, 0.0, out=out)
+    np.log1p(out, out=out)
     return out.astype(np.float32)
 
 
-def _salt(name: str) -> np.uint64:
-    return np.uint64(int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") | 1)
-
-
-def _hash(values: np.ndarray, feature: str, key: str) -> np.ndarray:
-    """Stable 64-bit hash of string values, salted per feature."""
-    h = pd.util.hash_array(values.astype(object), hash_key=key, categorize=True)
-    with np.errstate(over="ignore"):
-        h = (h ^ _salt(feature)) * _MIX
-        return h ^ (h >> np.uint64(31))
-
-
-def _is_missing(values: pd.Series) -> np.ndarray:
-    return (values.isna() | (values.astype(str) == "")).to_numpy()
+def dense_values(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """float64 [N, D] of raw dense columns (numbers or numeric text), NaN = missing (null, empty, non-finite)."""
+    if all(frame[n].dtype.kind == "f" for n in names):
+        values = frame[list(names)].to_numpy(dtype=np.float64, na_value=np.nan)
+        return np.where(np.isfinite(values), values, np.nan)
+    out = np.empty((len(frame), len(names)))
+    for j, name in enumerate(names):
+        out[:, j], bad = to_float(as_arrow(frame[name]))
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise RecopsError(
+                f"preprocess: dense column {name} holds non-numbers at rows {rows[:5].tolist()} "
+                f"(e.g. {frame[name].iloc[rows[0]]!r}); send numbers, or empty for missing"
+            )
+    return out
 
 
 class Preprocessor:
     """Turns a raw frame (spec columns) into :class:`Features`; scikit-learn style ``fit``/``transform``.
 
-    ``fit`` is only needed when ``config.min_frequency > 0`` (it builds the vocabularies).
+    ``fit`` is only needed when ``config.min_frequency > 0`` (it builds the vocabularies). Columns may be
+    pandas (object, ``str``, Arrow-backed) or numeric; the rules are ``recops.training.columns``'.
     """
 
     def __init__(self, spec: ColumnSpec, config: PreprocessConfig, vocabularies: dict[str, list[str]] | None = None):
         self.spec = spec
         self.config = config
         self.vocabularies = vocabularies or {}
-        self._indexes = {name: pd.Index(values) for name, values in self.vocabularies.items()}
+        self._vocab = {name: pa.array(values, pa.large_binary()) for name, values in self.vocabularies.items()}
+        self._seeds = {name: feature_seed(name, config.hash_key) for name in spec.feature_names}
 
     @property
     def table_sizes(self) -> dict[str, int]:
         return {name: self.config.size_of(name) for name in self.spec.feature_names}
 
     def fit(self, frames: Any) -> Preprocessor:
-        """Build frequency-threshold vocabularies from one frame or an iterable of frames."""
+        """Build frequency-threshold vocabularies from one frame or an iterable of frames: the values seen at
+        least ``min_frequency`` times, most frequent first (ties by value)."""
         if self.config.min_frequency <= 0:
             return self
         frames = [frames] if isinstance(frames, pd.DataFrame) else frames
-        counts: dict[str, pd.Series] = {}
+        counts: dict[str, pa.Table] = {}
         for frame in frames:
             for name in self.spec.sparse:
-                vc = frame[name].dropna().astype(str).value_counts()
-                counts[name] = vc if name not in counts else counts[name].add(vc, fill_value=0)
+                values = _categorical(frame[name]).cast(pa.large_binary())
+                new = pc.value_counts(values.filter(pa.array(present(values))))
+                table = pa.table({"value": new.field("values"), "count": new.field("counts")})
+                if name in counts:
+                    table = pa.concat_tables([counts[name], table]).group_by("value").aggregate([("count", "sum")])
+                    table = table.rename_columns(["value", "count"])
+                counts[name] = table
         vocab = {}
-        for name, vc in counts.items():
-            kept = vc[vc >= self.config.min_frequency].sort_values(ascending=False, kind="stable")
-            vocab[name] = [v for v in kept.index[: self.config.size_of(name) - 2] if v != ""]
+        for name, table in counts.items():
+            kept = table.filter(pc.greater_equal(table["count"], self.config.min_frequency))
+            order = pc.sort_indices(kept, [("count", "descending"), ("value", "ascending")])
+            top = kept["value"].take(order[: self.config.size_of(name) - 2])
+            vocab[name] = [v.decode() for v in top.to_pylist()]
         return Preprocessor(self.spec, self.config, vocab)
 
-    def ids(self, name: str, values: pd.Series) -> np.ndarray:
-        """Categorical values of one feature -> int64 ids in [0, table size)."""
-        missing = _is_missing(values)
-        raw = values.astype(str).to_numpy()
-        if name in self._indexes:
-            ids = self._indexes[name].get_indexer(raw).astype(np.int64)
-            ids = np.where(ids < 0, OOV_ID, ids + 2)
+    def ids(self, name: str, values: pd.Series | pa.Array) -> np.ndarray:
+        """Categorical values of one feature -> int64 ids in [0, table size); 0 = missing (null or empty)."""
+        array = _categorical(values)
+        if name in self._vocab:
+            index = pc.index_in(array.cast(pa.large_binary()), value_set=self._vocab[name])
+            index = index.to_numpy(zero_copy_only=False)  # float, NaN where out of vocabulary
+            ids = np.where(np.isnan(index), OOV_ID, np.nan_to_num(index) + 2).astype(np.int64)
         else:
-            buckets = np.uint64(self.config.size_of(name) - 1)
-            ids = (_hash(raw, name, self.config.hash_key) % buckets).astype(np.int64) + 1
-        ids[missing] = MISSING_ID
+            ids = bucket(hash_values(array, self._seeds[name]), self.config.size_of(name))
+        ids[~present(array)] = MISSING_ID
         return ids
 
     def _multi(self, name: str, values: pd.Series) -> np.ndarray:
-        max_len = int(self.spec.multi_hot[name])
-        lists = values.map(_as_list(self.spec.separator))
-        lengths = lists.map(len).to_numpy()
-        flat = lists.explode()
-        flat = flat[flat.notna()]
-        ids = self.ids(name, flat.astype(str))
-        rows = np.repeat(np.arange(len(values)), lengths)
-        position = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out = np.full((len(values), max_len), -1, dtype=np.int64)
-        keep = position < max_len
-        out[rows[keep], position[keep]] = ids[keep]
-        out[lengths == 0, 0] = MISSING_ID
+        """[N, max_len] ids of a list feature: tokens in order, -1 padding; a row without a token -> [0, -1, ...]."""
+        array = as_arrow(values)
+        array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+        if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+            array = pc.split_pattern(_categorical(array), self.spec.separator)
+        tokens = _categorical(pc.list_flatten(array))
+        rows = pc.list_parent_indices(array).to_numpy()
+        keep = present(tokens)
+        ids, rows = self.ids(name, tokens.filter(pa.array(keep))), rows[keep]
+        position = np.arange(len(rows)) - np.searchsorted(rows, rows)
+        out = np.full((len(array), int(self.spec.multi_hot[name])), -1, dtype=np.int64)
+        fits = position < out.shape[1]
+        out[rows[fits], position[fits]] = ids[fits]
+        out[np.bincount(rows, minlength=len(array)) == 0, 0] = MISSING_ID
         return out
 
     def transform(self, frame: pd.DataFrame) -> Features:
         missing = [c for c in (*self.spec.dense, *self.spec.sparse, *self.spec.multi_hot) if c not in frame]
         if missing:
             raise RecopsError(f"preprocess: input frame lacks columns {missing}; it must have the spec's columns")
-        dense = transform_dense(frame[list(self.spec.dense)].to_numpy(dtype=np.float64, na_value=np.nan))
-        sparse = (
-            np.stack([self.ids(n, frame[n]) for n in self.spec.sparse], axis=1)
-            if self.spec.sparse
-            else np.zeros((len(frame), 0), np.int64)
-        )
+        dense = transform_dense(dense_values(frame, self.spec.dense))
+        sparse = np.zeros((len(frame), len(self.spec.sparse)), np.int64)
+        for j, name in enumerate(self.spec.sparse):
+            sparse[:, j] = self.ids(name, frame[name])
         multi = {n: self._multi(n, frame[n]) for n in self.spec.multi_hot}
         label = frame[self.spec.label].to_numpy(np.float32) if self.spec.label in frame else None
         return Features(dense=dense, sparse=sparse, multi=multi, label=label)
@@ -148,17 +169,10 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
-        return cls(
-            ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"]), data.get("vocabularies")
-        )
+        spec, config = ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"])
+        return cls(spec, config, data.get("vocabularies"))
 
 
-def _as_list(separator: str):
-    def split(value: Any) -> list:
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            return []
-        if isinstance(value, str):
-            return [v for v in value.split(separator) if v != ""]
-        return [str(v) for v in value]
-
-    return split
+def _categorical(values: pd.Series | pa.Array) -> pa.Array:
+    """Values of a categorical as one string/binary Arrow array (numbers as their text)."""
+    return as_strings(as_arrow(values))

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from recops.errors import RecopsError
 from recops.files import atomic_path, write_json_atomic
-from recops.training.preprocess import transform_dense
+from recops.training.preprocess import dense_values, transform_dense
 from recops.training.spec import ColumnSpec
 
 STATS_FILE = "stats.json"
@@ -53,8 +53,8 @@ class Reference:
 
 
 def dense_matrix(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
-    """Transformed dense values float32 [N, D] with NaN where the raw value is missing."""
-    raw = frame[list(names)].to_numpy(dtype=np.float64, na_value=np.nan)
+    """Transformed dense values float32 [N, D] with NaN where the raw value is missing (null, empty, non-finite)."""
+    raw = dense_values(frame, names)
     out = transform_dense(raw)
     out[np.isnan(raw)] = np.nan
     return out

@@ -147,14 +147,16 @@ class _Trainer:
         return {"dense": self.dense_opt.state_dict(), "fused": self.model.fused_optimizer.state_dict()}
 
     def restore(self, ckpt: checkpoint.CheckpointState) -> None:
-        model_sd = self.model.state_dict()
-        checkpoint.scatter_full(model_sd, ckpt.model)
-        self.model.load_state_dict(model_sd)
-        self.dense_opt.init_state()  # KeyedOptimizer loads only into initialised state
+        """The checkpoint's optimizer state, then its weights: ``init_state`` (which KeyedOptimizer needs before it
+        loads a state) takes a zero-gradient step that would move weights loaded before it."""
+        self.dense_opt.init_state()
         for name, opt in (("fused", self.model.fused_optimizer), ("dense", self.dense_opt)):
             state = opt.state_dict()
             checkpoint.scatter_full(state["state"], ckpt.optim[name]["state"], f"{name}.")
             opt.load_state_dict(state)
+        model_sd = self.model.state_dict()
+        checkpoint.scatter_full(model_sd, ckpt.model)
+        self.model.load_state_dict(model_sd)
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale both learning rates (the schedule's factor for this epoch)."""
@@ -164,30 +166,29 @@ class _Trainer:
             group["lr"] = self.cfg.embedding_lr * factor
         self.model.fused_optimizer.step()  # the fused kernels take the new rate on step
 
-    def train_epoch(self, epoch: int, skip_steps: int = 0) -> tuple[float, int, float]:
-        """One pass over the train split; returns (mean loss, samples, seconds)."""
+    def train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over the train split, the last batch smaller when the rows run out (every rank takes an equal
+        share of each batch); returns (mean loss, samples, seconds)."""
         self.model.train()
         self.set_lr_factor(self.cfg.lr_factor(epoch))
-        n = (
-            len(self.train.label)
-            if not self.cfg.max_train_rows
-            else min(self.cfg.max_train_rows, len(self.train.label))
-        )
+        n = min(self.cfg.max_train_rows or len(self.train.label), len(self.train.label))
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-        steps = n // self.cfg.batch_size
-        local = self.cfg.batch_size // self.world
-        losses, start = [], time.perf_counter()
-        for step in range(skip_steps, steps):
-            batch = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+        losses, samples, start = [], 0, time.perf_counter()
+        for first in range(0, n, self.cfg.batch_size):
+            batch = order[first : first + self.cfg.batch_size]
+            local = len(batch) // self.world
+            if local == 0:  # fewer rows left than ranks
+                break
             dense, kjt, label = self._tensors(self.train, np.sort(batch[self.rank * local : (self.rank + 1) * local]))
             loss = F.binary_cross_entropy_with_logits(self.model(dense, kjt), label)
             self.dense_opt.zero_grad()
             loss.backward()
             self.dense_opt.step()
             losses.append(loss.detach())
+            samples += local * self.world
         seconds = time.perf_counter() - start
         mean = float(torch.stack(losses).mean()) if losses else float("nan")
-        return mean, (steps - skip_steps) * local * self.world, seconds
+        return mean, samples, seconds
 
     @torch.no_grad()
     def predict(self, feats: Features) -> tuple[np.ndarray, np.ndarray]:

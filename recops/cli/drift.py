@@ -39,7 +39,7 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     from recops.training.stats import load_reference
 
     reference = load_reference(Path(args.reference))  # carries the dataset's schema
-    chunks = list(read_chunks(Path(args.current), reference.spec))
+    chunks = list(read_chunks(Path(args.current), reference.spec, require_label=False))
     rejected = sum(len(c.rejects) for c in chunks)
     frames = [c.frame for c in chunks if len(c.frame)]
     if not frames:

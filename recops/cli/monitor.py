@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from recops.cli.common import add_json_flag
+from recops.ops.online import OnlineConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reference", type=Path, metavar="DATASET_DIR", help="the served model's dataset, with --predictions"
     )
-    p.add_argument("--window-s", type=float, default=300.0, help="window length of the logs (with --predictions)")
-    p.add_argument("--max-delay-s", type=float, default=3600.0, help="feedback attribution limit (with --predictions)")
+    online = OnlineConfig()
+    p.add_argument("--window-s", type=float, default=online.window_s, help="window length (with --predictions)")
+    p.add_argument("--max-delay-s", type=float, default=online.max_delay_s, help="feedback limit (with --predictions)")
     p.add_argument("--metrics-url", default=None, help="Triton /metrics URL (default: the loop's server, if any)")
     p.add_argument("--model", default=None, help="only this model's Triton figures")
     p.add_argument("--watch", type=float, default=0.0, metavar="S", help="repeat every S seconds (Ctrl-C stops)")

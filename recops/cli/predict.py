@@ -88,7 +88,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
 
     repo = model_repository(args)
     preprocessor = _preprocessor(args, repo)
-    frame = read_frame(args.input, preprocessor.spec)
+    frame = read_frame(args.input, preprocessor.spec, require_label=False)
     raw = None if args.preprocess else raw_model_of(ModelRepository(repo), args.name)
     with Predictor(
         _url(args, repo),
