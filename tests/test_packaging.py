@@ -49,6 +49,9 @@ def test_package_data_ships_with_it(wheel: zipfile.ZipFile) -> None:
         "recops/ops/dashboards/recops_grafana.json",
         "recops/serving/triton_python_model.py",
         "recops/deploy/values.yaml",
+        "recops/triton_models/raw_preprocess.py",  # the raw-feature model's steps, copied into every repository
+        "recops/triton_models/raw_score.py",
+        "recops/triton_models/README.md",
     } <= names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "recops = recops.cli:main" in wheel.read(entry).decode()
