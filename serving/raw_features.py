@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from recops.errors import RecopsError
 from recops.serving.onnx_model import TensorSpec
 from recops.serving.repository import CONFIG_FILE, ModelRepository
+from recops.training.columns import STRING_DTYPE, to_float
 from recops.training.spec import ColumnSpec
 
 MODEL_VERSION = "model_version"  # output: the version that answered each row
@@ -82,22 +84,28 @@ def raw_frame(spec: ColumnSpec, tensors: Mapping[str, np.ndarray]) -> pd.DataFra
     rows = {name: len(values) for name, values in data.items()}
     if len(set(rows.values())) > 1:
         raise RawInputError(f"columns have different row counts {rows}: send every column with the same rows")
-    return pd.DataFrame(data)
+    return pd.DataFrame(data, copy=False)
 
 
-def _texts(name: str, tensor: np.ndarray) -> np.ndarray:
-    """BYTES (UTF-8) values as str."""
+def _texts(name: str, tensor: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """BYTES values (UTF-8) as pandas' Arrow-backed ``str`` values (no copy into Python strings)."""
+    return pd.arrays.ArrowStringArray(_utf8(name, tensor), dtype=STRING_DTYPE)
+
+
+def _utf8(name: str, tensor: np.ndarray) -> pa.Array:
     values = np.asarray(tensor).reshape(-1)
     if values.dtype != object:
         raise RawInputError(f"column {name} is {values.dtype}: send it as BYTES (UTF-8 text)")
     try:
-        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
-    except UnicodeDecodeError:
-        row = next(i for i, v in enumerate(values) if isinstance(v, bytes) and not _utf8(v))
+        return pa.array(values, type=pa.binary()).cast(pa.large_string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        row = next(i for i, v in enumerate(values) if not _is_utf8(v))
         raise RawInputError(f"column {name}: row {row} is not UTF-8 text; send text as UTF-8") from None
 
 
-def _utf8(value: bytes) -> bool:
+def _is_utf8(value: object) -> bool:
+    if not isinstance(value, bytes):
+        return isinstance(value, str)
     try:
         value.decode()
     except UnicodeDecodeError:
@@ -106,22 +114,25 @@ def _utf8(value: bytes) -> bool:
 
 
 def _numbers(name: str, tensor: np.ndarray) -> np.ndarray:
-    """float64 values of a dense column (NaN = missing), from FP32/FP64 or from decimal text (empty = missing)."""
+    """float64 values of a dense column (NaN = missing), from FP32/FP64 or from decimal text (empty = missing),
+    read by the raw-data reader's rules (``recops.training.columns.to_float``)."""
     values = np.asarray(tensor).reshape(-1)
     if values.dtype.kind == "f":
         return values.astype(np.float64)
     if values.dtype != object:
         raise RawInputError(f"column {name} is {values.dtype}: send it as FP32 numbers or BYTES decimal text")
-    text = pd.Series(_texts(name, values)).str.strip()
-    numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
-    bad = numbers.isna() & (text != "") & (text.str.lower() != "nan")
+    numbers, bad = to_float(_utf8(name, values))
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+        row = int(np.flatnonzero(bad)[0])
         raise RawInputError(
-            f"column {name}: {text.iloc[row][:40]!r} (row {row}) is not a number; send a decimal number such as "
-            "3 or 0.25, or an empty string for a missing value"
+            f"column {name}: {_shown(values[row])!r} (row {row}) is not a number; send a "
+            "decimal number such as 3 or 0.25, or an empty string for a missing value"
         )
-    return numbers.to_numpy(np.float64)
+    return numbers
+
+
+def _shown(value: object) -> str:
+    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value))[:40]
 
 
 # ---- client side: a frame -> a request's tensors -----------------------------------------------------------------
