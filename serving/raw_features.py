@@ -69,7 +69,7 @@ def raw_columns(spec: ColumnSpec, dense_dtype: str) -> tuple[TensorSpec, ...]:
     return dense + tuple(TensorSpec(name, "BYTES", (-1, 1)) for name in (*spec.sparse, *spec.multi_hot))
 
 
-# ---- server side: a request's tensors -> the Preprocessor's frame ------------------------------------------------
+# ---- server side: a request's tensors -> the Preprocessor's frame -------------------------------------------------
 def raw_frame(spec: ColumnSpec, tensors: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """The frame ``Preprocessor.transform`` takes, from one request's raw tensors (each [B, 1] or [B])."""
     names = (*spec.dense, *spec.sparse, *spec.multi_hot)
@@ -135,7 +135,7 @@ def _shown(value: object) -> str:
     return (value.decode(errors="replace") if isinstance(value, bytes) else str(value))[:40]
 
 
-# ---- client side: a frame -> a request's tensors -----------------------------------------------------------------
+# ---- client side: a frame -> a request's tensors ------------------------------------------------------------------
 def raw_inputs(frame: pd.DataFrame, columns: Sequence[TensorSpec], separator: str = "|") -> dict[str, np.ndarray]:
     """One [B, 1] tensor per raw column of ``frame``, in each column's declared datatype (FP32 or BYTES)."""
     missing = [c.name for c in columns if c.name not in frame]

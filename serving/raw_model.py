@@ -148,7 +148,7 @@ def _same(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, str], ...]:
     return tuple((s.name, s.name) for s in specs)
 
 
-# ---- step 1: what <name>_raw_preprocess runs ------------------------------------------------------------------
+# ---- step 1: what <name>_raw_preprocess runs ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class RawRequest:
     """One request as step 1 sees it: its raw tensors, request parameters and id."""

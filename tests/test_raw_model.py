@@ -119,7 +119,7 @@ def test_an_export_with_other_columns_is_refused(repo, tmp_path, tiny_onnx):
         check_compatible(repo, "ctr", export_dir(tmp_path / "multi", tiny_onnx, MULTI))
 
 
-# ---- raw tensors <-> frame -----------------------------------------------------------------------------------------
+# ---- raw tensors <-> frame ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("preprocessor", [CRITEO, MULTI], ids=["criteo", "multi-hot"])
 @pytest.mark.parametrize("dense", ["FP32", "BYTES"])
 def test_raw_tensors_preprocess_like_the_frame_they_came_from(preprocessor, dense):
@@ -161,7 +161,7 @@ def test_bad_requests_name_the_column_and_the_fix(change, message):
         raw_frame(MULTI.spec, tensors)
 
 
-# ---- the preprocessing step ------------------------------------------------------------------------------------------
+# ---- the preprocessing step ---------------------------------------------------------------------------------------
 def _request(rows: int, seed: int = 0, **parameters) -> RawRequest:
     frame = random_raw_frame(CRITEO.spec, rows, np.random.default_rng(seed))
     return RawRequest(raw_inputs(frame, raw_columns(CRITEO.spec, "FP32")), parameters)
