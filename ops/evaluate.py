@@ -20,7 +20,6 @@ from recops.errors import RecopsError
 from recops.ops.registry import ModelRegistry
 from recops.serving.deploy import read_deploy_state
 from recops.serving.onnx_model import read_preprocessor
-from recops.serving.raw_features import raw_model_of
 from recops.serving.repository import ModelRepository
 from recops.serving.scorers import OnnxScorer, TritonScorer, exported_checkpoint
 from recops.training.checkpoint import Checkpoint
@@ -70,7 +69,7 @@ def open_scorer(source: ModelSource, registry: ModelRegistry, repo: ModelReposit
         read_preprocessor(repo.model_dir(source.name) / str(version)),
         source.version,
         source.protocol,
-        raw=raw_model_of(repo, source.name),
+        repo=repo,
     )
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from recops.serving.errors import ServingError
 from recops.serving.onnx_model import TensorSpec
-from recops.serving.raw_features import KEY_PARAMETER, MODEL_VERSION, VERSION_PARAMETER, raw_inputs
+from recops.serving.raw_features import KEY_PARAMETER, MODEL_VERSION, VERSION_PARAMETER, raw_inputs, raw_model_of
+from recops.serving.repository import ModelRepository
 from recops.serving.server import http_address
 
 PROTOCOLS = ("http", "grpc")
@@ -278,3 +279,16 @@ class Predictor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def raw_predictor(url: str, repo: ModelRepository, name: str, **options: Any) -> Predictor | None:
+    """A client of ``name``'s raw-feature model when ``repo`` has one and the server at ``url`` has it loaded (else
+    None: preprocess here and call ``name``). ``options`` as for ``Predictor``."""
+    raw = raw_model_of(repo, name)
+    if raw is None:
+        return None
+    predictor = Predictor(url, raw, **options)
+    if predictor.is_ready():
+        return predictor
+    predictor.close()
+    return None

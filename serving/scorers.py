@@ -15,10 +15,10 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir
-from recops.serving.client import Prediction, Predictor
+from recops.serving.client import Prediction, Predictor, raw_predictor
 from recops.serving.export import check_parity, export_onnx
 from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
-from recops.serving.repository import ONNX_FILE
+from recops.serving.repository import ONNX_FILE, ModelRepository
 from recops.training.checkpoint import Checkpoint
 from recops.training.preprocess import Features, Preprocessor
 
@@ -48,8 +48,9 @@ class OnnxScorer:
 
 
 class TritonScorer:
-    """A served model (``version`` None: the server's choice, a deployment's split on the raw-feature model ``raw``),
-    fed rows prepared by ``preprocessor`` (here, or in the server when ``raw`` names the model's raw-feature model)."""
+    """A served model (``version`` None: the server's choice, or the deployment's split on the raw-feature model),
+    fed rows prepared by ``preprocessor``: in the server by the model's raw-feature model when ``repo`` has one and
+    the server has it loaded, else here."""
 
     def __init__(
         self,
@@ -59,12 +60,13 @@ class TritonScorer:
         version: int | None = None,
         protocol: str = "http",
         batch_size: int = 4096,
-        raw: str | None = None,
+        repo: ModelRepository | None = None,
     ):
         self.preprocessor, self.version = preprocessor, version
-        self.predictor = Predictor(url, name, protocol=protocol, batch_size=batch_size, timeout_s=60.0)
-        self.raw = raw and Predictor(url, raw, protocol=protocol, batch_size=batch_size, timeout_s=60.0)
-        served = f"model {raw} (raw rows)" if raw else f"model {name}"
+        options = {"protocol": protocol, "batch_size": batch_size, "timeout_s": 60.0}
+        self.predictor = Predictor(url, name, **options)
+        self.raw = repo and raw_predictor(url, repo, name, **options)
+        served = f"model {self.raw.model_name} (raw rows)" if self.raw else f"model {name}"
         self.description = f"Triton {url} {served}" + (f" version {version}" if version else "")
         self.versions: set[str] = set()  # the versions that answered
 

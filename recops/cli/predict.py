@@ -1,9 +1,9 @@
 """`recops predict`: score raw rows (Criteo TSV, CSV, Parquet) with a model served by Triton.
 
-Rows go to the model's raw-feature model when the repository has one (the server preprocesses them and, without
---version, the deployment's split picks the version per request by --key); with --preprocess FILE, or for a model
-without one, they are preprocessed here and sent to the tensor-level model. Each row's answering version is
-reported."""
+Rows go to the model's raw-feature model when the repository has one and the server has it loaded (the server
+preprocesses them and, without --version, the deployment's split picks the version per request by --key); with
+--preprocess FILE, or else, they are preprocessed here and sent to the tensor-level model. Each row's answering
+version is reported."""
 
 from __future__ import annotations
 
@@ -81,31 +81,26 @@ def _url(args: argparse.Namespace, repo: Path) -> str:
 
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.serving.client import Predictor
-    from recops.serving.raw_features import raw_model_of
+    from recops.serving.client import Predictor, raw_predictor
     from recops.serving.repository import ModelRepository
     from recops.training.readers import read_frame
 
     repo = model_repository(args)
     preprocessor = _preprocessor(args, repo)
     frame = read_frame(args.input, preprocessor.spec, require_label=False)
-    raw = None if args.preprocess else raw_model_of(ModelRepository(repo), args.name)
-    with Predictor(
-        _url(args, repo),
-        raw or args.name,
-        protocol=args.protocol,
-        timeout_s=args.timeout,
-        batch_size=args.batch_size,
-        preprocess=preprocessor.transform,
-    ) as predictor:
-        if raw:
-            result = predictor.predict_rows(frame, args.version, args.key, preprocessor.spec.separator)
-        else:
+    options = {"protocol": args.protocol, "timeout_s": args.timeout, "batch_size": args.batch_size}
+    url = _url(args, repo)
+    raw = None if args.preprocess else raw_predictor(url, ModelRepository(repo), args.name, **options)
+    if raw is not None:
+        with raw:
+            result = raw.predict_rows(frame, args.version, args.key, preprocessor.spec.separator)
+    else:
+        with Predictor(url, args.name, preprocess=preprocessor.transform, **options) as predictor:
             result = predictor.predict(predictor.frame_inputs(frame), model_version=args.version or "")
     scores = result.scores.reshape(len(frame), -1)
     return {
         "name": args.name,
-        "model": raw or args.name,
+        "model": raw.model_name if raw else args.name,
         "versions": sorted({str(v) for v in result.row_versions}),
         "rows": len(frame),
         "mean": float(scores.mean()),
