@@ -1,17 +1,23 @@
-"""Serving latency and throughput: TorchRec eager vs in-process ONNX Runtime vs Triton (HTTP, gRPC).
+"""Serving latency and throughput: TorchRec eager vs in-process ONNX Runtime vs Triton (HTTP, gRPC), on model
+tensors and on raw rows (the raw-feature model: Triton's ensemble preprocessing in the server).
 
 One DLRM (Criteo shape: 13 dense, 26 tables of ``--table-size`` rows, dim 16, random weights) is saved as
-a checkpoint, exported with ``recops.serving.export`` (parity-gated) into a temporary model repository and served
-by a local Triton server (cpu target: python backend running the same ONNX with onnxruntime). For each
-batch size and client concurrency every backend answers back-to-back requests for ``--seconds``:
+a checkpoint, exported with ``recops.serving.export`` (parity-gated) into a temporary model repository, deployed
+(the tensor-level model and its raw-feature model ``<model>_raw``) and served by a local Triton server (cpu target:
+python backend running the same ONNX with onnxruntime). For each batch size and client concurrency every backend
+answers back-to-back requests for ``--seconds``:
 
 - ``torch_eager``: ``recops.training.model.DLRM`` (EmbeddingBagCollection fed a KeyedJaggedTensor built per request)
-- ``onnxruntime``: ``InferenceSession.run`` in this process (the baseline Triton is compared with)
-- ``triton_http`` / ``triton_grpc``: ``recops.serving.client.Predictor`` against the server
+- ``onnxruntime``: ``InferenceSession.run`` on model tensors in this process (the baseline Triton is compared with)
+- ``triton_http`` / ``triton_grpc``: model tensors to the tensor-level model through ``recops.serving.client``
+- ``preprocess_onnxruntime``: raw rows (a DataFrame) through ``Preprocessor.transform`` and ONNX Runtime here
+- ``triton_raw_http`` / ``triton_raw_grpc``: the same raw rows as request tensors to the raw-feature model
 
 Latency is per request, throughput is rows/s over a round's wall time; each cell runs in rounds that
 interleave the backends (a busy host slows them alike) and reports the median p50 and rows/s over rounds
-and the p99 over all requests. ``perf_analyzer`` (the
+and the p99 over all requests. Raw-row cells also carry ratios against the tensor-level model over the same
+protocol and against in-process preprocessing + ONNX Runtime; ``raw_breakdown`` splits a raw request's server
+time into the ensemble's steps (Triton's own statistics). ``perf_analyzer`` (the
 C++ load generator in the tritonclient wheel) is run too when it can start: it needs ``libcudart.so.12``
 (``--cudart-dir``, or the ``nvidia-cuda-runtime-cu12`` wheel installed) even on CPU hosts.
 Writes ``serve_latency.json`` and ``serve_latency.png`` to ``--results-dir``.
@@ -41,8 +47,19 @@ from recops.errors import RecopsError
 
 NAME = "serve_latency"
 MODEL = "dlrm_bench"
-BACKENDS = ("torch_eager", "onnxruntime", "triton_http", "triton_grpc")
+RAW_MODEL = f"{MODEL}_raw"
+BACKENDS = (
+    "torch_eager",
+    "onnxruntime",
+    "triton_http",
+    "triton_grpc",
+    "preprocess_onnxruntime",
+    "triton_raw_http",
+    "triton_raw_grpc",
+)
 BASELINE = "onnxruntime"  # ratios are against this backend at the same batch size and concurrency
+RAW_BASELINE = "preprocess_onnxruntime"  # raw rows in process
+TENSOR_TWIN = {"triton_raw_http": "triton_http", "triton_raw_grpc": "triton_grpc"}  # raw-row backend -> tensor one
 PA_COMPONENTS = (
     "Client Send",
     "Network+Server Send/Recv",
@@ -164,26 +181,42 @@ def run_round(
     return np.array([x for per in latencies for x in per]), wall
 
 
+@dataclass(frozen=True)
+class RawRows:
+    """Raw rows of one batch: as a DataFrame (in process) and as the raw-feature model's request tensors."""
+
+    frame: Any
+    tensors: dict[str, np.ndarray]
+
+
 class Backends:
     """Callables that score one batch on each backend (a fresh client per calling thread for Triton)."""
 
-    def __init__(self, ckpt_dir: Path, onnx_path: Path, server, threads: int):
+    def __init__(self, ckpt_dir: Path, version_dir: Path, server, threads: int):
         from recops.serving.inference_module import load_torchrec
-        from recops.serving.onnx_model import onnx_session
+        from recops.serving.onnx_model import ExportRecord, onnx_session, read_preprocessor
         from recops.training.checkpoint import Checkpoint
 
         self.torch_model = load_torchrec(Checkpoint.open(ckpt_dir))
-        self.session = onnx_session(onnx_path, threads=threads, device="cpu")
+        self.session = onnx_session(version_dir / "model.onnx", threads=threads, device="cpu")
+        self.preprocessor, self.layout = read_preprocessor(version_dir), ExportRecord.read(version_dir).layout
         self.server = server
         self.clients: list = []
 
-    def factory(self, backend: str, inputs: dict[str, np.ndarray]) -> Callable[[], Callable[[], Any]]:
+    def factory(self, backend: str, inputs: dict[str, np.ndarray], raw: RawRows) -> Callable[[], Callable[[], Any]]:
         if backend == "torch_eager":
             return lambda: self._torch_call(inputs)
         if backend == "onnxruntime":
             return lambda: (lambda: self.session.run(None, inputs))
-        protocol = backend.split("_")[1]
-        return lambda: self._triton_call(protocol, inputs)
+        if backend == RAW_BASELINE:
+            return lambda: (lambda: self.session.run(None, self._features(raw.frame)))
+        if backend in TENSOR_TWIN:
+            return lambda: self._triton_call(backend.rsplit("_", 1)[1], raw.tensors, RAW_MODEL)
+        return lambda: self._triton_call(backend.split("_")[1], inputs, MODEL)
+
+    def _features(self, frame) -> dict[str, np.ndarray]:
+        features = self.preprocessor.transform(frame)
+        return self.layout.features_inputs(features.dense, features.sparse, features.multi)
 
     def _torch_call(self, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
         import torch
@@ -199,18 +232,77 @@ class Backends:
 
         return call
 
-    def _triton_call(self, protocol: str, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+    def _triton_call(self, protocol: str, inputs: dict[str, np.ndarray], model: str) -> Callable[[], Any]:
         from recops.serving.client import Predictor
 
         url = self.server.http_url if protocol == "http" else self.server.grpc_url
-        client = Predictor(url, MODEL, protocol=protocol, batch_size=max(len(inputs["dense"]), 1), timeout_s=60)
+        rows = max(len(next(iter(inputs.values()))), 1)
+        client = Predictor(url, model, protocol=protocol, batch_size=rows, timeout_s=60)
         self.clients.append(client)
-        return lambda: client.predict_arrays(inputs, model_version=1)
+        return lambda: client.predict(inputs)
 
     def close(self) -> None:
         for client in self.clients:
             client.close()
         self.clients.clear()
+
+
+def raw_rows(preprocessor, batch: int, columns) -> RawRows:
+    from recops.serving.raw_features import random_raw_frame, raw_inputs
+
+    frame = random_raw_frame(preprocessor.spec, batch, np.random.default_rng(batch))
+    return RawRows(frame, raw_inputs(frame, columns, preprocessor.spec.separator))
+
+
+# ---- where a raw request's time goes --------------------------------------------------------------------------------
+STEPS = {  # label -> Triton model
+    "ensemble": RAW_MODEL,
+    "preprocess_step": f"{RAW_MODEL}_preprocess",
+    "score_step": f"{RAW_MODEL}_score",
+    "tensor_model": MODEL,
+}
+
+
+def _success(client, model: str) -> tuple[int, int]:
+    """(requests, total ns) Triton counted as successful for every version of ``model``."""
+    stats = client.get_inference_statistics(model)["model_stats"]
+    return (
+        sum(int(s["inference_stats"]["success"]["count"]) for s in stats),
+        sum(int(s["inference_stats"]["success"]["ns"]) for s in stats),
+    )
+
+
+def raw_breakdown(server, raws: dict[int, RawRows], seconds: float) -> list[dict[str, Any]]:
+    """Per batch size: sequential raw requests over HTTP for ``seconds``; the client's mean latency and, from Triton's
+    statistics, the mean server time of the ensemble, each step (the score step includes the tensor-level model it
+    calls) and the tensor-level model, per request (ms)."""
+    import tritonclient.http as httpclient
+
+    from recops.serving.client import Predictor
+    from recops.serving.server import http_address
+
+    stats = httpclient.InferenceServerClient(http_address(server.http_url))
+    out = []
+    try:
+        for batch, raw in raws.items():
+            with Predictor(server.http_url, RAW_MODEL, batch_size=batch, timeout_s=60) as client:
+                client.predict(raw.tensors)
+                before = {label: _success(stats, model) for label, model in STEPS.items()}
+                latencies, stop = [], time.perf_counter() + seconds
+                while time.perf_counter() < stop or len(latencies) < 3:
+                    t0 = time.perf_counter()
+                    client.predict(raw.tensors)
+                    latencies.append(time.perf_counter() - t0)
+            after = {label: _success(stats, model) for label, model in STEPS.items()}
+            row: dict[str, Any] = {"batch_size": batch, "requests": len(latencies)}
+            row["client_ms"] = float(np.mean(latencies) * 1e3)
+            for label in STEPS:
+                count, ns = (a - b for a, b in zip(after[label], before[label]))
+                row[f"{label}_ms"] = ns / count / 1e6 if count else None
+            out.append(row)
+    finally:
+        stats.close()
+    return out
 
 
 # ---- perf_analyzer ---------------------------------------------------------------------------------
@@ -313,36 +405,53 @@ def aims(rows: list[dict]) -> dict[str, Any]:
         ratio = ort1["p50_ms"] / torch1["p50_ms"]
         out["ort_over_torch_p50_batch1"] = {"value": round(ratio, 3), "aim": "<= 0.5", "met": ratio <= 0.5}
     for protocol in ("http", "grpc"):
-        tri1 = _cell(rows, f"triton_{protocol}", 1, 1)
-        if tri1 and ort1:
-            extra = tri1["p50_ms"] - ort1["p50_ms"]
-            out[f"triton_{protocol}_extra_p50_ms_batch1"] = {
-                "value": round(extra, 3),
-                "aim": "<= 0.5",
-                "met": extra <= 0.5,
-            }
-        for conc in (1, 4):
-            tri, ort = _cell(rows, f"triton_{protocol}", 1024, conc), _cell(rows, "onnxruntime", 1024, conc)
-            if tri and ort:
-                ratio = tri["rows_per_s"] / ort["rows_per_s"]
-                out[f"triton_{protocol}_throughput_share_batch1024_c{conc}"] = {
-                    "value": round(ratio, 3),
-                    "aim": ">= 0.8",
-                    "met": ratio >= 0.8,
-                }
+        _aim_pair(out, rows, f"triton_{protocol}", "onnxruntime", 0.5)
+        _aim_pair(out, rows, f"triton_raw_{protocol}", f"triton_{protocol}", 0.3)
     return out
+
+
+def _aim_pair(out: dict[str, Any], rows: list[dict], backend: str, base: str, extra_ms: float) -> None:
+    """``backend``'s aims against ``base``: at most ``extra_ms`` more p50 at batch 1, at least 0.8 of its rows/s at
+    batch 1024 (each concurrency measured)."""
+    one, base_one = _cell(rows, backend, 1, 1), _cell(rows, base, 1, 1)
+    if one and base_one:
+        extra = one["p50_ms"] - base_one["p50_ms"]
+        out[f"{backend}_extra_p50_ms_batch1"] = {
+            "value": round(extra, 3),
+            "over": base,
+            "aim": f"<= {extra_ms}",
+            "met": extra <= extra_ms,
+        }
+    for conc in sorted({r["concurrency"] for r in rows}):
+        cell, base_cell = _cell(rows, backend, 1024, conc), _cell(rows, base, 1024, conc)
+        if cell and base_cell:
+            ratio = cell["rows_per_s"] / base_cell["rows_per_s"]
+            out[f"{backend}_throughput_share_batch1024_c{conc}"] = {
+                "value": round(ratio, 3),
+                "over": base,
+                "aim": ">= 0.8",
+                "met": ratio >= 0.8,
+            }
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Each row's ``variant`` label and its p50 and throughput as ratios against the in-process ONNX Runtime
-    cell of the same batch size and concurrency (the same model without a server: the serving overhead)."""
+    cell of the same batch size and concurrency (the same model without a server: the serving overhead); raw-row
+    cells also against the tensor-level model over their protocol (``_vs_tensor``, and ``extra_p50_ms_vs_tensor``)
+    and against in-process preprocessing + ONNX Runtime (``_vs_preprocess_onnxruntime``)."""
     for row in rows:
         row["variant"] = f"{row['backend']} c{row['concurrency']}"
-        base = _cell(rows, BASELINE, row["batch_size"], row["concurrency"])
-        row["p50_vs_onnxruntime"] = row["p50_ms"] / base["p50_ms"] if base and base["p50_ms"] else None
-        row["rows_per_s_vs_onnxruntime"] = (
-            row["rows_per_s"] / base["rows_per_s"] if base and base["rows_per_s"] else None
-        )
+        _ratios(row, _cell(rows, BASELINE, row["batch_size"], row["concurrency"]), BASELINE)
+        if row["backend"] in TENSOR_TWIN:
+            tensor = _cell(rows, TENSOR_TWIN[row["backend"]], row["batch_size"], row["concurrency"])
+            _ratios(row, tensor, "tensor")
+            row["extra_p50_ms_vs_tensor"] = row["p50_ms"] - tensor["p50_ms"] if tensor else None
+            _ratios(row, _cell(rows, RAW_BASELINE, row["batch_size"], row["concurrency"]), RAW_BASELINE)
+
+
+def _ratios(row: dict, base: dict | None, name: str) -> None:
+    row[f"p50_vs_{name}"] = row["p50_ms"] / base["p50_ms"] if base and base["p50_ms"] else None
+    row[f"rows_per_s_vs_{name}"] = row["rows_per_s"] / base["rows_per_s"] if base and base["rows_per_s"] else None
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
@@ -394,6 +503,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 # ---- main --------------------------------------------------------------------------------------------
 def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> tuple[list[dict], dict[str, Any]]:
+    from recops.serving.client import Predictor
+    from recops.serving.deploy import Deployer
     from recops.serving.export import ExportConfig, export_to_repository
     from recops.serving.repository import ServingOptions, WarmupRequest
     from recops.serving.server import ServerConfig, TritonServer
@@ -422,8 +533,12 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
     }
     rows: list[dict] = []
     layout = published.record.layout
-    with TritonServer(ServerConfig(repo=work / "repo", load_models=(MODEL,))) as server:
-        backends = Backends(ckpt, published.onnx_path, server, threads)
+    with TritonServer(ServerConfig(repo=work / "repo")) as server:
+        Deployer(server, work / "repo", MODEL).deploy(published.version)  # the tensor-level and raw-feature models
+        backends = Backends(ckpt, published.onnx_path.parent, server, threads)
+        with Predictor(server.http_url, RAW_MODEL) as raw_model:
+            columns = raw_model.inputs()
+        raws = {batch: raw_rows(backends.preprocessor, batch, columns) for batch in cfg.batch_sizes}
         try:
             for batch in cfg.batch_sizes:
                 inputs = layout.random_inputs(batch, np.random.default_rng(batch))
@@ -431,7 +546,7 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
                     cells = {backend: Cell([], []) for backend in BACKENDS}
                     for _ in range(cfg.rounds):
                         for backend, cell in cells.items():
-                            latencies, wall = run_round(backends.factory(backend, inputs), conc, cfg)
+                            latencies, wall = run_round(backends.factory(backend, inputs, raws[batch]), conc, cfg)
                             cell.latencies.append(latencies)
                             cell.walls.append(wall)
                             backends.close()
@@ -442,6 +557,7 @@ def measure_all(cfg: LatencyConfig, work: Path, log: Callable[[str], None]) -> t
                 log(f"batch {batch}: done ({time.perf_counter() - t0:.0f}s)")
         finally:
             backends.close()
+        info["raw_breakdown"] = raw_breakdown(server, raws, cfg.seconds * cfg.rounds)
         info["perf_analyzer"] = run_perf_analyzer(cfg, server, layout, work, rows, log)
     return rows, info
 
@@ -538,6 +654,13 @@ def main(argv: list[str] | None = None) -> int:
                 "log_x": True,
                 "log_y": True,
             },
+            {
+                "x": "batch_size",
+                "y": ["p50_vs_tensor", "rows_per_s_vs_tensor"],
+                "series": "variant",
+                "title": "raw rows through the ensemble / model tensors, same protocol (p50 solid, rows/s dashed)",
+                "log_x": True,
+            },
         ],
     )
     load = max(info["load_average"]["before"][0], info["load_average"]["after"][0])
@@ -559,9 +682,13 @@ def main(argv: list[str] | None = None) -> int:
                 "rows_per_s",
                 "p50_vs_onnxruntime",
                 "rows_per_s_vs_onnxruntime",
+                "extra_p50_ms_vs_tensor",
+                "rows_per_s_vs_tensor",
+                "rows_per_s_vs_preprocess_onnxruntime",
             ],
         )
     )
+    print(format_table(info["raw_breakdown"]))
     print(json.dumps(goals, indent=1))
     print(f"wrote {path} and {png}")
     return 0

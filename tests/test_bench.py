@@ -15,7 +15,7 @@ import torch
 from recops.bench.common import format_table, hardware, measure, read_result, write_result
 from recops.bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
 from recops.bench.report import render
-from recops.bench.serve_latency import add_ratios
+from recops.bench.serve_latency import add_ratios, aims
 from recops.bench.suite import Benchmark, run_one, run_suite
 from recops.bench.train_throughput import VARIANTS, ThroughputConfig
 from recops.training.config import ModelConfig
@@ -76,10 +76,11 @@ def test_measure_excludes_warmup_and_reports_the_median():
     assert timing.min_s <= timing.median_s
 
 
-def test_serving_rows_are_ratios_against_onnxruntime_at_the_same_batch_and_concurrency():
-    def cell(backend: str, batch: int, conc: int, p50: float, rate: float) -> dict:
-        return {"backend": backend, "batch_size": batch, "concurrency": conc, "p50_ms": p50, "rows_per_s": rate}
+def cell(backend: str, batch: int, conc: int, p50: float, rate: float) -> dict:
+    return {"backend": backend, "batch_size": batch, "concurrency": conc, "p50_ms": p50, "rows_per_s": rate}
 
+
+def test_serving_rows_are_ratios_against_onnxruntime_at_the_same_batch_and_concurrency():
     rows = [
         cell("onnxruntime", 1, 1, 0.02, 40_000),
         cell("triton_http", 1, 1, 0.7, 1_400),
@@ -100,6 +101,33 @@ def test_serving_rows_are_ratios_against_onnxruntime_at_the_same_batch_and_concu
     )
     assert rows[3]["p50_vs_onnxruntime"] == pytest.approx(30) and rows[2]["p50_vs_onnxruntime"] == 1.0
     assert rows[4]["p50_vs_onnxruntime"] is None  # no baseline cell at batch 8: no ratio rather than a wrong one
+
+
+def test_raw_row_cells_are_also_ratios_against_the_tensor_model_and_in_process_preprocessing():
+    rows = [
+        cell("onnxruntime", 1, 1, 0.02, 40_000),
+        cell("triton_http", 1, 1, 0.7, 1_400),
+        cell("preprocess_onnxruntime", 1, 1, 2.0, 500),
+        cell("triton_raw_http", 1, 1, 3.0, 330),
+        cell("triton_raw_grpc", 1, 1, 3.2, 310),
+        cell("triton_http", 1024, 1, 50.0, 20_000),
+        cell("triton_raw_http", 1024, 1, 60.0, 17_000),
+    ]
+    goals = aims(rows)
+    add_ratios(rows)
+    raw = rows[3]
+    assert raw["p50_vs_tensor"] == pytest.approx(3.0 / 0.7) and raw["extra_p50_ms_vs_tensor"] == pytest.approx(2.3)
+    assert raw["rows_per_s_vs_preprocess_onnxruntime"] == pytest.approx(0.66) and raw["p50_vs_onnxruntime"] == 150
+    assert rows[4]["p50_vs_tensor"] is None and rows[4]["p50_vs_preprocess_onnxruntime"] == pytest.approx(1.6)
+    assert "p50_vs_tensor" not in rows[1]  # tensor cells are compared with onnxruntime only
+    assert goals["triton_raw_http_extra_p50_ms_batch1"] == {
+        "value": 2.3,
+        "over": "triton_http",
+        "aim": "<= 0.3",
+        "met": False,
+    }
+    assert goals["triton_raw_http_throughput_share_batch1024_c1"]["value"] == 0.85
+    assert goals["triton_raw_http_throughput_share_batch1024_c1"]["met"]
 
 
 def test_write_result_labels_hardware_and_date(tmp_path):
