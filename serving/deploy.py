@@ -4,12 +4,16 @@ Which versions Triton serves is the model's ``version_policy: specific`` in conf
 again makes Triton load the listed versions and unload the others (in-flight requests finish first; a
 reload that fails leaves the previously loaded versions serving). The deployment record
 ``<repo>/<name>/deploy_state.json`` (atomic, under a file lock) says which loaded version is production,
-which is the canary and its traffic share; ``Router`` reads it to send each request to one of them.
+which is the canary and its traffic share. ``route`` is the one split rule: inside Triton the raw-feature model's
+preprocessing step (``recops.serving.raw_model``) applies it to every request, so every client gets the same split;
+``Router`` applies it in a Python client of the tensor-level model.
 
 A new version is loaded beside production, warmed up, and its server outputs are compared with local
-ONNX Runtime on a probe batch; a version that fails to load, differs, or returns NaN is unloaded again and
-production keeps serving. A production switch first points routers at the new version, waits
-``drain_s``, and only then unloads the old one, so no request is sent to an unloaded version.
+ONNX Runtime on a probe batch (and, when the model has a raw-feature model, raw probe rows through it with its
+own preprocessing); a version that fails to load, differs, or returns NaN is unloaded again and production keeps
+serving. The raw-feature model is loaded once, with the first deployment: it follows the record by itself. A
+production switch first points the split (both routers) at the new version, waits ``drain_s``, and only then
+unloads the old one, so no request is sent to an unloaded version.
 
 Run the server with ``--strict-readiness=false``: under strict readiness Triton answers /v2/health/ready
 with 400 for good once any version failed to load (it keeps the failure record), and briefly during

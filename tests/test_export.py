@@ -21,6 +21,7 @@ from recops.serving.repository import ModelRepository
 from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
 from tests.model_fixtures import multi_hot_checkpoint, trained_checkpoint
+from tests.triton_fixtures import parsed
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -211,3 +212,19 @@ def test_export_command_from_a_registered_version(checkpoints, tiny_dataset, tmp
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--instances", "0", *common]) == 2
     assert "--instances and --threads must be >= 1" in capsys.readouterr().err
+
+    # targets and their options (configs only: the local server has no onnxruntime backend)
+    gpu = ["--target", "gpu", "--tensorrt", "fp16", "--cuda-graphs", "--raw-dense", "bytes"]
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), *gpu, *common]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["raw_model"] == "ctr_raw" and out["version"] == 4
+    config = parsed(repo.model_dir("ctr") / "config.pbtxt")
+    assert config["platform"] == "onnxruntime_onnx" and config["instance_group"][0]["kind"] == "KIND_GPU"
+    tensorrt = config["optimization"]["execution_accelerators"]["gpu_execution_accelerator"][0]
+    assert tensorrt["parameters"]["precision_mode"] == "FP16" and tensorrt["parameters"]["trt_cuda_graph_enable"] == "1"
+    assert {t["data_type"] for t in parsed(repo.model_dir("ctr_raw") / "config.pbtxt")["input"]} == {"TYPE_STRING"}
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--tensorrt", "off", "--cuda-graphs", *common]) == 2
+    assert "CUDA graphs need the TensorRT execution provider" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(checkpoints["dcn"]), "--target", "cpu-ort", *common]) == 2
+    assert "target 'cpu-ort' cannot use them (--tensorrt off)" in capsys.readouterr().err
+    assert repo.versions("ctr") == [1, 2, 3, 4]

@@ -23,7 +23,7 @@ from recops.serving.repository import (
     WarmupRequest,
     external_data_files,
 )
-from tests.triton_fixtures import TINY_OPTIONS, onnx_outputs, tiny_inputs, tiny_onnx  # noqa: F401 (fixture)
+from tests.triton_fixtures import TINY_OPTIONS, onnx_outputs, parsed, tiny_inputs, tiny_onnx  # noqa: F401 (fixture)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "serving" / "triton_python_model.py"
 
@@ -84,15 +84,6 @@ def test_versions_are_numbered_listed_and_removed(tmp_path, tiny_onnx):
         repo.remove_version("m", 7)
     assert repo.add_version("m", tiny_onnx) == 6
     assert hidden_entries(tmp_path / "m") == []
-
-
-def parsed(config: Path) -> dict:
-    """A config.pbtxt as Triton reads it: parsed with Triton's own ModelConfig schema (unknown fields fail)."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
-    message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 @pytest.mark.parametrize(

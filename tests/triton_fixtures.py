@@ -111,3 +111,12 @@ def running_server(repo: Path, load_models: tuple[str, ...] = ()):
     finally:
         server.stop()
     assert triton_processes(pid) == [], "server or python-backend stub left running"
+
+
+def parsed(config: Path) -> dict:
+    """A config.pbtxt as Triton reads it: parsed with Triton's own ModelConfig schema (unknown fields fail)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
