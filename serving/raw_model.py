@@ -73,9 +73,9 @@ def check_raw_names(repo: ModelRepository, name: str) -> RawModelNames:
     """The raw-feature model names of ``name``, refused when one of them is a tensor-level model (it has a settings
     file) or ``name`` itself is a step or ensemble written here."""
     names = RawModelNames(name)
-    longest = MAX_NAME - len(names.preprocess) + len(name)
-    if len(name) > longest:
-        raise RecopsError(f"model name {name[:40]!r}... is too long for its raw-feature model: use at most {longest}")
+    if len(names.preprocess) > MAX_NAME:  # the longest name written for it
+        limit = MAX_NAME - len(names.preprocess) + len(name)
+        raise RecopsError(f"model name {name[:40]!r}... is too long for its raw-feature model: use at most {limit}")
     for generated in (names.raw, names.preprocess, names.score):
         if (repo.model_dir(generated) / SETTINGS_FILE).is_file():
             raise RecopsError(
