@@ -26,7 +26,7 @@ import pyarrow as pa
 from recops.errors import RecopsError
 from recops.serving.onnx_model import TensorSpec
 from recops.serving.repository import CONFIG_FILE, ModelRepository
-from recops.training.columns import STRING_DTYPE, to_float
+from recops.training.columns import to_float
 from recops.training.spec import ColumnSpec
 
 MODEL_VERSION = "model_version"  # output: the version that answered each row
@@ -70,8 +70,12 @@ def raw_columns(spec: ColumnSpec, dense_dtype: str) -> tuple[TensorSpec, ...]:
 
 
 # ---- server side: a request's tensors -> the Preprocessor's frame -------------------------------------------------
-def raw_frame(spec: ColumnSpec, tensors: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """The frame ``Preprocessor.transform`` takes, from one request's raw tensors (each [B, 1] or [B])."""
+RawColumns = dict[str, "np.ndarray | pa.Array"]  # column -> float64 numbers or Arrow UTF-8 text
+
+
+def raw_frame(spec: ColumnSpec, tensors: Mapping[str, np.ndarray]) -> RawColumns:
+    """The columns ``Preprocessor.transform`` takes, from one request's raw tensors (each [B, 1] or [B]): dense as
+    float64 (NaN = missing), text as Arrow arrays (no pandas, no per-value Python objects)."""
     names = (*spec.dense, *spec.sparse, *spec.multi_hot)
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -80,16 +84,25 @@ def raw_frame(spec: ColumnSpec, tensors: Mapping[str, np.ndarray]) -> pd.DataFra
             "empty string (BYTES) or NaN (FP32) where a value is missing"
         )
     data = {name: _numbers(name, tensors[name]) for name in spec.dense}
-    data |= {name: _texts(name, tensors[name]) for name in (*spec.sparse, *spec.multi_hot)}
+    data |= {name: _utf8(name, tensors[name]) for name in (*spec.sparse, *spec.multi_hot)}
     rows = {name: len(values) for name, values in data.items()}
     if len(set(rows.values())) > 1:
         raise RawInputError(f"columns have different row counts {rows}: send every column with the same rows")
-    return pd.DataFrame(data, copy=False)
+    return data
 
 
-def _texts(name: str, tensor: np.ndarray) -> pd.api.extensions.ExtensionArray:
-    """BYTES values (UTF-8) as pandas' Arrow-backed ``str`` values (no copy into Python strings)."""
-    return pd.arrays.ArrowStringArray(_utf8(name, tensor), dtype=STRING_DTYPE)
+def raw_rows(columns: RawColumns) -> int:
+    return len(next(iter(columns.values()), ()))
+
+
+def merge_raw(parts: Sequence[RawColumns]) -> RawColumns:
+    """The rows of several requests' columns, one after the other."""
+    return {
+        name: np.concatenate([p[name] for p in parts])
+        if isinstance(parts[0][name], np.ndarray)
+        else pa.concat_arrays([p[name] for p in parts])
+        for name in parts[0]
+    }
 
 
 def _utf8(name: str, tensor: np.ndarray) -> pa.Array:

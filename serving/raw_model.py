@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from recops.errors import RecopsError
 from recops.serving.deploy import DeployRecord, route
@@ -39,10 +38,13 @@ from recops.serving.raw_features import (
     KEY_PARAMETER,
     MODEL_VERSION,
     VERSION_PARAMETER,
+    RawColumns,
     RawInputError,
     RawModelNames,
+    merge_raw,
     raw_columns,
     raw_frame,
+    raw_rows,
 )
 from recops.serving.repository import (
     CONFIG_FILE,
@@ -187,7 +189,7 @@ class PreprocessStep:
     def run(self, requests: list[RawRequest]) -> list[dict[str, np.ndarray] | Exception]:
         """Per request: its outputs (the tensor-level model's inputs and ``model_version``) or the error."""
         results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
-        groups: dict[int, list[tuple[int, pd.DataFrame]]] = {}
+        groups: dict[int, list[tuple[int, RawColumns]]] = {}
         for i, request in enumerate(requests):
             try:
                 version = self.version(request)
@@ -239,29 +241,29 @@ class PreprocessStep:
             cached = self._versions[version] = _Version(stamp, read_preprocessor(folder), record.layout)
         return cached
 
-    def _transform(self, version: int, members: list[tuple[int, pd.DataFrame]]):
+    def _transform(self, version: int, members: list[tuple[int, RawColumns]]):
         """(index, outputs or error) for each member; one transform for all of them when it succeeds."""
         if len(members) > 1:
             try:
-                merged = self._features(version, pd.concat([frame for _, frame in members], ignore_index=True))
-                bounds = np.cumsum([len(frame) for _, frame in members])[:-1]
+                merged = self._features(version, merge_raw([columns for _, columns in members]))
+                bounds = np.cumsum([raw_rows(columns) for _, columns in members])[:-1]
                 parts = {name: np.split(values, bounds) for name, values in merged.items()}
                 return [(i, {name: part[k] for name, part in parts.items()}) for k, (i, _) in enumerate(members)]
             except Exception:  # noqa: BLE001 - fall through: find the failing request(s) one by one
                 pass
         return [(i, self._one(version, frame)) for i, frame in members]
 
-    def _one(self, version: int, frame: pd.DataFrame) -> dict[str, np.ndarray] | Exception:
+    def _one(self, version: int, frame: RawColumns) -> dict[str, np.ndarray] | Exception:
         try:
             return self._features(version, frame)
         except Exception as exc:  # noqa: BLE001 - reported on this request
             return exc
 
-    def _features(self, version: int, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    def _features(self, version: int, columns: RawColumns) -> dict[str, np.ndarray]:
         loaded = self._load(version)
-        features = loaded.preprocessor.transform(frame)
+        features = loaded.preprocessor.transform(columns)
         inputs = loaded.layout.features_inputs(features.dense, features.sparse, features.multi)
-        inputs[MODEL_VERSION] = np.full((len(frame), 1), version, np.int64)
+        inputs[MODEL_VERSION] = np.full((raw_rows(columns), 1), version, np.int64)
         missing = set(self.outputs) - set(inputs)
         if missing:
             raise ServingError(

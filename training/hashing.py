@@ -44,21 +44,22 @@ def fmix64(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return x
 
 
-def hash_values(array: pa.Array | pa.ChunkedArray, seed: np.uint64) -> np.ndarray:
+def hash_values(array: pa.Array | pa.ChunkedArray, seed: np.uint64 | np.ndarray) -> np.ndarray:
     """uint64 hash of every value of a string or binary array (those of null and empty values are not ids:
-    callers give them id 0)."""
-    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
-    if len(chunks) == 1:
-        return _hash_chunk(chunks[0], seed)
-    return np.concatenate([_hash_chunk(c, seed) for c in chunks]) if chunks else np.zeros(0, np.uint64)
+    callers give them id 0). ``seed`` is one seed, or one per value (several features hashed in one pass)."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    return _hash_chunk(array, seed)
 
 
-def bucket(hashes: np.ndarray, size: int) -> np.ndarray:
-    """int64 ids in ``[1, size)``: ``1 + ((hash >> 32) * (size - 1) >> 32)``; overwrites ``hashes``."""
-    if not 2 <= size <= MAX_TABLE_SIZE:
+def bucket(hashes: np.ndarray, size: int | np.ndarray) -> np.ndarray:
+    """int64 ids in ``[1, size)``: ``1 + ((hash >> 32) * (size - 1) >> 32)``; overwrites ``hashes``. ``size`` is
+    one table size or one per hash."""
+    sizes = np.asarray(size, dtype=np.int64)
+    if sizes.size and not (sizes.min() >= 2 and sizes.max() <= MAX_TABLE_SIZE):
         raise ValueError(f"bucket count {size} outside [2, 2**32]")
     np.right_shift(hashes, np.uint64(32), out=hashes)
-    np.multiply(hashes, np.uint64(size - 1), out=hashes)
+    np.multiply(hashes, (sizes - 1).astype(np.uint64), out=hashes)
     np.right_shift(hashes, np.uint64(32), out=hashes)
     ids = hashes.view(np.int64)
     ids += 1
@@ -116,7 +117,7 @@ def _later_words(offsets: np.ndarray, data: np.ndarray, lengths: np.ndarray, see
     starts = offsets[:-1][rows] - offsets[0] + 8 * j
     words = _gather_words(data[offsets[0] : offsets[-1]], starts, offsets[1:][rows] - offsets[0] - starts)
     keys = j.view(np.uint64) * _G
-    keys += seed
+    keys += seed if np.ndim(seed) == 0 else seed[rows]
     words ^= keys
     mixed = fmix64(words, keys)
     out = np.zeros(len(lengths), np.uint64)

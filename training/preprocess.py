@@ -7,6 +7,7 @@ Everything runs on Arrow arrays: a frame from ``recops.training.readers`` is use
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from recops.training.spec import ColumnSpec, PreprocessConfig
 
 MISSING_ID = 0
 OOV_ID = 1
+MERGE_VALUES = 1 << 16  # up to this many categorical values, all features are hashed in one pass
 
 
 @dataclass
@@ -64,20 +66,27 @@ def transform_dense(values: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def dense_values(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+def dense_values(
+    frame: pd.DataFrame | Mapping[str, Any], names: tuple[str, ...], rows: int | None = None
+) -> np.ndarray:
     """float64 [N, D] of raw dense columns (numbers or numeric text), NaN = missing (null, empty, non-finite)."""
-    if all(frame[n].dtype.kind == "f" for n in names):
+    if isinstance(frame, pd.DataFrame) and all(frame[n].dtype.kind == "f" for n in names):
         values = frame[list(names)].to_numpy(dtype=np.float64, na_value=np.nan)
         return np.where(np.isfinite(values), values, np.nan)
-    out = np.empty((len(frame), len(names)))
+    out = np.empty((len(frame) if rows is None else rows, len(names)))
     for j, name in enumerate(names):
-        out[:, j], bad = to_float(as_arrow(frame[name]))
+        column = frame[name]
+        if isinstance(column, np.ndarray) and column.dtype.kind == "f":  # numbers as they come (raw FP32 tensors)
+            out[:, j] = column.reshape(-1)
+            continue
+        out[:, j], bad = to_float(as_arrow(column))
         if bad.any():
-            rows = np.flatnonzero(bad)
+            where = np.flatnonzero(bad)
             raise RecopsError(
-                f"preprocess: dense column {name} holds non-numbers at rows {rows[:5].tolist()} "
-                f"(e.g. {frame[name].iloc[rows[0]]!r}); send numbers, or empty for missing"
+                f"preprocess: dense column {name} holds non-numbers at rows {where[:5].tolist()} "
+                f"(e.g. {as_arrow(frame[name])[int(where[0])]!r}); send numbers, or empty for missing"
             )
+    out[~np.isfinite(out)] = np.nan
     return out
 
 
@@ -152,17 +161,32 @@ class Preprocessor:
         out[np.bincount(rows, minlength=len(array)) == 0, 0] = MISSING_ID
         return out
 
-    def transform(self, frame: pd.DataFrame) -> Features:
+    def transform(self, frame: pd.DataFrame | Mapping[str, Any]) -> Features:
+        """Features of raw rows: a frame, or a mapping of column name -> values (Arrow arrays, numpy arrays or
+        pandas Series, as the raw-feature model passes a request's tensors)."""
         missing = [c for c in (*self.spec.dense, *self.spec.sparse, *self.spec.multi_hot) if c not in frame]
         if missing:
             raise RecopsError(f"preprocess: input frame lacks columns {missing}; it must have the spec's columns")
-        dense = transform_dense(dense_values(frame, self.spec.dense))
-        sparse = np.zeros((len(frame), len(self.spec.sparse)), np.int64)
-        for j, name in enumerate(self.spec.sparse):
-            sparse[:, j] = self.ids(name, frame[name])
+        rows = len(frame) if isinstance(frame, pd.DataFrame) else len(next(iter(frame.values()), ()))
+        dense = transform_dense(dense_values(frame, self.spec.dense, rows))
         multi = {n: self._multi(n, frame[n]) for n in self.spec.multi_hot}
-        label = frame[self.spec.label].to_numpy(np.float32) if self.spec.label in frame else None
-        return Features(dense=dense, sparse=sparse, multi=multi, label=label)
+        label = np.asarray(frame[self.spec.label], np.float32) if self.spec.label in frame else None
+        return Features(dense=dense, sparse=self._sparse(frame, rows), multi=multi, label=label)
+
+    def _sparse(self, frame: pd.DataFrame | Mapping[str, Any], rows: int) -> np.ndarray:
+        """[N, S] ids; hashed features of a small batch in one pass over all their values (per-value seeds)."""
+        names = self.spec.sparse
+        if names and rows * len(names) <= MERGE_VALUES and not any(n in self._vocab for n in names):
+            merged = _concat([_categorical(frame[n]) for n in names])
+            seeds = np.repeat(np.array([self._seeds[n] for n in names], np.uint64), rows)
+            sizes = np.repeat(np.array([self.config.size_of(n) for n in names], np.int64), rows)
+            ids = bucket(hash_values(merged, seeds), sizes)
+            ids[~present(merged)] = MISSING_ID
+            return np.ascontiguousarray(ids.reshape(len(names), rows).T)
+        sparse = np.zeros((rows, len(names)), np.int64)
+        for j, name in enumerate(names):
+            sparse[:, j] = self.ids(name, frame[name])
+        return sparse
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec.to_dict(), "config": self.config.to_dict(), "vocabularies": self.vocabularies}
@@ -171,6 +195,13 @@ class Preprocessor:
     def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
         spec, config = ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"])
         return cls(spec, config, data.get("vocabularies"))
+
+
+def _concat(arrays: list[pa.Array | pa.ChunkedArray]) -> pa.Array:
+    """One array of the values of ``arrays`` (cast to a common string type only where they differ)."""
+    arrays = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
+    kind = arrays[0].type if all(a.type == arrays[0].type for a in arrays) else pa.large_binary()
+    return pa.concat_arrays([a if a.type == kind else a.cast(kind) for a in arrays])
 
 
 def _categorical(values: pd.Series | pa.Array) -> pa.Array:
