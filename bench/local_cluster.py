@@ -33,6 +33,7 @@ NODE_ENV = {  # every node: no auth token file, no usage stats, Ray Train settin
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "120",
     # The GCS declares a silent node dead after ~1.5 s instead of ~15 s (Ray's defaults suit real networks).
     "RAY_health_check_initial_delay_ms": "0",
     "RAY_health_check_period_ms": "500",
@@ -174,7 +175,7 @@ class LocalCluster:
             time.sleep(0.2)
         raise TimeoutError(f"processes of node {name} survive SIGKILL: {self.processes(name)}")
 
-    def stop(self, grace_s: float = 10, timeout_s: float = 30) -> dict[int, str]:
+    def stop(self, grace_s: float = 2, timeout_s: float = 30) -> dict[int, str]:
         """End every process of the cluster (SIGTERM, then SIGKILL after ``grace_s``); the ones left (should be
         none)."""
         _signal_all(list(self.processes()), signal.SIGTERM)

@@ -58,6 +58,7 @@ LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting 
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one process less per trial; a local machine is not preempted
+    "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "120",  # a hung worker fails its group in 2 minutes, not 10
 }
 DRIVER_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
