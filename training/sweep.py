@@ -74,7 +74,7 @@ class TrialSummary:
     history: list[dict[str, Any]]
     best: dict[str, Any]  # metrics of the best epoch ({} if none)
     best_checkpoint: str | None
-    attempts: list[dict[str, Any]]  # one per worker-group start: pid, time, resumed_at_epoch, world_size
+    attempts: list[dict[str, Any]]  # one per training start: pid, time, resumed_at_epoch, world_size, nodes
     wall_s: float
     error: str | None = None
     environment: dict[str, Any] = field(default_factory=dict)
