@@ -60,7 +60,13 @@ LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting 
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one process less per trial; a local machine is not preempted
     "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "120",  # a hung worker fails its group in 2 minutes, not 10
 }
-DRIVER_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+DRIVER_ENV = {
+    "RAY_COLOR_PREFIX": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Keeping only the best and latest checkpoint (num_to_keep) makes Tune snapshot its state at each checkpoint of
+    # a one-worker trial, and warn about it every few seconds; the snapshots are small files.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 
 
