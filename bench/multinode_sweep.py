@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         args.results_dir,
         baseline="sequential",
-        plots=[{"x": "nodes", "y": "wall_s", "series": "variant", "title": f"{args.trials} trainings: wall time (s)"}],
+        plots=[{"x": "trials", "y": "wall_s", "series": "variant", "title": f"{args.trials} trainings: wall time (s)"}],
         config={"trials": args.trials, "epochs": args.epochs, "rows": args.rows, "nodes": NODES},
     )
     print(format_table(rows))
