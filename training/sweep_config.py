@@ -15,9 +15,10 @@ Example (every key but ``dataset`` and ``search`` is optional)::
     metric: auc                                    # auc (max) or logloss (min)
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or: fifo
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+                                                   # also custom_per_worker: {gpu_pool: 1}, placement_strategy: PACK
     max_concurrent_trials: 2                       # default: as many trials as the cluster fits
     max_failures: 1
-    storage_path: runs/sweeps
+    storage_path: runs/sweeps                      # or file:///mnt/shared/sweeps (every node's mount)
     time_limit_s: 0                                # 0 = no limit
 
 Relative paths are resolved against the current directory.
