@@ -28,6 +28,7 @@ BENCHMARKS = (
     Benchmark("train_throughput", timeout_s=1200),
     Benchmark("serve_latency"),
     Benchmark("sweep_overhead"),
+    Benchmark("multinode_sweep"),
     Benchmark("drift_speed", full=("--rows", "200000")),
     Benchmark("ingest_speed"),
     Benchmark("onnx_gpu", gpu_only=True),

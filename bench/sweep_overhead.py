@@ -1,25 +1,26 @@
-"""Sweep overhead: N trainings through Ray Tune (+ Ray Train workers) versus back-to-back in one process.
+"""Sweep overhead: N trainings through Ray Tune versus back-to-back in one process.
 
 Same dataset, same N settings (a grid over embedding_lr), same epochs and one torch thread per
 training in every variant. The baseline, ``sequential``, calls ``recops.training.train.fit`` N times in this
 process (imports paid once, before timing). ``ray_cN`` is ``recops.training.sweep.run_sweep`` with a FIFO
-scheduler and ``max_concurrent_trials=N``, timed end to end: local Ray start, trials (each a Tune
-trial process, a Ray Train controller and a worker process that imports torch/torchrec), results,
-Ray shutdown. ``train_s`` is the time inside the trainings (first epoch start to last epoch end,
-summed over trials), so ``wall_s - train_s`` is what the orchestration costs.
+scheduler and ``max_concurrent_trials=N``, timed end to end: local Ray start, trials (one-worker trials
+train in their Tune trial process, which Tune reuses from trial to trial, so torch/torchrec are imported once
+per process), results, Ray shutdown. ``train_s`` is the time inside the trainings (first epoch start to last
+epoch end, summed over trials), so ``wall_s - train_s`` is what the orchestration costs.
 
 ``python -m recops.bench.sweep_overhead [--trials 4] [--epochs 2] [--rows 20000] [--concurrency 1,2] [--quick]``
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from recops.bench.common import bench_parser, format_table, write_result
+from recops.training.sweep_records import read_events
 
 NAME = "sweep_overhead"
 LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
@@ -56,8 +57,11 @@ def sequential(dataset: Path, rates: list[float], epochs: int, out: Path) -> dic
     return {"wall_s": wall, "train_s": wall, "best_auc": max(r.val_auc for r in results)}
 
 
-def through_ray(dataset: Path, rates: list[float], epochs: int, concurrency: int, out: Path) -> dict[str, Any]:
-    """The same N trainings as a Ray Tune sweep on a local Ray, ``concurrency`` trials at a time."""
+def through_ray(
+    dataset: Path, rates: list[float], epochs: int, concurrency: int, out: Path, address: str | None = None
+) -> dict[str, Any]:
+    """The same N trainings as a Ray Tune sweep, ``concurrency`` trials at a time, on a local Ray or the cluster at
+    ``address``; ``nodes`` counts the trials that started on each node."""
     from recops.training.sweep import run_sweep
     from recops.training.sweep_config import SweepConfig
 
@@ -74,24 +78,35 @@ def through_ray(dataset: Path, rates: list[float], epochs: int, concurrency: int
             "max_concurrent_trials": concurrency,
             "max_failures": 0,
             "storage_path": str(out),
-        }
+        },
+        local=address is None,
     )
     start = time.perf_counter()
-    result = run_sweep(config)
+    result = run_sweep(config, address=address)
     wall = time.perf_counter() - start
     if result.status != "completed" or result.num_errors or len(result.trials) != len(rates):
         raise RuntimeError(f"sweep {result.experiment_dir} ended {result.status} with {result.num_errors} errors")
-    train_s = 0.0
+    train_s, nodes = 0.0, Counter()
     for trial in result.trials:
-        events = [
-            json.loads(line)
-            for line in (result.experiment_dir / "trials" / trial.trial_id / "work" / "events.jsonl")
-            .read_text()
-            .splitlines()
-        ]
-        start_t = next(e["time"] for e in events if e["event"] == "start")
-        train_s += events[-1]["time"] - start_t
-    return {"wall_s": wall, "train_s": train_s, "best_auc": result.best_metrics["auc"]}
+        events = read_events(result.experiment_dir / "trials" / trial.trial_id / "work")
+        start_event = next(e for e in events if e["event"] == "start")
+        train_s += events[-1]["time"] - start_event["time"]
+        nodes[start_event["nodes"][0]["node_id"]] += 1
+    return {"wall_s": wall, "train_s": train_s, "best_auc": result.best_metrics["auc"], "nodes": dict(nodes)}
+
+
+def row(name: str, measured: dict[str, Any], trials: int, concurrency: int, base_s: float) -> dict[str, Any]:
+    """One result row: times, the orchestration cost per trial and the ratio to ``base_s`` (back to back)."""
+    return {
+        "variant": name,
+        "trials": trials,
+        "max_concurrent": concurrency,
+        "wall_s": round(measured["wall_s"], 2),
+        "train_s": round(measured["train_s"], 2),
+        "overhead_s_per_trial": round((measured["wall_s"] - measured["train_s"]) / trials, 2),
+        "ratio_vs_sequential": round(measured["wall_s"] / base_s, 2),
+        "best_auc": round(measured["best_auc"], 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,17 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             measured[f"ray_c{c}"] = through_ray(dataset, rates, args.epochs, c, work / "sweeps")
     base = measured["sequential"]["wall_s"]
     rows = [
-        {
-            "variant": name,
-            "trials": args.trials,
-            "max_concurrent": 1 if name == "sequential" else int(name[5:]),
-            "wall_s": round(m["wall_s"], 2),
-            "train_s": round(m["train_s"], 2),
-            "overhead_s_per_trial": round((m["wall_s"] - m["train_s"]) / args.trials, 2),
-            "ratio_vs_sequential": round(m["wall_s"] / base, 2),
-            "best_auc": round(m["best_auc"], 4),
-        }
-        for name, m in measured.items()
+        row(name, m, args.trials, 1 if name == "sequential" else int(name[5:]), base) for name, m in measured.items()
     ]
     path = write_result(
         NAME,

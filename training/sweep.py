@@ -1,24 +1,27 @@
-"""Ray Tune sweeps of sharded TorchRec training.
+"""Ray Tune sweeps of sharded TorchRec training, on a local Ray or a Ray cluster (``address``).
 
-Each trial is a Tune function trainable that runs a Ray Train ``TorchTrainer``: its workers form a
-torch.distributed group and run ``recops.training.train.run_worker``, the same DMP training as
-``recops train --nproc``. Every epoch reports auc/logloss/samples_per_s and a checkpoint through
-Train; ``TuneReportCallback`` forwards the metrics so ASHA can stop a trial early. Fault tolerance:
+Each trial runs ``recops.training.train.run_worker``, the same DMP training as ``recops train``
+(``recops.training.sweep_trial``): a one-worker trial trains in the Tune trial process itself (reused
+from trial to trial), a multi-worker trial runs a Ray Train ``TorchTrainer`` whose workers may span
+nodes. Every epoch reports auc/logloss/samples_per_s and a checkpoint, so ASHA can stop a trial early.
+Fault tolerance:
 
-* a killed worker: Train restarts the worker group from the last reported checkpoint (copied into
-  the trial's work dir, where ``run_worker`` resumes from), up to ``max_failures`` times;
-* a failed trial: Tune restarts it, and its TorchTrainer finds its own run snapshot in
-  ``trials/<id>/train`` and resumes from the same checkpoint;
+* a failed one-worker trial (its process or node lost): Tune restarts it, elsewhere if need be, from
+  the last checkpoint it reported, up to ``max_failures`` times;
+* a killed worker of a multi-worker trial: Train restarts the worker group from the last reported
+  checkpoint; a failed multi-worker trial: Tune restarts it and its TorchTrainer resumes its own run
+  snapshot in ``trials/<id>/train``;
 * an interrupted sweep (SIGINT/SIGTERM): Tune saves its state; ``resume_sweep`` restores it and
   reruns only unfinished trials.
 
-Experiment directory layout (``<storage_path>/<sweep id>/``)::
+Experiment directory layout (``<storage_path>/<sweep id>/``, on a path every node sees)::
 
     sweep_config.json            the resolved SweepConfig (what --resume reads)
     sweep_summary.json           ranking, best trial, status, driver environment
     tune/                        Ray Tune's experiment state and per-trial results
+    tune/<trial id>/checkpoint_*/  a one-worker trial's checkpoints (best and latest kept)
     trials/<trial id>/work/      run_worker's out_dir: checkpoints/{latest,best}, events.jsonl, environment.json
-    trials/<trial id>/train/     Ray Train's persisted checkpoints (checkpoint_*/, best and latest kept)
+    trials/<trial id>/train/     a multi-worker trial's Ray Train run (checkpoint_*/, best and latest kept)
     trials/<trial id>/trial_record.json
 """
 
@@ -45,7 +48,8 @@ from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
 from recops.training.environment import Environment, capture
 from recops.training.sweep_config import SweepConfig, model_fields
-from recops.training.sweep_records import fmt_value, format_table, log_event, read_events, trial_work_dir
+from recops.training.sweep_records import fmt_value, format_table, read_events
+from recops.training.sweep_trial import TrialPlan, run_trial
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
 LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
@@ -54,24 +58,16 @@ LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting 
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one process less per trial; a local machine is not preempted
+    "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "120",  # a hung worker fails its group in 2 minutes, not 10
 }
-DRIVER_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+DRIVER_ENV = {
+    "RAY_COLOR_PREFIX": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Keeping only the best and latest checkpoint (num_to_keep) makes Tune snapshot its state at each checkpoint of
+    # a one-worker trial, and warn about it every few seconds; the snapshots are small files.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    """What every trial of a sweep needs; pickled into the Tune trainable."""
-
-    config: SweepConfig
-    experiment_dir: Path
-    warm_start: Path | None = None  # checkpoint the trials start from (a registered model's)
-
-    def trial_dir(self, trial_id: str) -> Path:
-        return self.experiment_dir / "trials" / trial_id
-
-    def work_dir(self, trial_id: str) -> Path:
-        return trial_work_dir(self.experiment_dir, trial_id)
 
 
 @dataclass
@@ -84,7 +80,7 @@ class TrialSummary:
     history: list[dict[str, Any]]
     best: dict[str, Any]  # metrics of the best epoch ({} if none)
     best_checkpoint: str | None
-    attempts: list[dict[str, Any]]  # one per worker-group start: pid, time, resumed_at_epoch, world_size
+    attempts: list[dict[str, Any]]  # one per training start: pid, time, resumed_at_epoch, world_size, nodes
     wall_s: float
     error: str | None = None
     environment: dict[str, Any] = field(default_factory=dict)
@@ -176,100 +172,6 @@ class SweepResult:
         }
 
 
-# ----------------------------------------------------------------------------------------------- trial side
-
-
-def _prepare_work_dir(work: Path, restored: Any) -> int:
-    """Make ``work/checkpoints/latest`` the checkpoint Train restored (none: a fresh start, which ``run_worker``
-    seeds from the warm start if there is one); returns the epoch training resumes at."""
-    checkpoints = work / "checkpoints"
-    if restored is None:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        checkpoints.mkdir(parents=True)
-        return 0
-    with restored.as_directory() as src:
-        latest = Checkpoint.open(src).copy_to(checkpoints / "latest")
-    if not Checkpoint.exists(checkpoints / "best"):
-        latest.copy_to(checkpoints / "best")
-    return latest.meta.epoch + 1
-
-
-def _train_loop(loop_config: dict[str, Any]) -> None:
-    """Body of every Ray Train worker: restore, then the sharded DMP training of ``recops train``."""
-    import ray.train
-    import torch.distributed as dist
-
-    from recops.training.train import run_worker
-
-    plan: TrialPlan = loop_config["plan"]
-    work = plan.work_dir(loop_config["trial_id"])
-    model, train = plan.config.configs(loop_config["params"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    if train.device == "cuda":
-        import ray.train.torch
-
-        os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)  # what pick_device reads
-    restored = ray.train.get_checkpoint()
-    if rank == 0:
-        resumed_at = _prepare_work_dir(work, restored)
-        write_json_atomic(work / "environment.json", capture().to_dict())
-        group = ray.util.get_current_placement_group()
-        log_event(
-            work,
-            "start",
-            resumed_at_epoch=resumed_at,
-            world_size=context.get_world_size(),
-            placement_group=group.id.hex() if group else None,
-        )
-    dist.barrier()
-
-    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if rank == 0:
-            # The controller registers reports asynchronously; wait until it holds this checkpoint, so "epoch N"
-            # in events.jsonl means a restart resumes after epoch N.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            log_event(work, "epoch", epoch=metrics["epoch"], auc=metrics["auc"], logloss=metrics["logloss"])
-
-    run_worker(plan.config.dataset.path, model, train, work, report=report, resume=True, warm_start=plan.warm_start)
-
-
-def _trial(params: dict[str, Any], plan: TrialPlan) -> None:
-    """One Tune trial: a TorchTrainer whose run lives in ``trials/<id>/train`` (so a restarted trial resumes it)."""
-    from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    trial_id = tune.get_context().get_trial_id()
-    log_event(plan.work_dir(trial_id), "trial")
-    config, resources = plan.config, plan.config.resources
-    per_worker = {
-        "CPU": resources.cpus_per_worker,
-        **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}),
-    }
-    TorchTrainer(
-        _train_loop,
-        train_loop_config={"plan": plan, "params": params, "trial_id": trial_id},
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers_per_trial,
-            use_gpu=bool(resources.gpus_per_worker),
-            resources_per_worker=per_worker,
-        ),
-        run_config=RunConfig(
-            name="train",
-            storage_path=str(plan.trial_dir(trial_id)),
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
-            ),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-        ),
-    ).fit()
-
-
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
@@ -339,37 +241,45 @@ def _ray_session(address: str | None) -> Iterator[None]:
         shutil.rmtree(made_tmp, ignore_errors=True)
 
 
-def _capacity(config: SweepConfig, address: str | None) -> int:
+def _trial_resources(plan: TrialPlan) -> dict[str, float]:
+    """What Tune reserves for each trial: the worker's resources when it trains in the trial, else the driver's."""
+    return plan.config.resources.per_worker if plan.in_trial else {"CPU": TRIAL_DRIVER_CPU}
+
+
+def _capacity(plan: TrialPlan, address: str | None) -> int:
     """How many trials the Ray cluster holds at once; RecopsError if it cannot hold one (instead of pending forever)."""
     import ray
 
-    res = config.resources
-    total = ray.cluster_resources()
+    res = plan.config.resources
     where = f"the Ray cluster at {address}" if address else "the local Ray (this machine)"
-    gpus = total.get("GPU", 0.0)
-    if res.gpus > gpus:
+    total = dict(ray.cluster_resources())
+    per_trial = {k: v * res.workers_per_trial for k, v in res.per_worker.items()}
+    if address and not plan.in_trial:
+        per_trial["CPU"] += TRIAL_DRIVER_CPU
+    elif not address:
+        total["CPU"] = total.get("CPU", 0.0) - 1  # the local extra CPU is the trial drivers'
+    if per_trial.get("GPU", 0) > total.get("GPU", 0.0):
         raise RecopsError(
             f"sweep resources: each trial asks for {res.gpus:g} GPU (workers_per_trial {res.workers_per_trial} x "
-            f"gpus_per_worker {res.gpus_per_worker:g}) but {where} has {gpus:g}; "
-            "set resources.gpus_per_worker: 0 to train "
-            "on CPU, or pass --address of a cluster with GPUs"
+            f"gpus_per_worker {res.gpus_per_worker:g}) but {where} has {total.get('GPU', 0.0):g}; "
+            "set resources.gpus_per_worker: 0 to train on CPU, or pass --address of a cluster with GPUs"
         )
-    cpus = total.get("CPU", 0.0) - (0 if address else 1)  # the local extra CPU is the trial drivers'
-    if res.cpus > cpus:
+    short = [k for k, v in per_trial.items() if v > total.get(k, 0.0) + 1e-9]
+    if short:
         raise RecopsError(
-            f"sweep resources: each trial asks for {res.cpus:g} CPUs but {where} has {cpus:g}; "
-            "lower workers_per_trial or cpus_per_worker"
+            f"sweep resources: each trial asks for {per_trial[short[0]]:g} {short[0]} but {where} has "
+            f"{total.get(short[0], 0.0):g}; lower workers_per_trial or the per-worker resources"
         )
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if not any(n.get("CPU", 0) >= res.cpus_per_worker and n.get("GPU", 0) >= res.gpus_per_worker for n in nodes):
+    hosts = [n for n in nodes if all(n.get(k, 0.0) + 1e-9 >= v for k, v in res.per_worker.items())]
+    needed = res.workers_per_trial if res.placement_strategy == "STRICT_SPREAD" else 1
+    if len(hosts) < needed:
         raise RecopsError(
-            f"sweep resources: no node of {where} has {res.cpus_per_worker:g} CPU and "
-            f"{res.gpus_per_worker:g} GPU for one worker; lower cpus_per_worker/gpus_per_worker"
+            f"sweep resources: {len(hosts)} node(s) of {where} can hold one worker ({res.per_worker}), "
+            f"{needed} needed (placement_strategy {res.placement_strategy}); lower the per-worker resources "
+            "or workers_per_trial, or add nodes"
         )
-    fits = math.floor(cpus / res.cpus + 1e-9)
-    if res.gpus:
-        fits = min(fits, math.floor(gpus / res.gpus + 1e-9))
-    return max(1, fits)
+    return max(1, min(math.floor(total[k] / v + 1e-9) for k, v in per_trial.items() if v))
 
 
 @contextlib.contextmanager
@@ -394,7 +304,7 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
     from recops.training.sweep_callbacks import LiveTable, ReleaseStoppedTrials
 
     config = plan.config
-    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _trial_resources(plan))
     tune_dir = plan.experiment_dir / "tune"
     if restore:
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -422,12 +332,16 @@ def _tuner(plan: TrialPlan, max_concurrent: int, restore: bool) -> Any:
             time_budget_s=config.time_limit_s or None,
             trial_dirname_creator=_trial_dirname,
             search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=max_concurrent),
+            reuse_actors=True,  # a trial process (torch, torchrec imported) runs trial after trial
         ),
         run_config=tune.RunConfig(
             name=tune_dir.name,
             storage_path=str(plan.experiment_dir),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=tune.CheckpointConfig(  # one-worker trials' checkpoints: the best and the latest
+                num_to_keep=1, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
+            ),
             callbacks=[LiveTable(config.metric), ReleaseStoppedTrials()],
         ),
     )
@@ -440,7 +354,7 @@ def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult
         _ray_session(address),
         _sigterm_as_sigint(),
     ):  # after ray.init, which installs its own (aborting) SIGTERM handler
-        fits = _capacity(config, address)
+        fits = _capacity(plan, address)
         max_concurrent = min(config.max_concurrent_trials or fits, fits)
         if config.max_concurrent_trials > fits:
             print(
@@ -458,15 +372,15 @@ def _execute(plan: TrialPlan, address: str | None, restore: bool) -> SweepResult
     return _collect(plan, max_concurrent, time.time() - start)
 
 
-def _train_checkpoints(trial_dir: Path) -> list[Checkpoint]:
-    """Complete checkpoints Ray Train kept for a trial."""
-    return [Checkpoint.open(p) for p in sorted((trial_dir / "train").glob("checkpoint_*")) if Checkpoint.exists(p)]
+def _kept_checkpoints(plan: TrialPlan, trial_id: str) -> list[Checkpoint]:
+    """Complete checkpoints Ray kept for a trial."""
+    return [Checkpoint.open(p) for p in plan.checkpoint_dirs(trial_id) if Checkpoint.exists(p)]
 
 
 def _summarize(plan: TrialPlan, trial: Any) -> TrialSummary:
     config = plan.config
-    trial_dir, work = plan.trial_dir(trial.trial_id), plan.work_dir(trial.trial_id)
-    checkpoints = _train_checkpoints(trial_dir)
+    work = plan.work_dir(trial.trial_id)
+    checkpoints = _kept_checkpoints(plan, trial.trial_id)
     newest = max((c.meta for c in checkpoints), key=lambda m: m.epoch, default=None)
     sign = 1 if config.mode == "max" else -1
     best = max(checkpoints, key=lambda c: sign * c.meta.metrics[config.metric], default=None)
@@ -564,8 +478,14 @@ def _adopt_warm_start(config: SweepConfig, warm_start: Path | None) -> tuple[Swe
     return replace(config, model=arch), parent.path
 
 
+def ray_address(address: str | None = None) -> str | None:
+    """The cluster a sweep attaches to: ``address``, else ``$RAY_ADDRESS`` (set in Ray jobs), else None (local)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def run_sweep(config: SweepConfig, address: str | None = None, warm_start: Path | None = None) -> SweepResult:
-    """Run a new sweep in ``<storage_path>/<name>-<timestamp>/``; a local Ray unless ``address`` names a cluster.
+    """Run a new sweep in ``<storage_path>/<name>-<timestamp>/``; a local Ray unless :func:`ray_address` names a
+    cluster (``auto``, ``HOST:6379`` or Ray Client's ``ray://HOST:10001``).
 
     ``warm_start`` is the checkpoint directory of ``config.warm_start`` (the caller resolves registry versions).
     """
@@ -576,7 +496,7 @@ def run_sweep(config: SweepConfig, address: str | None = None, warm_start: Path 
     while experiment_dir.exists():
         suffix += 1
         experiment_dir = config.storage_path / f"{config.name}-{stamp}-{suffix}"
-    return _execute(TrialPlan(config, experiment_dir, parent), address, restore=False)
+    return _execute(TrialPlan(config, experiment_dir, parent), ray_address(address), restore=False)
 
 
 def load_experiment(experiment_dir: str | Path, local: bool = True) -> TrialPlan:
@@ -596,6 +516,7 @@ def load_experiment(experiment_dir: str | Path, local: bool = True) -> TrialPlan
 def resume_sweep(experiment_dir: str | Path, address: str | None = None) -> SweepResult:
     """Continue an interrupted sweep: finished trials are kept, unfinished and errored ones resume from their
     checkpoints."""
+    address = ray_address(address)
     plan = load_experiment(experiment_dir, local=address is None)
     from ray.tune import Tuner
 

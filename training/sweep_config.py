@@ -15,9 +15,10 @@ Example (every key but ``dataset`` and ``search`` is optional)::
     metric: auc                                    # auc (max) or logloss (min)
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or: fifo
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+                                                   # also custom_per_worker: {gpu_pool: 1}, placement_strategy: PACK
     max_concurrent_trials: 2                       # default: as many trials as the cluster fits
     max_failures: 1
-    storage_path: runs/sweeps
+    storage_path: runs/sweeps                      # or file:///mnt/shared/sweeps (every node's mount)
     time_limit_s: 0                                # 0 = no limit
 
 Relative paths are resolved against the current directory.
@@ -41,6 +42,7 @@ from recops.training.dataset import Dataset, DatasetRef
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
 METRICS = {"auc": "max", "logloss": "min"}
 SCHEDULERS = ("asha", "fifo")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups'
 # Set by the sweep itself, not searchable: epochs (top level), device and threads (from the resources).
 RESERVED_TRAIN_FIELDS = ("epochs", "device", "threads")
 MODEL_ONLY_FIELDS = ("tables", "num_dense")
@@ -144,6 +146,31 @@ def parse_dataset(spec: Any) -> DatasetRef:
     return dataset.ref
 
 
+def parse_storage_path(spec: str | Path) -> Path:
+    """``storage_path``: a directory, or its ``file://`` URI (``file:///mnt/shared/sweeps``). Every Ray node and the
+    driver read and write it, so on a cluster it must be a path they all mount (NFS, a PVC; S3 or GCS through a mount
+    such as mountpoint-s3 or gcsfuse)."""
+    spec = str(spec)
+    scheme = spec.split("://", 1)[0] if "://" in spec else ""
+    if not scheme:
+        return Path(spec).expanduser().resolve()
+    if scheme != "file":
+        raise RecopsError(
+            f"sweep config: storage_path {spec}: trials and the driver share the experiment directory as files "
+            f"(events, checkpoints, records), which {scheme}:// cannot hold; mount the bucket on every node and the "
+            "driver at the same path (mountpoint-s3, gcsfuse) and pass that path or its file:// URI"
+        )
+    from pyarrow import fs
+
+    try:
+        _, path = fs.FileSystem.from_uri(spec)
+    except (ValueError, OSError) as exc:
+        raise RecopsError(
+            f"sweep config: storage_path {spec}: not a file URI ({exc}); use file:///absolute/path"
+        ) from exc
+    return Path(path).resolve()
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     type: str = "asha"
@@ -167,11 +194,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class TrialResources:
-    """Each trial is a Ray Train TorchTrainer with this many workers (one DMP rank each)."""
+    """Each trial has this many workers (one DMP rank each): one trains in the Tune trial itself, several form a Ray
+    Train worker group placed by ``placement_strategy``. ``custom_per_worker`` asks for custom Ray resources (a node
+    started with ``--resources '{"gpu_pool": 4}'``), which pins the workers to the nodes that have them."""
 
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    custom_per_worker: dict[str, float] = field(default_factory=dict)
+    placement_strategy: str = "PACK"
 
     @classmethod
     def parse(cls, spec: Any) -> TrialResources:
@@ -183,7 +214,30 @@ class TrialResources:
             )
         if not config.cpus_per_worker > 0 or config.gpus_per_worker < 0:
             raise RecopsError("sweep config: resources need cpus_per_worker > 0 and gpus_per_worker >= 0")
+        custom = config.custom_per_worker
+        if not isinstance(custom, dict):
+            raise RecopsError(f"sweep config: resources.custom_per_worker must be a mapping, got {custom!r}")
+        bad = [k for k, v in custom.items() if k in ("CPU", "GPU") or isinstance(v, bool) or not v > 0]
+        if bad:
+            raise RecopsError(
+                f"sweep config: resources.custom_per_worker {bad[0]!r}: give a custom resource name (CPU and GPU "
+                "have their own keys) and an amount > 0"
+            )
+        if config.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise RecopsError(
+                f"sweep config: resources.placement_strategy {config.placement_strategy!r} not in "
+                f"{list(PLACEMENT_STRATEGIES)}"
+            )
         return config
+
+    @property
+    def per_worker(self) -> dict[str, float]:
+        """One worker's Ray resources."""
+        return {
+            "CPU": self.cpus_per_worker,
+            **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
+            **self.custom_per_worker,
+        }
 
     @property
     def cpus(self) -> float:
@@ -243,7 +297,7 @@ class SweepConfig:
             mode=data.get("mode", METRICS[metric]),
             scheduler=SchedulerConfig.parse(data.get("scheduler", "asha"), epochs),
             resources=TrialResources.parse(data.get("resources", {})),
-            storage_path=Path(data.get("storage_path") or settings().sweeps).expanduser().resolve(),
+            storage_path=parse_storage_path(data.get("storage_path") or settings().sweeps),
         )
         config.check(local)
         return config

@@ -24,8 +24,9 @@ def read_events(work: Path) -> list[dict[str, Any]]:
 
 def log_event(work: Path, event: str, **fields: Any) -> None:
     """Append one line to the trial's events.jsonl: "trial" (Tune started the trial), "start" (rank 0 began training,
-    once per worker-group attempt, with the group's placement group), "epoch" (after Train holds that epoch's
-    checkpoint) and "released" (the driver checked that a finished trial's placement group is gone, ``by`` whom)."""
+    once per attempt, with the node of every rank and a Train worker group's placement group), "epoch" (after Tune or
+    Train holds that epoch's checkpoint) and "released" (the driver checked that a finished trial's placement group
+    is gone, ``by`` whom)."""
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "events.jsonl", "a") as fh:
         fh.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")

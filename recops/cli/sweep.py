@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--config", type=Path, help="sweep YAML (see docs/sweeps.md)")
     what.add_argument("--resume", type=Path, metavar="DIR", help="experiment directory of an interrupted sweep")
     p.add_argument(
-        "--address", help="Ray cluster to attach to (auto, HOST:PORT or ray://HOST:10001); default: a local Ray"
+        "--address",
+        help="Ray cluster to attach to (auto, HOST:PORT or ray://HOST:10001); default: $RAY_ADDRESS (set inside a "
+        "Ray job), else a local Ray",
     )
     p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
     p.add_argument("--alias", default="candidate", help="alias for the registered best model (default: candidate)")
@@ -28,12 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
     from recops.ops.registry import LocalRegistry
     from recops.ops.retrain import register_best, sweep_and_register
-    from recops.training.sweep import ranking_table, resume_sweep
+    from recops.training.sweep import ranking_table, ray_address, resume_sweep
     from recops.training.sweep_config import load_sweep_config
 
     registry = LocalRegistry(args.registry)
+    address = ray_address(args.address)
     if args.resume:
-        result = resume_sweep(args.resume, address=args.address)
+        result = resume_sweep(args.resume, address=address)
         parent = registry.resolve(result.config.warm_start).version if result.config.warm_start is not None else None
         version = (
             None
@@ -42,9 +45,9 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         result, version = sweep_and_register(
-            load_sweep_config(args.config, local=not args.address),
+            load_sweep_config(args.config, local=not address),
             registry,
-            args.address,
+            address,
             args.alias,
             register=not args.no_register,
         )
