@@ -30,5 +30,6 @@ BENCHMARKS = (
     Benchmark("sweep_overhead"),
     Benchmark("drift_speed", full=("--rows", "200000")),
     Benchmark("ingest_speed"),
+    Benchmark("quality_real", quick=("--models", "recops_dcn,lightgbm"), timeout_s=2400),
     Benchmark("onnx_gpu", gpu_only=True),
 )

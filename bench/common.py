@@ -219,9 +219,10 @@ def read_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:
 
 
 def format_cell(value: Any) -> str:
-    """A table cell: thousands separators for big floats, 3 significant digits for small ones."""
+    """A table cell: thousands separators for big floats, 4 significant digits for small ones (AUCs differ in
+    the third decimal)."""
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return "" if value is None else str(value)
 
 
