@@ -33,7 +33,10 @@ lint: install
 test: lint
 	$(PY) -m pytest -q tests
 
+# The peer libraries the benchmarks compare against (setup.cfg's bench extra; torch stays pinned).
 bench: install
+	$(PIP) install $(PIN) -e '.[cpu,test,bench]'
+	$(PY) -c "import torch, lightgbm, sklearn, deepctr_torch; assert torch.__version__.startswith('2.13.0')"
 	$(VENV)/bin/recops bench --results-dir bench/results
 
 clean:

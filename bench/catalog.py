@@ -31,5 +31,6 @@ BENCHMARKS = (
     Benchmark("multinode_sweep"),
     Benchmark("drift_speed", full=("--rows", "200000")),
     Benchmark("ingest_speed"),
+    Benchmark("quality_real", quick=("--models", "recops_dcn,lightgbm"), timeout_s=2400),
     Benchmark("onnx_gpu", gpu_only=True),
 )

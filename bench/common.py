@@ -11,7 +11,11 @@ A benchmark script ``bench/<name>.py`` defines ``main(argv: list[str] | None = N
 ``rows`` is a list of flat dicts (one per measured point). ``plots`` tells ``bench/report.py`` what to
 draw: ``{"x": "batch_size", "y": "samples_per_s", "series": "variant", "title": "...", "log_x": True}``;
 ``"y"`` may be a list of columns (e.g. latency percentiles); when ``baseline`` is set the report
-also draws each series as a ratio against the row of the baseline series at the same x.
+also draws each series as a ratio against the row of the baseline series at the same x. Lines suit a numeric x;
+for categories (scenarios, variants, models) add ``"kind": "bar"``: one group of bars per x value (``"x"`` may be
+a list of columns, joined into one label), a bar per series and y, values written on the bars; ``"log_y"`` puts a
+400x gap and a 1x one on the same figure. A figure a script draws itself goes to ``<results-dir>/<name>.png``:
+the report shows it after the plots it draws.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +43,33 @@ from recops.settings import settings
 from recops.training.environment import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parent  # the benchmark scripts
+
+
+def portable(value: Any) -> Any:
+    """``value`` (a string, or lists and dicts of them) without this machine's absolute paths: the working
+    directory's and the repository's prefixes dropped, the Python environment shown as ``<venv>``, the temporary
+    directory as ``<tmp>``, the home directory as ``~``. Committed results carry no local paths."""
+    if isinstance(value, str):
+        for prefix, short in _local_prefixes():
+            value = value.replace(prefix, short)
+        return value
+    if isinstance(value, dict):
+        return {portable(k): portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    return value
+
+
+@lru_cache(maxsize=1)
+def _local_prefixes() -> tuple[tuple[str, str], ...]:
+    pairs = {
+        f"{Path(sys.prefix).resolve()}/": "<venv>/",
+        f"{Path.cwd()}/": "",
+        f"{BENCH_DIR.parent}/": "",
+        f"{Path(tempfile.gettempdir()).resolve()}/": "<tmp>/",
+        f"{Path.home()}/": "~/",
+    }
+    return tuple(sorted(((p, s) for p, s in pairs.items() if p != "//"), key=lambda item: -len(item[0])))
 
 
 def default_results_dir() -> Path:
@@ -162,7 +194,8 @@ def write_result(
     **extra: Any,
 ) -> Path:
     """Write ``<results_dir>/<name>.json`` with the rows, the hardware label, the date and the 1-minute load
-    average (a busy host slows everything: compare ratios measured in the same run); returns the path."""
+    average (a busy host slows everything: compare ratios measured in the same run); returns the path. Local
+    absolute paths in the data are made relative (:func:`portable`)."""
     data = {
         "benchmark": name,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -174,7 +207,7 @@ def write_result(
         "plots": plots or [],
         **extra,
     }
-    return write_json_atomic(Path(results_dir or default_results_dir()) / f"{name}.json", data)
+    return write_json_atomic(Path(results_dir or default_results_dir()) / f"{name}.json", portable(data))
 
 
 def read_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:
@@ -186,9 +219,10 @@ def read_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:
 
 
 def format_cell(value: Any) -> str:
-    """A table cell: thousands separators for big floats, 3 significant digits for small ones."""
+    """A table cell: thousands separators for big floats, 4 significant digits for small ones (AUCs differ in
+    the third decimal)."""
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return "" if value is None else str(value)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from recops.bench.catalog import BENCHMARKS
-from recops.bench.common import default_results_dir, format_cell
+from recops.bench.common import default_results_dir, format_cell, portable
 from recops.errors import RecopsError
 from recops.files import write_text_atomic
 
@@ -113,38 +113,75 @@ def _pyplot():
     return plt
 
 
-def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Path:
-    """Absolute values of ``spec["y"]`` against ``spec["x"]`` per series, plus ratios against the baseline."""
-    plt = _pyplot()
-    ys = [spec["y"]] if isinstance(spec["y"], str) else list(spec["y"])
-    x, key, baseline = spec["x"], spec.get("series"), result.get("baseline")
+def _ys(spec: dict[str, Any]) -> list[str]:
+    return [spec["y"]] if isinstance(spec["y"], str) else list(spec["y"])
+
+
+def _groups(result: dict[str, Any], spec: dict[str, Any], key_of) -> dict[str, dict[Any, dict[str, Any]]]:
+    """Rows by series name, then by x key (``key_of(row)``; rows without one are left out)."""
+    series = spec.get("series")
     groups: dict[str, dict[Any, dict[str, Any]]] = {}
     for row in result["rows"]:
-        if row.get(x) is not None:
-            groups.setdefault(str(row.get(key, "all")) if key else "all", {})[row[x]] = row
-    ratio = bool(baseline and key and baseline in groups)
+        key = key_of(row)
+        if key is not None:
+            groups.setdefault(str(row.get(series, "all")) if series else "all", {})[key] = row
+    return groups
+
+
+def _figure(result: dict[str, Any], spec: dict[str, Any], groups: dict[str, Any]):
+    """The figure, its axes, and whether a ratio panel against the baseline series goes beside the values."""
+    plt, baseline = _pyplot(), result.get("baseline")
+    ratio = bool(baseline and spec.get("series") and baseline in groups and len(groups) > 1)
     fig, axes = plt.subplots(1, 2 if ratio else 1, figsize=(12 if ratio else 7, 4.5), squeeze=False)
-    ax, styles = axes[0][0], ["-", "--", ":", "-."]
+    return plt, fig, axes[0], ratio
+
+
+def _label(name: str, y: str, ys: list[str]) -> str:
+    if name == "all":  # no series: the y column names the bar or line
+        return y
+    return name if len(ys) == 1 else f"{name} {y}"
+
+
+def _finish(plt, fig, axes, spec: dict[str, Any], result: dict[str, Any], count: int, path: Path) -> Path:
+    ax = axes[0]
+    ax.set_title(f"{spec.get('title', result['benchmark'])}\n{result['hardware']['label']}")
+    for a in axes:
+        a.grid(alpha=0.3, axis="y" if spec.get("kind") == "bar" else "both")
+    if spec.get("log_y"):
+        ax.set_yscale("log")
+    crowded = count > 8  # a long legend goes beside the plot, not over the lines
+    ax.legend(fontsize=7 if crowded else 8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if crowded else {}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Path:
+    """Absolute values of ``spec["y"]`` per series, plus ratios against the baseline: lines over a numeric x, or
+    bars per category with ``"kind": "bar"``."""
+    if spec.get("kind") == "bar":
+        return plot_bars(result, spec, path)
+    ys, x, baseline = _ys(spec), spec["x"], result.get("baseline")
+    groups = _groups(result, spec, lambda row: row.get(x))
+    plt, fig, axes, ratio = _figure(result, spec, groups)
+    ax, styles = axes[0], ["-", "--", ":", "-."]
     colors = {name: f"C{n % 10}" for n, name in enumerate(groups)}  # one colour per series, one style per y
     for name, points in groups.items():
         xs = sorted(points)
         for i, y in enumerate(ys):
             vals = [points[v].get(y) for v in xs]
-            label = name if len(ys) == 1 else f"{name} {y}"
             ax.plot(
                 [v for v, w in zip(xs, vals) if w is not None],
                 [w for w in vals if w is not None],
                 styles[i % len(styles)],
                 marker="o",
                 color=colors[name],
-                label=label,
+                label=_label(name, y, ys),
             )
-    ax.set(
-        xlabel=x, ylabel=", ".join(ys), title=f"{spec.get('title', result['benchmark'])}\n{result['hardware']['label']}"
-    )
+    ax.set(xlabel=x, ylabel=", ".join(ys))
     if ratio:
-        rax = axes[0][1]
-        base = groups[baseline]
+        rax, base = axes[1], groups[baseline]
         for name, points in groups.items():
             xs = [v for v in sorted(points) if v in base]
             for i, y in enumerate(ys):
@@ -156,48 +193,103 @@ def plot_result(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Pat
                     styles[i % len(styles)],
                     marker="o",
                     color=colors[name],
-                    label=name if len(ys) == 1 else f"{name} {y}",
+                    label=_label(name, y, ys),
                 )
         rax.axhline(1.0, color="grey", linewidth=0.8)
         rax.set(xlabel=x, ylabel=f"ratio vs {baseline}", title=f"ratio vs {baseline} (same run)")
         rax.legend(fontsize=8)
-    for a in axes[0]:
-        a.grid(alpha=0.3)
-        if spec.get("log_x"):
+    if spec.get("log_x"):
+        for a in axes:
             a.set_xscale("log", base=2)
-    if spec.get("log_y"):
-        ax.set_yscale("log")
-    crowded = len(groups) * len(ys) > 8  # a long legend goes beside the plot, not over the lines
-    ax.legend(fontsize=7 if crowded else 8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if crowded else {}))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, axes, spec, result, len(groups) * len(ys), path)
 
 
-def plot_gpu(suite: dict[str, Any] | None, path: Path) -> Path:
-    """GPU utilisation over the suite's run, one band per benchmark; a clear "no GPU" figure when empty."""
+def _category(spec: dict[str, Any]):
+    """A row's bar-group label: the x column's value, or several columns' values joined."""
+    columns = [spec["x"]] if isinstance(spec["x"], str) else list(spec["x"])
+
+    def key(row: dict[str, Any]) -> str | None:
+        values = [row.get(c) for c in columns]
+        return None if any(v is None for v in values) else " / ".join(format_cell(v) for v in values)
+
+    return key
+
+
+def _bars(ax, groups: dict[str, dict[str, dict[str, Any]]], ys: list[str], categories: list[str], value) -> None:
+    """One bar per (series, y) in each category, ``value(name, category, y)`` high (None: no bar), labelled."""
+    bars = [(name, y) for name in groups for y in ys]
+    width = 0.8 / len(bars)
+    hatches = ["", "//", "..", "xx"]
+    for j, (name, y) in enumerate(bars):
+        points = [(i + (j - (len(bars) - 1) / 2) * width, value(name, c, y)) for i, c in enumerate(categories)]
+        points = [(x, v) for x, v in points if v is not None]
+        if not points:
+            continue
+        drawn = ax.bar(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            width,
+            color=f"C{list(groups).index(name) % 10}",
+            hatch=hatches[ys.index(y) % len(hatches)],
+            edgecolor="white",
+            label=_label(name, y, ys),
+        )
+        if len(bars) * len(categories) <= 30:
+            ax.bar_label(drawn, labels=[format_cell(float(p[1])) for p in points], fontsize=7, padding=1)
+    ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0, fontsize=8)
+
+
+def plot_bars(result: dict[str, Any], spec: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: a group per category (x), a bar per series and y; ratios against the baseline series beside,
+    on a log axis when they span more than 20x."""
+    ys, baseline = _ys(spec), result.get("baseline")
+    groups = _groups(result, spec, _category(spec))
+    categories = list(dict.fromkeys(c for points in groups.values() for c in points))
+    plt, fig, axes, ratio = _figure(result, spec, groups)
+    _bars(axes[0], groups, ys, categories, lambda name, c, y: groups[name].get(c, {}).get(y))
+    axes[0].set(ylabel=", ".join(ys))
+    if ratio:
+        base, others = groups[baseline], {k: v for k, v in groups.items() if k != baseline}
+
+        def ratio_of(name: str, c: str, y: str) -> float | None:
+            a, b = others[name].get(c, {}).get(y), base.get(c, {}).get(y)
+            return a / b if a is not None and b else None
+
+        _bars(axes[1], others, ys, categories, ratio_of)
+        values = [r for n in others for c in categories for y in ys if (r := ratio_of(n, c, y))]
+        if values and max(*values, 1.0) / min(*values, 1.0) > 20:  # the 1x line and every bar, readable
+            axes[1].set_yscale("log")
+        axes[1].axhline(1.0, color="grey", linewidth=0.8)
+        axes[1].set(ylabel=f"ratio vs {baseline}", title=f"ratio vs {baseline} (same run)")
+        axes[1].legend(fontsize=8)
+    return _finish(plt, fig, axes, spec, result, len(groups) * len(ys), path)
+
+
+def gpu_note(suite: dict[str, Any] | None) -> str | None:
+    """Why there is no GPU utilisation to plot, or None when the suite sampled some."""
+    if (suite or {}).get("gpu_series"):
+        return None
+    if suite is None:
+        return "No GPU utilisation: no suite.json here (the results were not made by `recops bench`)."
+    reasons = {r.get("gpu", {}).get("reason") for r in suite.get("runs", [])} - {None}
+    return f"No GPU utilisation to show: {'; '.join(sorted(reasons)) or 'no GPU samples were taken'}."
+
+
+def plot_gpu(suite: dict[str, Any], path: Path) -> Path:
+    """GPU utilisation over the suite's run, one band per benchmark."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 3.5))
-    series = (suite or {}).get("gpu_series") or []
-    if not series:
-        reasons = {r.get("gpu", {}).get("reason") for r in (suite or {}).get("runs", [])} - {None}
-        why = "; ".join(sorted(reasons)) or (
-            "suite.json not found: run `recops bench`" if suite is None else "no samples"
-        )
-        ax.text(0.5, 0.5, f"no GPU\n{why}", ha="center", va="center", fontsize=14, wrap=True, transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
-        for gpu in sorted({s["gpu"] for s in series}):
-            pts = [s for s in series if s["gpu"] == gpu and s["util_pct"] is not None]
-            ax.plot([s["t"] for s in pts], [s["util_pct"] for s in pts], label=f"GPU {gpu}")
-        for i, run in enumerate(suite["runs"]):
-            ax.axvspan(run["start_s"], run["start_s"] + run["seconds"], alpha=0.08, color=f"C{i}")
-            ax.text(run["start_s"], 102, run["name"], fontsize=8)
-        ax.set(ylim=(0, 110), xlabel="seconds since the suite started", ylabel="GPU utilisation %")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    ax.set_title(f"GPU utilisation (NVML, 0.5 s samples) — {((suite or {}).get('hardware') or {}).get('label', '')}")
+    series = suite["gpu_series"]
+    for gpu in sorted({s["gpu"] for s in series}):
+        pts = [s for s in series if s["gpu"] == gpu and s["util_pct"] is not None]
+        ax.plot([s["t"] for s in pts], [s["util_pct"] for s in pts], label=f"GPU {gpu}")
+    for i, run in enumerate(suite["runs"]):
+        ax.axvspan(run["start_s"], run["start_s"] + run["seconds"], alpha=0.08, color=f"C{i}")
+        ax.text(run["start_s"], 102, run["name"], fontsize=8)
+    ax.set(ylim=(0, 110), xlabel="seconds since the suite started", ylabel="GPU utilisation %")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"GPU utilisation (NVML, 0.5 s samples) — {(suite.get('hardware') or {}).get('label', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -225,9 +317,9 @@ def _section(
     status = run["status"] if run else ("ok" if result else "not run")
     doc.heading(f"{name} — {status.upper() if status != 'ok' else 'ok'}")
     if run and run["status"] != "ok":
-        doc.text(f"**{run['status'].upper()}**: {run['detail']} — `{' '.join(run['command'])}`")
+        doc.text(f"**{run['status'].upper()}**: {run['detail']} — `python {portable(' '.join(run['command']))}`")
         if run.get("log_tail"):
-            doc.code(run["log_tail"][-1500:])
+            doc.code(portable(run["log_tail"])[-1500:])
     if not result:
         if not run:
             doc.text("**NOT RUN**: no result JSON in this directory.")
@@ -252,6 +344,9 @@ def _section(
             continue
         doc.image(path, spec.get("title", name))
         plots.append(path)
+    own = results_dir / f"{name}.png"  # a figure the benchmark drew itself
+    if own.is_file():
+        doc.image(own, f"{name} (drawn by bench/{name}.py)")
     return plots
 
 
@@ -287,8 +382,13 @@ def render(results_dir: Path | None = None) -> dict[str, Path]:
         )
     doc.table(summary)
     doc.heading("GPU utilisation")
-    plots = [plot_gpu(suite, results_dir / GPU_PLOT)]
-    doc.image(plots[0], "GPU utilisation")
+    note, gpu_png = gpu_note(suite), results_dir / GPU_PLOT
+    plots = [] if note else [plot_gpu(suite, gpu_png)]
+    if note:
+        gpu_png.unlink(missing_ok=True)  # a figure from an earlier suite run would not match this report
+        doc.text(note)
+    else:
+        doc.image(gpu_png, "GPU utilisation")
     for name in names:
         plots += _section(doc, name, results.get(name), runs.get(name), results_dir)
     md = results_dir / MARKDOWN

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from recops.bench.catalog import BENCHMARKS, Benchmark
-from recops.bench.common import default_results_dir, hardware
+from recops.bench.common import default_results_dir, hardware, portable
 from recops.bench.report import render
 from recops.errors import RecopsError
 from recops.files import write_json_atomic
@@ -92,7 +92,7 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
         *(("--quick", *bench.quick) if quick else bench.full),
         *extra,
     ]
-    run = BenchRun(bench.name, "missing", command=cmd[1:], start_s=round(time.time() - t0, 2))
+    run = BenchRun(bench.name, "missing", command=portable(cmd[1:]), start_s=round(time.time() - t0, 2))
     if not bench.script.exists():
         run.detail = f"bench/{bench.name}.py does not exist"
         return run, []
@@ -111,7 +111,7 @@ def run_one(bench: Benchmark, results_dir: Path, quick: bool, extra: list[str], 
             proc = _run(cmd, bench.timeout_s)
         samples, run.gpu = _series(m.samples, t0), m.summary()
     run.seconds = round(time.time() - start, 2)
-    run.exit_code, run.log_tail = proc.returncode, proc.stdout[-LOG_TAIL_CHARS:]
+    run.exit_code, run.log_tail = proc.returncode, portable(proc.stdout)[-LOG_TAIL_CHARS:]
     fresh = result_file.exists() and result_file.stat().st_mtime != before
     if proc.returncode != 0:
         run.status, run.detail = "failed", f"exit {proc.returncode}" + ("" if fresh else ", no result JSON")
@@ -169,7 +169,7 @@ def run_suite(
         "runs": [asdict(r) for r in runs],
         "gpu_series": series,
     }
-    write_json_atomic(results_dir / SUITE_FILE, suite)
+    write_json_atomic(results_dir / SUITE_FILE, portable(suite))
     suite["report"] = {k: str(v) for k, v in render(results_dir).items()}
     return suite
 

@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         baseline="sequential",
         plots=[
             {
-                "x": "max_concurrent",
-                "y": "wall_s",
-                "series": "variant",
-                "title": f"{args.trials} trainings: wall time (s)",
+                "kind": "bar",
+                "x": "variant",
+                "y": ["train_s", "wall_s"],
+                "title": f"{args.trials} trainings: time training vs wall time (s)",
             }
         ],
         config={"trials": args.trials, "epochs": args.epochs, "rows": args.rows, "threads_per_training": 1},

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from recops.bench.common import format_table, hardware, measure, read_result, write_result
+from recops.bench.common import format_table, hardware, measure, portable, read_result, write_result
 from recops.bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
+from recops.bench.quality_real import GENRES, SPEC, ratings_table, read_published, read_wheel
 from recops.bench.report import render
 from recops.bench.serve_latency import add_ratios, aims
 from recops.bench.suite import Benchmark, run_one, run_suite
@@ -155,9 +160,8 @@ def test_quick_suite_run_writes_results_and_report(tmp_path):
         "## train_throughput — ok" in report
         and "![DLRM training throughput (samples/s)](train_throughput_0.png)" in report
     )
-    assert (tmp_path / "train_throughput_0.png").stat().st_size > 0 and (
-        tmp_path / "gpu_utilisation.png"
-    ).stat().st_size > 0
+    assert (tmp_path / "train_throughput_0.png").stat().st_size > 0
+    assert (tmp_path / "gpu_utilisation.png").is_file() == bool(hardware()["gpus"])  # no GPU: a sentence instead
     assert report.count("NOT RUN") >= 1  # the benchmarks this run left out are listed, not dropped
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
 
@@ -201,3 +205,75 @@ def test_gpu_check_script_plan(tmp_path):
     for step in ("nvidia-smi", "pip install", "pytest -m gpu", "--device cuda", "65536", "onnx_gpu"):
         assert step in plan, step
     assert len(list(tmp_path.rglob("*"))) <= 8
+
+
+def test_bar_plots_the_benchmarks_own_figure_and_no_empty_gpu_figure(tmp_path):
+    rows = [
+        {"pair": p, "tool": t, "report_s": s}
+        for p in ("none", "strong")
+        for t, s in (("recops", 0.5), ("evidently", 200.0))
+    ]
+    spec = {"kind": "bar", "x": "pair", "y": "report_s", "series": "tool", "log_y": True, "title": "drift s"}
+    write_result("drift", rows, tmp_path, baseline="evidently", plots=[spec])
+    (tmp_path / "drift.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the script's own figure
+    render(tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "![drift s](drift_0.png)" in report and "![drift (drawn by bench/drift.py)](drift.png)" in report
+    assert (tmp_path / "drift_0.png").stat().st_size > 0
+    assert "No GPU utilisation: no suite.json here" in report and not (tmp_path / "gpu_utilisation.png").exists()
+
+
+def test_results_and_reports_carry_no_local_paths(tmp_path):
+    assert portable(f"{Path.cwd()}/bench/results") == "bench/results"
+    assert portable({"log": f"{sys.prefix}/lib/x.py: warning"}) == {"log": "<venv>/lib/x.py: warning"}
+    write_result("paths", [{"file": str(ROOT / "bench" / "x.py")}], tmp_path)
+    assert read_result("paths", tmp_path)["rows"] == [{"file": "bench/x.py"}]
+    for path in (ROOT / "bench" / "results").iterdir():
+        if path.suffix in (".json", ".md", ".html"):
+            text = path.read_text()
+            assert str(ROOT) not in text and not re.search(r"[\"`( ]/(work|home|root|tmp|Users)/", text), path.name
+
+
+def _ml100k(tmp_path: Path) -> tuple[Path, Path]:
+    """Three ratings as GroupLens publishes them and as the recbole wheel ships them (its year: the title's)."""
+    ratings = [("196", "242", "3", "881250949"), ("22", "377", "1", "878887116"), ("196", "267", "5", "891717742")]
+    users = [("196", "49", "M", "writer", "55105"), ("22", "25", "M", "writer", "40206")]
+    items = [  # id, title, u.item's release date, the wheel's year, genres
+        ("242", "Kolya (1996)", "24-Jan-1997", "1996", ["Comedy"]),
+        ("377", "Heavyweights (1994)", "01-Jan-1994", "1994", ["Children's", "Comedy"]),
+        ("267", "unknown", "", "unkonwn", ["unknown"]),
+    ]
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    lines = lambda rows, sep: "".join(sep.join(r) + "\n" for r in rows)  # noqa: E731
+    (folder / "u.data").write_text(lines(ratings, "\t"))
+    (folder / "u.user").write_text(lines(users, "|"))
+    flags = [["1" if g in genres else "0" for g in GENRES] for *_, genres in items]
+    u_item = [(i, t, d, "", "http://x", *f) for (i, t, d, _, _), f in zip(items, flags)]
+    (folder / "u.item").write_text(lines(u_item, "|"))
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    base = "recbole/dataset_example/ml-100k/ml-100k"
+    tables = {
+        "inter": (("user_id:token", "item_id:token", "rating:float", "timestamp:float"), ratings),
+        "user": (("user_id:token", "age:token", "gender:token", "occupation:token", "zip_code:token"), users),
+        "item": (
+            ("item_id:token", "movie_title:token_seq", "release_year:token", "class:token_seq"),
+            [(i, t, y, " ".join(g)) for i, t, _, y, g in items],
+        ),
+    }
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for kind, (header, rows) in tables.items():
+            zf.writestr(f"{base}.{kind}", lines([header, *rows], "\t"))
+    return folder, wheel
+
+
+def test_ml100k_from_the_published_folder_or_the_wheel_is_one_csv(tmp_path):
+    folder, wheel = _ml100k(tmp_path)
+    published, packaged = ratings_table(*read_published(folder)), ratings_table(*read_wheel(wheel))
+    assert published.astype(str).equals(packaged.astype(str))
+    first = published.iloc[0]
+    # the year in the title, as the wheel has it (u.item dates Kolya (1996) 24-Jan-1997)
+    assert (first["zip3"], first["release_year"], first["hour"], first["weekday"]) == ("551", 1996, 15, 3)
+    assert published["genres"].tolist() == ["Comedy", "Children's|Comedy", "unknown"]
+    assert published["release_year"].isna().tolist() == [False, False, True]  # unknown: missing, not a reject
+    assert "label_positive_min: 4" in SPEC and "multi_hot: {genres: 6}" in SPEC

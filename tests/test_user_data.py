@@ -428,7 +428,7 @@ def test_criteo_day_files_split_by_file(synth_dir, tmp_path) -> None:
             "data",
             "ingest",
             "--input",
-            str(days / "day_[01].gz"),
+            str(days / "day_*.gz"),  # the glob matches the test day too: it is held out, not trained on
             "--test-input",
             str(test_day),
             "--out",
@@ -444,6 +444,10 @@ def test_criteo_day_files_split_by_file(synth_dir, tmp_path) -> None:
     assert ingested["split"]["method"] == "files"
     missing = recops("data", "ingest", "--input", str(days / "day_9*.gz"), "--out", str(tmp_path / "ds"), check=False)
     assert missing.returncode == 2 and "no file matches" in missing.stderr
+    only_test = recops(
+        "data", "ingest", "--input", str(test_day), "--test-input", str(test_day), "--out", str(tmp_path), check=False
+    )
+    assert only_test.returncode == 2 and "no training rows left" in only_test.stderr
 
 
 def test_a_split_column_keeps_the_users_split(tmp_path) -> None:

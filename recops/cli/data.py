@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="FILE",
         help="Criteo TSV, CSV or Parquet (plain or gzip): files, directories or globs such as "
-        "'day_*.gz' (with --val-input/--test-input: the training rows)",
+        "'day_*.gz' (with --val-input/--test-input: the training rows, less the files those name)",
     )
     ingest.add_argument(
         "--out",
@@ -129,6 +129,16 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
     )
 
 
+def training_files(train: list[Path], held_out: list[Path]) -> list[Path]:
+    """``--input``'s files less the ``--val-input``/``--test-input`` ones, so ``--input 'day_*.gz' --test-input
+    day_23.gz`` trains on days 0-22 only."""
+    held = {p.resolve() for p in held_out}
+    kept = [p for p in train if p.resolve() not in held]
+    if not kept:
+        raise RecopsError("--input names only files that --val-input/--test-input hold out: no training rows left")
+    return kept
+
+
 def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
     import sys
 
@@ -145,6 +155,7 @@ def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
         k: expand_inputs(v) if v else []
         for k, v in (("train", args.input), ("val", args.val_input), ("test", args.test_input))
     }
+    files["train"] = training_files(files["train"], files["val"] + files["test"])
     with tqdm(unit=" rows", unit_scale=True, disable=not sys.stderr.isatty(), desc="ingest") as bar:
         dataset = ingest(
             files["train"],
