@@ -44,6 +44,20 @@ def fmix64(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return x
 
 
+def source_key(sha256: str, purpose: str, seed: int = 0) -> np.uint64:
+    """The 64-bit key of one input file (its content hash) for one use of its row keys (a split, a sample)."""
+    digest = hashlib.blake2b(f"{sha256}:{seed}".encode(), digest_size=8, person=purpose.encode()[:16])
+    return np.uint64(int.from_bytes(digest.digest(), "little"))
+
+
+def row_keys(source: np.uint64, lines: np.ndarray) -> np.ndarray:
+    """uint64 key of each row, ``fmix64(line * G ^ source)``: a function of the file and the line number only,
+    so it does not depend on how the file is cut into blocks or pieces nor on which process reads them."""
+    keys = np.asarray(lines, np.int64).view(np.uint64) * _G
+    keys ^= source
+    return fmix64(keys, np.empty_like(keys))
+
+
 def hash_values(array: pa.Array | pa.ChunkedArray, seed: np.uint64) -> np.ndarray:
     """uint64 hash of every value of a string or binary array (those of null and empty values are not ids:
     callers give them id 0)."""

@@ -102,8 +102,13 @@ class Preprocessor:
     def fit(self, frames: Any) -> Preprocessor:
         """Build frequency-threshold vocabularies from one frame or an iterable of frames: the values seen at
         least ``min_frequency`` times, most frequent first (ties by value)."""
+        return self.fit_counts([self.count(frames)])
+
+    def count(self, frames: Any) -> dict[str, pa.Table]:
+        """Value counts (``value``, ``count``) of every sparse feature in one frame or an iterable of frames:
+        what ``fit_counts`` merges, whichever process counted which frames."""
         if self.config.min_frequency <= 0:
-            return self
+            return {}
         frames = [frames] if isinstance(frames, pd.DataFrame) else frames
         counts: dict[str, pa.Table] = {}
         for frame in frames:
@@ -111,10 +116,17 @@ class Preprocessor:
                 values = _categorical(frame[name]).cast(pa.large_binary())
                 new = pc.value_counts(values.filter(pa.array(present(values))))
                 table = pa.table({"value": new.field("values"), "count": new.field("counts")})
-                if name in counts:
-                    table = pa.concat_tables([counts[name], table]).group_by("value").aggregate([("count", "sum")])
-                    table = table.rename_columns(["value", "count"])
-                counts[name] = table
+                counts[name] = _merged(counts[name], table) if name in counts else table
+        return counts
+
+    def fit_counts(self, parts: Any) -> Preprocessor:
+        """The vocabularies of the merged counts ``parts`` (an iterable of ``count`` results)."""
+        if self.config.min_frequency <= 0:
+            return self
+        counts: dict[str, pa.Table] = {}
+        for part in parts:
+            for name, table in part.items():
+                counts[name] = _merged(counts[name], table) if name in counts else table
         vocab = {}
         for name, table in counts.items():
             kept = table.filter(pc.greater_equal(table["count"], self.config.min_frequency))
@@ -171,6 +183,12 @@ class Preprocessor:
     def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
         spec, config = ColumnSpec.from_dict(data["spec"]), PreprocessConfig.from_dict(data["config"])
         return cls(spec, config, data.get("vocabularies"))
+
+
+def _merged(a: pa.Table, b: pa.Table) -> pa.Table:
+    """Two value-count tables as one."""
+    table = pa.concat_tables([a, b]).group_by("value").aggregate([("count", "sum")])
+    return table.rename_columns(["value", "count"])
 
 
 def _categorical(values: pd.Series | pa.Array) -> pa.Array:
