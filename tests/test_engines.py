@@ -84,7 +84,7 @@ def test_ingest_with_ray_gives_the_local_dataset(synth_dir, tmp_path, ray_env) -
     engines = [m.pop("engine") for m in manifests]
     assert engines[0]["name"] == "local" and engines[0]["pieces"] == 2
     assert engines[1]["name"] == "ray" and engines[1]["workers"] == 2 and engines[1]["pieces"] > 20
-    assert 0 < engines[1]["peak_worker_rss_mib"] < 2000
+    assert len(engines[1]["worker_peak_rss_mib"]) >= 2 and 0 < max(engines[1]["worker_peak_rss_mib"]) < 2000
     assert [{k: v for k, v in m.items() if k != "created"} for m in manifests][0] == {
         k: v for k, v in manifests[1].items() if k != "created"
     }
@@ -93,7 +93,9 @@ def test_ingest_with_ray_gives_the_local_dataset(synth_dir, tmp_path, ray_env) -
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert [f for f in files if not filecmp.cmp(a / f, b / f, shallow=False)] == []
     vocabulary = json.loads((a / "preprocessor.json").read_text())["vocabularies"]
-    assert sum(map(len, vocabulary.values())) > 500  # --min-frequency: vocabularies from counts merged across the pieces
+    assert (
+        sum(map(len, vocabulary.values())) > 500
+    )  # --min-frequency: vocabularies from counts merged across the pieces
 
     mismatch = tmp_path / "three.tsv"
     mismatch.write_text("1\t2\t3\n" * 10)

@@ -218,6 +218,11 @@ class Dataset:
         return dict(self._manifest["rejected"])
 
     @property
+    def engine(self) -> dict[str, Any]:
+        """How the ingest ran (engine, workers, pieces, each worker's peak RSS); empty for older versions."""
+        return dict(self._manifest.get("engine", {}))
+
+    @property
     def split_config(self) -> dict[str, Any]:
         return dict(self._manifest["split"])
 
@@ -337,7 +342,7 @@ class BottomKSample:
         self._keys.append(keys)
         self._positions.append(positions)
         self._pending += len(keys)
-        if self._pending > 2 * self.k:
+        if self._pending > self.k + self.k // 4:  # trimmed at 1.25 k rows: memory over sort work
             self._trim()
 
     def merge(self, other: BottomKSample) -> None:
@@ -348,12 +353,15 @@ class BottomKSample:
         if not self._frames:
             return
         keys, positions = np.concatenate(self._keys), np.concatenate(self._positions)
-        chosen = np.lexsort((positions, keys))[: self.k]
+        chosen = np.sort(np.lexsort((positions, keys))[: self.k])
         if len(keys) > self.k:
-            self.threshold = keys[chosen[-1]]
-        chosen = chosen[np.argsort(positions[chosen])]
-        frame = pd.concat(self._frames, ignore_index=True).iloc[chosen].reset_index(drop=True)
-        self._frames, self._keys, self._positions = [frame], [keys[chosen]], [positions[chosen]]
+            self.threshold = keys[chosen].max()
+        starts = np.cumsum([0] + [len(f) for f in self._frames])
+        parts = np.split(chosen, np.searchsorted(chosen, starts[1:-1]))  # the chosen rows of each frame
+        frame = pd.concat([f.take(p - s) for f, p, s in zip(self._frames, parts, starts)], ignore_index=True)
+        order = np.argsort(positions[chosen])
+        self._frames = [frame.take(order).reset_index(drop=True)]
+        self._keys, self._positions = [keys[chosen][order]], [positions[chosen][order]]
         self._pending = len(chosen)
 
     def result(self) -> pd.DataFrame:

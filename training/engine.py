@@ -8,7 +8,8 @@ caller in piece order, so what the caller writes does not depend on the engine o
 piece is a Ray generator task of one CPU whose outputs stream through the object store; ``2 * workers`` pieces
 are in flight, and a piece ahead of the one being consumed pauses after a range's worth of outputs, so memory is
 bounded by the reader's block size whatever the file size (a whole gzip file is one piece). Every task also
-reports its worker's peak RSS.
+reports its worker's peak RSS (``ru_maxrss``: with the object-store pages it wrote, which are shared memory) and
+its peak heap (``RssAnon`` at each output: the process's private memory).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import resource
 import shutil
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -65,20 +67,35 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class _Report:
-    """The last output of every Ray task: its worker's pid and peak RSS."""
+    """The last output of every Ray task: its worker's pid, peak RSS and peak heap."""
 
     pid: int
-    peak_rss_mib: float
+    rss_mib: float
+    heap_mib: float
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _heap_mib() -> float:
+    """This process's private resident memory now (Linux ``RssAnon``; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((line for line in fh if line.startswith("RssAnon:")), "RssAnon: 0 kB")
+    except OSError:
+        return 0.0
+    return int(line.split()[1]) / 1024
+
+
+def _measured(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, then a :class:`_Report` of this process (the heap sampled at each item)."""
+    heap = 0.0
+    for item in items:
+        heap = max(heap, _heap_mib())
+        yield item
+    yield _Report(os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, max(heap, _heap_mib()))
 
 
 def _run(job: Callable[..., Iterator[Any]], *args: Any) -> Iterator[Any]:
     """A job in a Ray worker, followed by the worker's report."""
-    yield from job(*args)
-    yield _Report(os.getpid(), _peak_rss_mib())
+    yield from _measured(job(*args))
 
 
 class Engine:
@@ -87,15 +104,18 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.workers = 1
-        self.peak_rss_mib: dict[int, float] = {}  # worker pid -> peak RSS (local: this process)
+        self.peaks: dict[int, tuple[float, float]] = {}  # worker pid -> peak (RSS, heap) in MiB (local: this process)
+        self.startup_s = 0.0  # starting (or attaching to) Ray
         self._session: contextlib.ExitStack | None = None
 
     def __enter__(self) -> Engine:
         if self.config.name == "ray":
+            start = time.perf_counter()
             with contextlib.ExitStack() as stack:
                 stack.enter_context(ray_session(self.config.address, self.config.workers))
                 self.workers = _capacity(self.config)
                 self._session = stack.pop_all()
+            self.startup_s = time.perf_counter() - start
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -108,18 +128,24 @@ class Engine:
         return {
             "name": self.config.name,
             "workers": self.workers,
-            "peak_worker_rss_mib": round(max(self.peak_rss_mib.values(), default=0.0)),
+            "worker_peak_rss_mib": sorted(round(rss) for rss, _ in self.peaks.values()),
+            "worker_peak_heap_mib": sorted(round(heap) for _, heap in self.peaks.values()),
+            "startup_s": round(self.startup_s, 2),
         }
 
     def map(self, job: Callable[..., Iterator[Any]], calls: Iterable[tuple]) -> Iterator[Any]:
         """``job(*args)``'s outputs for every ``args`` of ``calls``, in order. ``calls`` is read lazily, as pieces
         start: arguments made from the caller's state (e.g. a sample threshold) are current when a piece starts."""
-        if self.config.name == "local":
-            for args in calls:
-                yield from job(*args)
-            self.peak_rss_mib[os.getpid()] = _peak_rss_mib()
-            return
-        yield from self._ray_map(job, iter(calls))
+        if self.config.name == "ray":
+            items = self._ray_map(job, iter(calls))
+        else:
+            items = _measured(item for args in calls for item in job(*args))
+        for item in items:
+            if isinstance(item, _Report):
+                rss, heap = self.peaks.get(item.pid, (0.0, 0.0))
+                self.peaks[item.pid] = (max(rss, item.rss_mib), max(heap, item.heap_mib))
+            else:
+                yield item
 
     def _ray_map(self, job: Callable[..., Iterator[Any]], calls: Iterator[tuple]) -> Iterator[Any]:
         import ray
@@ -135,11 +161,7 @@ class Engine:
                 if not running:
                     return
                 for ref in running.popleft():
-                    item = _get(ref)
-                    if isinstance(item, _Report):
-                        self.peak_rss_mib[item.pid] = max(self.peak_rss_mib.get(item.pid, 0.0), item.peak_rss_mib)
-                    else:
-                        yield item
+                    yield _get(ref)
         finally:
             for pending in running:
                 ray.cancel(pending)
