@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from recops.bench.common import bench_parser, format_table, run_json_subprocess, run_main, write_result
+from recops.errors import RecopsError
 from recops.training.engine import RANGE_BYTES, EngineConfig
 
 NAME = "ingest_speed"
@@ -56,6 +57,7 @@ def _parser():
     parser = bench_parser(__doc__)
     parser.add_argument("--rows", default="2000000", help="rows of the synthetic file; a comma list runs several")
     parser.add_argument("--range-mb", type=float, default=None, help="Ray's range size (default: the engine's)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of %(default)s")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each tool per size (median reported)")
     parser.add_argument(
         "--work-dir",
@@ -137,6 +139,7 @@ def worker(tool: str, path: Path, out: Path, range_mb: float | None) -> dict[str
             pieces=record["pieces"],
             worker_peak_rss_mib=max(record["worker_peak_rss_mib"]),
             worker_peak_heap_mib=max(record["worker_peak_heap_mib"]),
+            worker_cpu_s=record["worker_cpu_s"],
             startup_s=record["startup_s"],
             rows_per_s_steady=record["rows_per_s_steady"],
         )
@@ -168,10 +171,11 @@ def run_round(args, path: Path, order: tuple[str, ...]) -> dict[str, dict[str, A
 
 
 def summarize(rows: int, rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per tool: medians over the rounds and the per-round ratios against pandas."""
+    """One row per tool: medians over the rounds and the per-round ratios against pandas and local recops."""
     median = lambda tool, key: statistics.median(r[tool][key] for r in rounds)  # noqa: E731
+    tools = [t for t in TOOLS if t in rounds[0]]
     out = []
-    for tool in TOOLS:
+    for tool in tools:
         row = {
             "tool": tool,
             "rows": rows,
@@ -182,20 +186,22 @@ def summarize(rows: int, rounds: list[dict[str, dict[str, Any]]]) -> list[dict[s
             "peak_rss_mib": round(median(tool, "peak_rss_mib")),
         }
         ratio = lambda key, base, tool=tool: _ratio(rounds, tool, base, key)  # noqa: E731
-        if tool != "pandas":
+        if tool != "pandas" and "pandas" in tools:
             row.update(speedup_vs_pandas=ratio("rows_per_s", "pandas"), rss_vs_pandas=ratio("peak_rss_mib", "pandas"))
+        if tool != "pandas":
             row.update(
                 worker_peak_rss_mib=round(median(tool, "worker_peak_rss_mib")),
                 worker_peak_heap_mib=round(median(tool, "worker_peak_heap_mib")),
                 rows_per_s_steady=round(median(tool, "rows_per_s_steady")),
+                rows_per_worker_cpu_s=round(
+                    statistics.median(r[tool]["rows"] / r[tool]["worker_cpu_s"] for r in rounds)
+                ),
                 pieces=rounds[0][tool]["pieces"],
             )
         if tool.startswith("ray-"):
-            row.update(
-                vs_local=ratio("rows_per_s", "recops"),
-                steady_vs_local=ratio("rows_per_s_steady", "recops"),
-                startup_s=round(median(tool, "startup_s"), 1),
-            )
+            row["startup_s"] = round(median(tool, "startup_s"), 1)
+            if "recops" in tools:
+                row.update(vs_local=ratio("rows_per_s", "recops"), steady_vs_local=ratio("rows_per_s_steady", "recops"))
         out.append(row)
     return out
 
@@ -212,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [20_000] if args.quick else sorted({int(r) for r in args.rows.split(",")})
     rounds = 1 if args.quick else args.rounds
+    tools = tuple(t for t in TOOLS if t in args.tools.split(","))
+    if not tools or set(args.tools.split(",")) - set(TOOLS):
+        raise RecopsError(f"--tools {args.tools}: name some of {','.join(TOOLS)}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     table, details = [], {}
     for size in sizes:
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         path = synth_file(args.work_dir, size)
         measured = []
         for i in range(rounds):
-            measured.append(run_round(args, path, TOOLS if i % 2 == 0 else TOOLS[::-1]))
+            measured.append(run_round(args, path, tools if i % 2 == 0 else tools[::-1]))
             done = ", ".join(
                 f"{t} {m['rows_per_s']:,.0f} rows/s, {m['peak_rss_mib']:.0f} MiB" for t, m in measured[-1].items()
             )
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         details[str(size)] = {"file_bytes": path.stat().st_size, "rounds": measured}
     config = {
         "rows": sizes,
+        "tools": tools,
         "rounds": rounds,
         "buckets": BUCKETS,
         "cores": len(os.sched_getaffinity(0)),
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         NAME,
         table,
         args.results_dir,
-        baseline="pandas",
+        baseline="pandas" if "pandas" in tools else "recops",
         config=config,
         details=details,
         plots=[

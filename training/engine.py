@@ -8,8 +8,8 @@ caller in piece order, so what the caller writes does not depend on the engine o
 piece is a Ray generator task of one CPU whose outputs stream through the object store; ``2 * workers`` pieces
 are in flight, and a piece ahead of the one being consumed pauses after a range's worth of outputs, so memory is
 bounded by the reader's block size whatever the file size (a whole gzip file is one piece). Every task also
-reports its worker's peak RSS (``ru_maxrss``: with the object-store pages it wrote, which are shared memory) and
-its peak heap (``RssAnon`` at each output: the process's private memory).
+reports its worker's peak RSS (``ru_maxrss``: with the object-store pages it wrote, which are shared memory), its
+peak heap (``RssAnon`` at each output: the process's private memory) and the CPU seconds the task took.
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class _Report:
-    """The last output of every Ray task: its worker's pid, peak RSS and peak heap."""
+    """The last output of every Ray task: its worker's pid, peak RSS and peak heap, and the task's CPU seconds."""
 
     pid: int
     rss_mib: float
     heap_mib: float
+    cpu_s: float
 
 
 def _heap_mib() -> float:
@@ -86,11 +87,12 @@ def _heap_mib() -> float:
 
 def _measured(items: Iterator[Any]) -> Iterator[Any]:
     """``items``, then a :class:`_Report` of this process (the heap sampled at each item)."""
-    heap = 0.0
+    heap, cpu = 0.0, time.process_time()
     for item in items:
         heap = max(heap, _heap_mib())
         yield item
-    yield _Report(os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, max(heap, _heap_mib()))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    yield _Report(os.getpid(), peak, max(heap, _heap_mib()), time.process_time() - cpu)
 
 
 def _run(job: Callable[..., Iterator[Any]], *args: Any) -> Iterator[Any]:
@@ -105,6 +107,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.workers = 1
         self.peaks: dict[int, tuple[float, float]] = {}  # worker pid -> peak (RSS, heap) in MiB (local: this process)
+        self.cpu_s = 0.0  # the tasks' CPU seconds (local: this process's, the caller's work included)
         self.startup_s = 0.0  # starting (or attaching to) Ray
         self._session: contextlib.ExitStack | None = None
 
@@ -130,6 +133,7 @@ class Engine:
             "workers": self.workers,
             "worker_peak_rss_mib": sorted(round(rss) for rss, _ in self.peaks.values()),
             "worker_peak_heap_mib": sorted(round(heap) for _, heap in self.peaks.values()),
+            "worker_cpu_s": round(self.cpu_s, 2),
             "startup_s": round(self.startup_s, 2),
         }
 
@@ -144,6 +148,7 @@ class Engine:
             if isinstance(item, _Report):
                 rss, heap = self.peaks.get(item.pid, (0.0, 0.0))
                 self.peaks[item.pid] = (max(rss, item.rss_mib), max(heap, item.heap_mib))
+                self.cpu_s += item.cpu_s
             else:
                 yield item
 
