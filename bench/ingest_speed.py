@@ -112,7 +112,7 @@ def recops_ingest(path: Path, out: Path, engine: EngineConfig) -> tuple[int, dic
     if dataset.rejected["total"]:
         raise RuntimeError(f"ingest rejected rows of a clean file: {dataset.rejected}")
     (first, before), (last, rows) = written[0], written[-1]
-    steady = (rows - before) / (last - first) if last > first else float("nan")
+    steady = (rows - before) / (last - first) if last > first else None  # None: one chunk only
     return dataset.rows["total"], {**dataset.engine, "rows_per_s_steady": steady}
 
 
@@ -192,7 +192,7 @@ def summarize(rows: int, rounds: list[dict[str, dict[str, Any]]]) -> list[dict[s
             row.update(
                 worker_peak_rss_mib=round(median(tool, "worker_peak_rss_mib")),
                 worker_peak_heap_mib=round(median(tool, "worker_peak_heap_mib")),
-                rows_per_s_steady=round(median(tool, "rows_per_s_steady")),
+                rows_per_s_steady=_steady(rounds, tool),
                 rows_per_worker_cpu_s=round(
                     statistics.median(r[tool]["rows"] / r[tool]["worker_cpu_s"] for r in rounds)
                 ),
@@ -201,9 +201,17 @@ def summarize(rows: int, rounds: list[dict[str, dict[str, Any]]]) -> list[dict[s
         if tool.startswith("ray-"):
             row["startup_s"] = round(median(tool, "startup_s"), 1)
             if "recops" in tools:
-                row.update(vs_local=ratio("rows_per_s", "recops"), steady_vs_local=ratio("rows_per_s_steady", "recops"))
+                row["vs_local"] = ratio("rows_per_s", "recops")
+                if row["rows_per_s_steady"] and next(x for x in out if x["tool"] == "recops")["rows_per_s_steady"]:
+                    row["steady_vs_local"] = ratio("rows_per_s_steady", "recops")
         out.append(row)
     return out
+
+
+def _steady(rounds: list[dict[str, dict[str, Any]]], tool: str) -> int | None:
+    """The median steady rate over the rounds that have one."""
+    rates = [r[tool]["rows_per_s_steady"] for r in rounds if r[tool]["rows_per_s_steady"]]
+    return round(statistics.median(rates)) if rates else None
 
 
 def _ratio(rounds: list[dict[str, dict[str, Any]]], tool: str, base: str, key: str) -> float:
