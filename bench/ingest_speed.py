@@ -219,6 +219,19 @@ def _ratio(rounds: list[dict[str, dict[str, Any]]], tool: str, base: str, key: s
     return round(statistics.median(r[tool][key] / r[base][key] for r in rounds), 2)
 
 
+def plots(sizes: int) -> list[dict[str, Any]]:
+    """Rates and memory per tool: against the row count when several sizes ran, else side by side."""
+    by = {"x": "rows", "series": "tool"} if sizes > 1 else {"x": "tool"}
+    return [
+        {**by, "y": ["rows_per_s", "rows_per_s_steady"], "title": "ingest rows/s: end to end and steady"},
+        {
+            **by,
+            "y": ["peak_rss_mib", "worker_peak_rss_mib", "worker_peak_heap_mib"],
+            "title": "peak MiB: process (Ray: driver), per worker RSS and heap",
+        },
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
@@ -258,16 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline="pandas" if "pandas" in tools else "recops",
         config=config,
         details=details,
-        plots=[
-            {"x": "rows", "y": "rows_per_s", "series": "tool", "title": "ingest rows/s"},
-            {"x": "rows", "y": "peak_rss_mib", "series": "tool", "title": "ingest peak RSS (MiB), driver"},
-            {
-                "x": "rows",
-                "y": ["worker_peak_rss_mib", "worker_peak_heap_mib"],
-                "series": "tool",
-                "title": "per worker: peak RSS and heap (MiB)",
-            },
-        ],
+        plots=plots(len(sizes)),
     )
     print(format_table(table))
     print(f"wrote {out}")

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from recops.errors import RecopsError
-from recops.training.textfile import SNIFF_BYTES
 
 ENGINES = ("local", "ray")
 RANGE_BYTES = 256 << 20  # ray: plain text files are read in line-aligned ranges of about this size
@@ -50,6 +49,8 @@ class EngineConfig:
     block_bytes: int = BLOCK_BYTES
 
     def __post_init__(self) -> None:
+        from recops.training.textfile import SNIFF_BYTES  # (numpy, pyarrow: not when the CLI builds its parser)
+
         if self.name not in ENGINES:
             raise RecopsError(f"--engine {self.name!r}: use one of {ENGINES}")
         if self.name == "local" and (self.address or self.workers):
