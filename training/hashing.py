@@ -8,9 +8,10 @@ The hash of one value (its UTF-8 bytes, length ``n``) under a 64-bit ``seed``::
 with ``fmix64`` MurmurHash3's finaliser and ``G = 0x9E3779B97F4A7C15``. :func:`feature_seed` derives the
 seed from the feature name keyed by ``PreprocessConfig.hash_key`` (BLAKE2b), so every feature hashes
 differently. :func:`bucket` maps a hash to an id in ``[1, size)`` with a multiply-shift on its top 32
-bits. ``spec.HASH_SCHEME`` names this function in saved configs. No per-value Python object is created:
-values up to 8 bytes take one word, longer ones a segmented XOR. The arithmetic runs in place (fresh
-temporaries of a few hundred KB cost more in page faults than in work).
+bits. ``spec.HASH_SCHEME`` names this function in saved configs. :func:`row_keys` gives every row of an input
+file a key from the file's content hash and the row's line number (the random split, the reference sample).
+No per-value Python object is created: values up to 8 bytes take one word, longer ones a segmented XOR. The
+arithmetic runs in place (fresh temporaries of a few hundred KB cost more in page faults than in work).
 """
 
 from __future__ import annotations

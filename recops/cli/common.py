@@ -90,8 +90,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--range-mb",
         type=float,
-        help=f"plain text files larger than this are read in line-aligned ranges of this size, in parallel "
-        f"(default with --engine ray: {RANGE_BYTES >> 20})",
+        help=f"cut plain text files larger than this many MiB into line-aligned ranges of about that size, one "
+        f"task each (default with --engine ray: {RANGE_BYTES >> 20}; locally: whole files)",
     )
 
 

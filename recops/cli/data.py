@@ -75,7 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     how = ingest.add_argument_group("split (default: random by --val-fraction/--test-fraction)")
     how.add_argument("--val-fraction", type=float, default=split.val_fraction, help="default %(default)s")
     how.add_argument("--test-fraction", type=float, default=split.test_fraction, help="default %(default)s")
-    how.add_argument("--seed", type=int, default=split.seed, help="seed of the random split (default %(default)s)")
+    how.add_argument(
+        "--seed",
+        type=int,
+        default=split.seed,
+        help="seed of the random split and the reference sample (default %(default)s)",
+    )
     how.add_argument("--val-input", nargs="+", default=[], metavar="FILE", help="validation rows: split by file")
     how.add_argument(
         "--test-input",
