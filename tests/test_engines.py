@@ -1,6 +1,7 @@
 """The local and Ray engines: a big file read in line-aligned ranges is read exactly as a whole (line numbers, rejects),
 and `recops data ingest` / `recops score` give the same dataset and the same scores with `--engine local` and
-`--engine ray --workers 2` (a real local Ray, checked to leave no process behind)."""
+`--engine ray` (2 workers on a local Ray the command starts, or on a running Ray it attaches to with --address),
+each test checking that no Ray process is left behind."""
 
 from __future__ import annotations
 
@@ -108,33 +109,38 @@ def test_ingest_with_ray_gives_the_local_dataset(synth_dir, tmp_path, ray_env) -
     )  # raised in a Ray task, reported as itself
 
 
-def test_score_with_ray_writes_the_local_scores_as_shards(
+def test_score_on_a_ray_cluster_writes_the_local_scores_as_shards(
     synth_dir,
     tiny_dataset,
     tmp_path_factory,
     tmp_path,
     ray_env,  # noqa: F811
 ) -> None:
+    import ray
+
     checkpoint = trained_checkpoint(tiny_dataset.path, "dlrm", tmp_path_factory)
     rows = with_bad_rows(synth_dir / "data.tsv", tmp_path / "rows.tsv")
     common = ["score", "--checkpoint", str(checkpoint), "--input", str(rows), "--json"]
     local = out_json(recops(*common, "--output", str(tmp_path / "local.parquet"), timeout=400))
-    ray = out_json(
-        recops(
-            *common,
-            "--output",
-            str(tmp_path / "shards"),
-            *("--engine", "ray", "--workers", "2", "--range-mb", RANGE_MB),
-            timeout=400,
-        )
-    )
+    local_dir = out_json(recops(*common, "--output", str(tmp_path / "local"), timeout=400))  # one shard per file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")  # "a cluster"
+    try:
+        address = ray.get_runtime_context().gcs_address
+        engine = ["--engine", "ray", "--address", address, "--range-mb", RANGE_MB]
+        too_many = recops(*common, "--output", str(tmp_path / "x"), *engine, "--workers", "3", check=False)
+        clustered = out_json(recops(*common, "--output", str(tmp_path / "shards"), *engine, timeout=400))
+    finally:
+        ray.shutdown()
+    assert too_many.returncode == 2 and f"--workers 3: the Ray cluster at {address} has 2 CPUs" in too_many.stderr
     shards = sorted((tmp_path / "shards").iterdir())
-    assert [s.name for s in shards] == [f"part-{i:05d}.parquet" for i in range(ray["shards"])] and len(shards) > 20
-    assert (ray["rows_scored"], ray["rejected"]) == (local["rows_scored"], local["rejected"])
-    assert local["rows_rejected"] > 100 and ray["engine"]["workers"] == 2
+    assert [s.name for s in shards] == [f"part-{i:05d}.parquet" for i in range(clustered["shards"])]
+    assert len(shards) > 20 and clustered["engine"]["workers"] == 2 and local_dir["shards"] == 1
+    assert (clustered["rows_scored"], clustered["rejected"]) == (local["rows_scored"], local["rejected"])
+    assert local["rows_rejected"] > 100
     expected = pq.read_table(tmp_path / "local.parquet").to_pandas()
     got = pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True)
     pd.testing.assert_frame_equal(got, expected)
+    pd.testing.assert_frame_equal(pq.read_table(tmp_path / "local" / "part-00000.parquet").to_pandas(), expected)
     assert np.all(np.diff(got["line"]) > 0) and got["score"].between(0, 1).all()
     assert (tmp_path / "shards.rejects.tsv").read_text() == (tmp_path / "local.parquet.rejects.tsv").read_text()
 
