@@ -51,11 +51,30 @@ class ModelSource:
             raise RecopsError("choose one model: --checkpoint DIR, --model-version V|ALIAS, or --url URL --name NAME")
 
 
-def open_scorer(source: ModelSource, registry: ModelRegistry, repo: ModelRepository, cache: Path) -> Scorer:
-    """A scorer for ``source``; local models are exported once into ``cache``."""
+@dataclass(frozen=True)
+class ScorerFactory:
+    """How to open the scorer a source names, where the rows are scored (this process or a Ray worker): paths and
+    settings only, no session or connection, so it pickles."""
+
+    preprocessor: Preprocessor
+    model_dir: Path | None = None  # an ONNX export, scored in process
+    served: tuple[str, str, int | None, str] | None = None  # Triton: url, model name, version, protocol
+    repo: ModelRepository | None = None  # the served model's repository (its raw-feature model, if any)
+
+    def open(self, threads: int = 0) -> Scorer:
+        """The scorer (``threads``: ONNX Runtime's intra-op threads, 0 = its default)."""
+        if self.served is None:
+            return OnnxScorer(self.model_dir, threads=threads)
+        url, name, version, protocol = self.served
+        return TritonScorer(url, name, self.preprocessor, version, protocol, repo=self.repo)
+
+
+def scorer_factory(source: ModelSource, registry: ModelRegistry, repo: ModelRepository, cache: Path) -> ScorerFactory:
+    """The factory of ``source``'s scorer; local models are exported once into ``cache``."""
     if source.url is None:
         path = source.checkpoint if source.checkpoint is not None else registry.resolve(source.model_version).checkpoint
-        return OnnxScorer(exported_checkpoint(Checkpoint.open(path), cache))
+        export = exported_checkpoint(Checkpoint.open(path), cache)
+        return ScorerFactory(read_preprocessor(export), model_dir=export)
     versions = repo.versions(source.name)
     version = source.version or read_deploy_state(repo, source.name).production or (versions[-1] if versions else None)
     if version not in versions:
@@ -63,14 +82,13 @@ def open_scorer(source: ModelSource, registry: ModelRegistry, repo: ModelReposit
             f"model {source.name!r} version {version} is not in {repo.root} (versions: {versions}); its "
             "preprocessing is read from there: pass --repo"
         )
-    return TritonScorer(
-        source.url,
-        source.name,
-        read_preprocessor(repo.model_dir(source.name) / str(version)),
-        source.version,
-        source.protocol,
-        repo=repo,
-    )
+    preprocessor = read_preprocessor(repo.model_dir(source.name) / str(version))
+    return ScorerFactory(preprocessor, served=(source.url, source.name, source.version, source.protocol), repo=repo)
+
+
+def open_scorer(source: ModelSource, registry: ModelRegistry, repo: ModelRepository, cache: Path) -> Scorer:
+    """A scorer for ``source``; local models are exported once into ``cache``."""
+    return scorer_factory(source, registry, repo, cache).open()
 
 
 @dataclass

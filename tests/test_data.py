@@ -12,6 +12,7 @@ import pytest
 
 from recops.errors import RecopsError
 from recops.training.dataset import BottomKSample, Dataset, SplitConfig, ingest
+from recops.training.hashing import row_keys, source_key
 from recops.training.metrics import auc
 from recops.training.preprocess import MISSING_ID, Preprocessor
 from recops.training.readers import read_frame
@@ -179,15 +180,25 @@ def test_cli_synth_and_ingest_json_contract(tmp_path):
     )
 
 
-def test_reference_sample_is_uniform_over_the_stream():
+def test_reference_sample_is_uniform_and_parts_merge_into_the_whole():
     n, k = 100_000, 2_000
-    sample = BottomKSample(k, seed=1)
+    keys = row_keys(source_key("0" * 64, "sample"), np.arange(1, n + 1))
+    frame = pd.DataFrame({"row": np.arange(n)})
+    sample = BottomKSample(k)
     for start in range(0, n, 1_000):
-        sample.add(pd.DataFrame({"row": np.arange(start, start + 1_000)}))
+        part = frame.iloc[start : start + 1_000]
+        sample.add(part, np.arange(len(part)), keys[start : start + 1_000], part["row"].to_numpy())
     rows = sample.result()["row"].to_numpy()
     assert len(rows) == k == len(np.unique(rows)) and np.all(np.diff(rows) > 0)  # distinct, in stream order
     # a uniform sample's mean row is n/2 with standard error n/sqrt(12 k) (~645); early-biased ones miss by far more
     assert abs(rows.mean() - n / 2) < 4 * n / np.sqrt(12 * k)
     counts, _ = np.histogram(rows, bins=10, range=(0, n))
     assert counts.min() > 0.7 * k / 10 and counts.max() < 1.3 * k / 10
+    np.testing.assert_array_equal(rows, np.sort(np.argsort(keys, kind="stable")[:k]))  # exactly the bottom k
+    merged = BottomKSample(k)
+    for cut in np.array_split(np.random.default_rng(0).permutation(n), 7):  # parts of any rows, merged in any order
+        part = BottomKSample(k, threshold=merged.threshold)
+        part.add(frame, cut, keys[cut], cut)
+        merged.merge(part)
+    np.testing.assert_array_equal(merged.result()["row"].to_numpy(), rows)
     assert len(BottomKSample(k).result()) == 0

@@ -48,7 +48,8 @@ def test_parity_on_random_inputs_and_the_val_split(family, checkpoints, tiny_dat
     assert result.version == 1 and result.onnx_path == tmp_path / "repo" / family / "1" / "model.onnx"
     assert result.record.exporter == "dynamo"
     assert report.passed and report.max_abs_diff <= 1e-5 and report.random_max_abs_diff <= 1e-5
-    assert report.rows_random == 4096 and report.rows_eval == len(tiny_dataset.split("val").label) == 2000
+    assert report.rows_random == 4096 and report.rows_eval == len(tiny_dataset.split("val").label)
+    assert 1800 < report.rows_eval < 2200  # the whole val split: 10% of 20k rows, each by its own hash
     assert round(report.auc_torch, 4) == round(report.auc_onnx, 4)
     assert report.auc_torch > 0.5
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from recops.training.dataset import ingest
 from recops.training.spec import PreprocessConfig
 from recops.training.sweep_config import SweepConfig, load_sweep_config
 from recops.training.synth import SynthConfig, write
+from tests.ray_fixtures import RAY_ENV, assert_no_ray_left, ray_env  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"embedding_dim": 8, "dense_arch": [16], "over_arch": [16]}
@@ -38,53 +38,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sweep-data")
     write(SynthConfig(rows=8000, seed=3), root / "raw")
     return ingest([root / "raw" / "data.tsv"], root / "versions", config=PreprocessConfig(table_size=500)).path
-
-
-def ray_processes(ray_tmp: Path) -> list[str]:
-    """Processes (other than this one) started under this test's RAY_TMPDIR: Ray passes its env to all of them."""
-    marker = f"RAY_TMPDIR={ray_tmp}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100].decode(errors="replace")
-                found.append(f"{proc.name}: {command}")
-        except OSError:
-            continue
-    return found
-
-
-RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_COLOR_PREFIX": "0",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "CI": "1",
-}
-
-
-def assert_no_ray_left(ray_tmp: Path) -> None:
-    deadline = time.monotonic() + 30
-    while ray_processes(ray_tmp) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = ray_processes(ray_tmp)
-    assert not left, f"Ray processes left behind: {left}"
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-@pytest.fixture
-def ray_env(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Ray settings for a command that starts its own local Ray; afterwards no process of that Ray may remain."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rsw-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    for key, value in {**RAY_ENV, "RAY_TMPDIR": str(ray_tmp)}.items():
-        monkeypatch.setenv(key, value)
-    yield ray_tmp
-    assert_no_ray_left(ray_tmp)
 
 
 @pytest.fixture(scope="module")

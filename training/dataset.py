@@ -6,11 +6,14 @@ Layout of a version directory::
                            preprocess config, split config
     preprocessor.json      the fitted Preprocessor (spec, config, vocabularies) serving reuses
     stats.json ...         reference statistics per feature (training.stats)
-    rejects.tsv            line <TAB> reason <TAB> raw row, per input file
+    rejects.tsv            file <TAB> line <TAB> reason <TAB> raw row, in input and line order
     {train,val,test}/      dense.npy float32 [N, D], sparse.npy int64 [N, S], label.npy float32 [N],
                            multi_<name>.npy int64 [N, L]
 
-Same inputs + configs -> same version id; the directory appears whole (temp dir + rename).
+Same inputs + configs -> same version id and the same files, whichever engine ran it (``engine``: in process,
+or Ray tasks over pieces of the inputs): every per-row choice (the random split, the reference sample) hangs on a
+hash of the row's file content and line number, and the pieces' outputs are written in input order. The
+directory appears whole (temp dir + rename).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import io
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,15 +33,19 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir, write_json_atomic
+from recops.training.engine import Engine, EngineConfig
+from recops.training.hashing import row_keys, source_key
+from recops.training.pieces import Piece, plan
 from recops.training.preprocess import Features, Preprocessor
-from recops.training.readers import read_chunks
+from recops.training.readers import Chunk, read_chunks
 from recops.training.spec import ColumnSpec, PreprocessConfig, canonical_json
 from recops.training.stats import Reference, load_reference, save_reference
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.json"
 PREPROCESSOR_FILE = "preprocessor.json"
-_MULT = 2654435761
+ROW_KEYS = "fmix64(line * G ^ blake2b(sha256, seed))"  # how rows are split and sampled; part of the version key
+_NO_LIMIT = np.uint64(np.iinfo(np.uint64).max)
 
 
 SPLIT_METHODS = ("random", "column", "time", "files")
@@ -48,7 +55,8 @@ SPLIT_METHODS = ("random", "column", "time", "files")
 class SplitConfig:
     """How rows become train / val / test; recorded in the manifest.
 
-    - ``random`` (default): a seeded pseudo-random assignment by row index, ``val_fraction`` / ``test_fraction``;
+    - ``random`` (default): ``val_fraction`` / ``test_fraction`` of the rows, each by a seeded hash of its file's
+      content and its line number (the same split however the files are read);
     - ``column``: the value of ``column`` in each row, one of train / val / test;
     - ``time``: ``column`` holds times (numbers, or dates such as 2024-05-01); rows before ``val_from`` are train,
       before ``test_from`` val, the rest test;
@@ -86,16 +94,15 @@ class SplitConfig:
         if self.method == "time" and not (self.val_from and self.test_from):
             raise RecopsError("split: a time split needs both cut points, --val-from and --test-from")
 
-    def assign(self, index: np.ndarray, values: pd.Series | None = None) -> np.ndarray:
-        """0 = train, 1 = val, 2 = test, -1 = unreadable, for rows with global valid-row ``index`` (and the
-        ``column`` values of a column or time split)."""
+    def assign(self, keys: np.ndarray, values: pd.Series | None = None) -> np.ndarray:
+        """0 = train, 1 = val, 2 = test, -1 = unreadable, for rows with uint64 ``keys`` (``hashing.row_keys``; a
+        random split) or ``column`` ``values`` (a column or time split)."""
         if self.method == "column":
             return pd.Series(values, dtype="string").map({"train": 0, "val": 1, "test": 2}).fillna(-1).to_numpy(int)
         if self.method == "time":
             times, val_from, test_from = _times(values), _times([self.val_from])[0], _times([self.test_from])[0]
             return np.where(np.isnan(times), -1, np.where(times < val_from, 0, np.where(times < test_from, 1, 2)))
-        mixed = index.astype(np.uint64) * np.uint64(_MULT) + np.uint64(self.seed * 7919)
-        bucket = (mixed % np.uint64(10_000)).astype(np.int64) / 10_000
+        bucket = (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53  # uniform in [0, 1)
         return np.where(bucket < self.val_fraction, 1, np.where(bucket < self.val_fraction + self.test_fraction, 2, 0))
 
 
@@ -211,6 +218,11 @@ class Dataset:
         return dict(self._manifest["rejected"])
 
     @property
+    def engine(self) -> dict[str, Any]:
+        """How the ingest ran (engine, workers, pieces, each worker's peak RSS); empty for older versions."""
+        return dict(self._manifest.get("engine", {}))
+
+    @property
     def split_config(self) -> dict[str, Any]:
         return dict(self._manifest["split"])
 
@@ -253,7 +265,13 @@ def file_sha256(path: Path) -> str:
 
 def version_id(input_hashes: list[str], spec: ColumnSpec, config: PreprocessConfig, split: SplitConfig) -> str:
     key = canonical_json(
-        {"inputs": input_hashes, "spec": spec.to_dict(), "pre": config.to_dict(), "split": asdict(split)}
+        {
+            "inputs": input_hashes,
+            "spec": spec.to_dict(),
+            "pre": config.to_dict(),
+            "split": asdict(split),
+            "rows": ROW_KEYS,
+        }
     )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -299,39 +317,57 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
 
 
 class BottomKSample:
-    """A uniform sample of ``k`` rows from a stream of frames: every row draws a random key and the ``k``
-    smallest keys are kept (bottom-k), so early and late rows are equally likely to be in it."""
+    """The ``k`` rows with the smallest keys (ties by position), kept in position order.
 
-    def __init__(self, k: int, seed: int = 0):
+    With keys hashed from each row's identity (``hashing.row_keys``) this is a uniform sample that depends on the
+    rows only, not on how the stream is cut or which process read which part: samples of parts ``merge`` into the
+    sample of the whole, and a part need only offer rows with keys at or below the whole's ``threshold``.
+    """
+
+    def __init__(self, k: int, threshold: np.uint64 = _NO_LIMIT):
         self.k = k
-        self._rng = np.random.default_rng(seed)
+        self.threshold = threshold  # no row with a larger key can enter the sample any more
         self._frames: list[pd.DataFrame] = []
         self._keys: list[np.ndarray] = []
+        self._positions: list[np.ndarray] = []
         self._pending = 0
-        self._threshold = np.inf  # no row with a key at or above it can enter the sample any more
 
-    def add(self, frame: pd.DataFrame) -> None:
-        keys = self._rng.random(len(frame))
-        keep = keys < self._threshold
-        self._frames.append(frame if keep.all() else frame[keep])
-        self._keys.append(keys[keep])
-        self._pending += int(keep.sum())
-        if self._pending > 2 * self.k:
+    def add(self, frame: pd.DataFrame, rows: np.ndarray, keys: np.ndarray, positions: np.ndarray) -> None:
+        """Offer ``frame``'s ``rows`` with uint64 ``keys`` and distinct int64 ``positions`` (their order in the
+        whole stream); only those at or below the threshold are copied."""
+        keep = keys <= self.threshold
+        if not keep.all():
+            rows, keys, positions = rows[keep], keys[keep], positions[keep]
+        self._frames.append(frame.take(rows).reset_index(drop=True) if len(rows) < len(frame) else frame)
+        self._keys.append(keys)
+        self._positions.append(positions)
+        self._pending += len(keys)
+        if self._pending > self.k + self.k // 4:  # trimmed at 1.25 k rows: memory over sort work
             self._trim()
 
+    def merge(self, other: BottomKSample) -> None:
+        for frame, keys, positions in zip(other._frames, other._keys, other._positions):
+            self.add(frame, np.arange(len(frame)), keys, positions)
+
     def _trim(self) -> None:
-        keys = np.concatenate(self._keys) if self._keys else np.empty(0)
-        frame = pd.concat(self._frames, ignore_index=True) if self._frames else pd.DataFrame()
+        if not self._frames:
+            return
+        keys, positions = np.concatenate(self._keys), np.concatenate(self._positions)
+        chosen = np.sort(np.lexsort((positions, keys))[: self.k])
         if len(keys) > self.k:
-            chosen = np.sort(np.argpartition(keys, self.k - 1)[: self.k])  # stream order kept
-            keys, frame = keys[chosen], frame.iloc[chosen].reset_index(drop=True)
-            self._threshold = keys.max()
-        self._frames, self._keys, self._pending = [frame], [keys], len(keys)
+            self.threshold = keys[chosen].max()
+        starts = np.cumsum([0] + [len(f) for f in self._frames])
+        parts = np.split(chosen, np.searchsorted(chosen, starts[1:-1]))  # the chosen rows of each frame
+        frame = pd.concat([f.take(p - s) for f, p, s in zip(self._frames, parts, starts)], ignore_index=True)
+        order = np.argsort(positions[chosen])
+        self._frames = [frame.take(order).reset_index(drop=True)]
+        self._keys, self._positions = [keys[chosen][order]], [positions[chosen][order]]
+        self._pending = len(chosen)
 
     def result(self) -> pd.DataFrame:
-        """The sampled rows, in stream order."""
+        """The sampled rows, in position order."""
         self._trim()
-        return self._frames[0]
+        return self._frames[0] if self._frames else pd.DataFrame()
 
 
 def _arrays(features: Features) -> dict[str, np.ndarray]:
@@ -349,11 +385,13 @@ def ingest(
     progress: Callable[[int], None] | None = None,
     val_inputs: Iterable[str | Path] = (),
     test_inputs: Iterable[str | Path] = (),
+    engine: EngineConfig | None = None,
 ) -> Dataset:
     """Raw files -> a versioned processed dataset under ``out_root`` (reused if it already exists).
 
     ``val_inputs`` / ``test_inputs`` make a split by file (``split.method`` becomes ``files``): ``inputs`` are then
-    the training rows only.
+    the training rows only. ``engine``: where the reading, hashing and transforming run (default: this process);
+    the result is the same.
     """
     spec, config, split = spec or ColumnSpec.criteo(), config or PreprocessConfig(), split or SplitConfig()
     by_split = {
@@ -369,77 +407,127 @@ def ingest(
     for p in paths:
         if not p.is_file():
             raise RecopsError(f"input {p}: no such file; pass existing data files")
-    hashes = {p: file_sha256(p) for p in paths}
-    version = version_id(
-        [f"{name}:{hashes[p]}" for name, files in by_split.items() for p in files], spec, config, split
-    )
-    final = Path(out_root) / version
-    if (final / MANIFEST_FILE).is_file():
-        return Dataset.open(final)
-    remove_stale(final.parent)  # the staging directories of killed ingests
-    with staging_dir(final) as tmp:
-        manifest = _ingest_into(tmp, by_split, hashes, version, spec, config, split, progress)
-        write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / MANIFEST_FILE).is_file():  # a concurrent ingest of the same version won: fine
-                raise
+    with Engine(engine) as run:
+        hashes = dict(zip(paths, run.map(_sha256, [(p,) for p in paths])))
+        version = version_id(
+            [f"{name}:{hashes[p]}" for name, files in by_split.items() for p in files], spec, config, split
+        )
+        final = Path(out_root) / version
+        if (final / MANIFEST_FILE).is_file():
+            return Dataset.open(final)
+        remove_stale(final.parent)  # the staging directories of killed ingests
+        with staging_dir(final) as tmp:
+            manifest = _ingest_into(tmp, by_split, hashes, version, spec, config, split, progress, run)
+            write_json_atomic(tmp / MANIFEST_FILE, manifest)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not (final / MANIFEST_FILE).is_file():  # a concurrent ingest of the same version won: fine
+                    raise
     return Dataset.open(final)
 
 
-class _Ingest:
-    """One ingest's running state: the split writer, reject log and counts, the reference sample."""
+def _sha256(path: Path) -> Iterator[str]:
+    yield file_sha256(path)
 
-    def __init__(
-        self,
-        tmp: Path,
-        spec: ColumnSpec,
-        preprocessor: Preprocessor,
-        split: SplitConfig,
-        progress: Callable[[int], None] | None,
-    ):
-        self.spec, self.preprocessor, self.split, self.progress = spec, preprocessor, split, progress
+
+@dataclass(frozen=True)
+class _Source:
+    """An input file as its rows' keys see it (keys from its content hash, so they are the same everywhere)."""
+
+    split: str | None  # the split of all its rows (a split by file), or None: the split config's choice
+    split_key: np.uint64
+    sample_key: np.uint64
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every piece of an ingest needs (pickled into Ray tasks)."""
+
+    spec: ColumnSpec
+    preprocessor: Preprocessor
+    split: SplitConfig
+    sources: tuple[_Source, ...]  # by input ordinal
+    block_bytes: int
+
+    @property
+    def passthrough(self) -> tuple[str, ...]:
+        return (self.split.column,) if self.split.column and self.split.method != "random" else ()
+
+
+@dataclass
+class _Part:
+    """What one chunk of a piece gives the writer: arrays per split, the rejects in line order, rows kept."""
+
+    file: str
+    arrays: dict[str, dict[str, np.ndarray]]
+    rejects: list[tuple[int, str, str]]
+    rows: int
+
+
+def _count_piece(piece: Piece, job: _Job) -> Iterator[dict]:
+    """The value counts of one piece (a job: one output), for vocabularies."""
+    chunks = read_chunks(piece.path, job.spec, job.block_bytes, span=piece.span)
+    yield job.preprocessor.count(c.frame for c in chunks)
+
+
+def _ingest_piece(piece: Piece, job: _Job, threshold: np.uint64) -> Iterator[_Part | BottomKSample]:
+    """Read, validate, split and transform one piece (a job): a part per chunk, then the piece's sample of
+    training rows with keys at or below ``threshold``."""
+    sample = BottomKSample(job.split.reference_rows, threshold)
+    for chunk in read_chunks(piece.path, job.spec, job.block_bytes, passthrough=job.passthrough, span=piece.span):
+        yield _part(chunk, piece, job, sample)
+    yield sample
+
+
+def _part(chunk: Chunk, piece: Piece, job: _Job, sample: BottomKSample) -> _Part:
+    source, frame, lines = job.sources[piece.ordinal], chunk.frame, chunk.lines
+    values = frame[job.split.column] if job.passthrough else None
+    if source.split:
+        codes = np.full(len(frame), SPLITS.index(source.split))
+    else:
+        codes = job.split.assign(row_keys(source.split_key, lines), values)
+    bad = np.flatnonzero(codes < 0)
+    rejects = sorted(chunk.rejects + [(int(lines[i]), "bad_split", str(values.iloc[i])) for i in bad])
+    if len(bad):
+        keep = codes >= 0
+        frame, lines, codes = frame[keep].reset_index(drop=True), lines[keep], codes[keep]
+    arrays = _arrays(job.preprocessor.transform(frame)) if len(frame) else {}
+    by_split = {}
+    for code, name in enumerate(SPLITS):
+        index = np.flatnonzero(codes == code)
+        if len(index):
+            by_split[name] = {k: v[index] for k, v in arrays.items()}
+    train = np.flatnonzero(codes == 0)
+    positions = lines[train] + (piece.ordinal << 40)  # input order, then line order
+    sample.add(frame, train, row_keys(source.sample_key, lines[train]), positions)
+    return _Part(piece.path.name, by_split, rejects, len(frame))
+
+
+class _Sink:
+    """The writing side of an ingest: the pieces' outputs in order into the split files and the reject log;
+    counts; the pieces' samples merged."""
+
+    def __init__(self, tmp: Path, reference_rows: int, rejects: TextIO, progress: Callable[[int], None] | None):
         self.writer = _SplitWriter(tmp)
+        self.rejects, self.progress = rejects, progress
         self.rejected: Counter[str] = Counter()
-        self.sample = BottomKSample(split.reference_rows)
+        self.sample = BottomKSample(reference_rows)
         self.seen = 0
         self.templates: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
 
-    def add(self, path: Path, fixed: str | None, rejects: TextIO) -> None:
-        """Every row of ``path``: into split ``fixed``, or the one the split config assigns."""
-        extra = (self.split.column,) if self.split.column and self.split.method != "random" else ()
-        for chunk in read_chunks(path, self.spec, passthrough=extra):
-            for line, reason, text in chunk.rejects:
-                self._reject(rejects, path, line, reason, text)
-            if chunk.frame.empty:
-                continue
-            values = chunk.frame[self.split.column] if extra else None
-            codes = (
-                np.full(len(chunk.frame), SPLITS.index(fixed))
-                if fixed
-                else self.split.assign(np.arange(self.seen, self.seen + len(chunk.frame)), values)
-            )
-            for row in np.flatnonzero(codes < 0):
-                self._reject(rejects, path, int(chunk.lines[row]), "bad_split", str(values.iloc[row]))
-            self._write(chunk.frame[codes >= 0].reset_index(drop=True), codes[codes >= 0])
-
-    def _reject(self, out: TextIO, path: Path, line: int, reason: str, text: str) -> None:
-        self.rejected[reason] += 1
-        out.write(f"{path.name}\t{line}\t{reason}\t{text}\n")
-
-    def _write(self, frame: pd.DataFrame, codes: np.ndarray) -> None:
-        if frame.empty:
+    def take(self, item: _Part | BottomKSample) -> None:
+        if isinstance(item, BottomKSample):
+            self.sample.merge(item)
             return
-        arrays = _arrays(self.preprocessor.transform(frame))
-        self.templates = {k: (v.dtype, v.shape[1:]) for k, v in arrays.items()}
-        for code, name in enumerate(SPLITS):
-            index = np.flatnonzero(codes == code)
-            if len(index):
-                self.writer.append(name, {k: v[index] for k, v in arrays.items()})
-        self.sample.add(frame[codes == 0])
-        self.seen += len(frame)
-        if self.progress:
+        for line, reason, text in item.rejects:
+            self.rejected[reason] += 1
+            self.rejects.write(f"{item.file}\t{line}\t{reason}\t{text}\n")
+        for name, arrays in item.arrays.items():
+            self.writer.append(name, arrays)
+            self.templates = {k: (v.dtype, v.shape[1:]) for k, v in arrays.items()}
+        self.seen += item.rows
+        if self.progress and item.rows:
             self.progress(self.seen)
 
 
@@ -452,41 +540,53 @@ def _ingest_into(
     config: PreprocessConfig,
     split: SplitConfig,
     progress: Callable[[int], None] | None,
+    engine: Engine,
 ) -> dict[str, Any]:
-    preprocessor = Preprocessor(spec, config)
+    paths = [p for files in by_split.values() for p in files]
+    pieces = plan(paths, spec, engine)
+    sources = tuple(
+        _Source(
+            name if split.method == "files" else None,
+            source_key(hashes[p], "split", split.seed),
+            source_key(hashes[p], "sample", split.seed),
+        )
+        for name, files in by_split.items()
+        for p in files
+    )
+    job = _Job(spec, Preprocessor(spec, config), split, sources, engine.config.block_bytes)
     if config.min_frequency > 0:  # vocabularies from the training inputs
-        preprocessor = preprocessor.fit(c.frame for p in by_split["train"] for c in read_chunks(p, spec))
-    write_json_atomic(tmp / PREPROCESSOR_FILE, preprocessor.to_dict(), indent=None)
-    run = _Ingest(tmp, spec, preprocessor, split, progress)
+        train = [(p, job) for p in pieces if p.ordinal < len(by_split["train"])]
+        job = replace(job, preprocessor=job.preprocessor.fit_counts(engine.map(_count_piece, train)))
+    write_json_atomic(tmp / PREPROCESSOR_FILE, job.preprocessor.to_dict(), indent=None)
     with open(tmp / "rejects.tsv", "w") as rejects:
         rejects.write("file\tline\treason\trow\n")
-        for name, files in by_split.items():
-            for path in files:
-                run.add(path, name if split.method == "files" else None, rejects)
-    paths = [p for files in by_split.values() for p in files]
-    if run.seen == 0:
+        sink = _Sink(tmp, split.reference_rows, rejects, progress)
+        for item in engine.map(_ingest_piece, ((p, job, sink.sample.threshold) for p in pieces)):
+            sink.take(item)
+    if sink.seen == 0:
         raise RecopsError(
-            f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(run.rejected)}); "
+            f"inputs {[str(p) for p in paths]}: no valid rows (rejected: {dict(sink.rejected)}); "
             "check the data and --spec"
         )
-    rows = run.writer.finish(run.templates)
-    reference = run.sample.result()
+    rows = sink.writer.finish(sink.templates)
+    reference = sink.sample.result()
     if reference.empty:
         raise RecopsError(f"inputs {[str(p) for p in paths]}: no training rows ({rows}); check the split")
     save_reference(tmp, reference, spec, max_rows=split.reference_rows)
     return {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "engine": {**engine.describe(), "pieces": len(pieces)},
         "inputs": [
             {"path": str(p.resolve()), "sha256": hashes[p], "bytes": p.stat().st_size, "split": name}
             for name, files in by_split.items()
             for p in files
         ],
-        "rows": {"total": run.seen, **rows},
-        "rejected": {**run.rejected, "total": sum(run.rejected.values())},  # reasons that occurred
+        "rows": {"total": sink.seen, **rows},
+        "rejected": {**sink.rejected, "total": sum(sink.rejected.values())},  # reasons that occurred
         "rejects_file": "rejects.tsv",
         "schema": spec.to_dict(),
         "preprocess": config.to_dict(),
         "split": asdict(split),
-        "table_sizes": preprocessor.table_sizes,
+        "table_sizes": job.preprocessor.table_sizes,
     }

@@ -8,9 +8,10 @@ The hash of one value (its UTF-8 bytes, length ``n``) under a 64-bit ``seed``::
 with ``fmix64`` MurmurHash3's finaliser and ``G = 0x9E3779B97F4A7C15``. :func:`feature_seed` derives the
 seed from the feature name keyed by ``PreprocessConfig.hash_key`` (BLAKE2b), so every feature hashes
 differently. :func:`bucket` maps a hash to an id in ``[1, size)`` with a multiply-shift on its top 32
-bits. ``spec.HASH_SCHEME`` names this function in saved configs. No per-value Python object is created:
-values up to 8 bytes take one word, longer ones a segmented XOR. The arithmetic runs in place (fresh
-temporaries of a few hundred KB cost more in page faults than in work).
+bits. ``spec.HASH_SCHEME`` names this function in saved configs. :func:`row_keys` gives every row of an input
+file a key from the file's content hash and the row's line number (the random split, the reference sample).
+No per-value Python object is created: values up to 8 bytes take one word, longer ones a segmented XOR. The
+arithmetic runs in place (fresh temporaries of a few hundred KB cost more in page faults than in work).
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def fmix64(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         if multiplier is not None:
             np.multiply(x, multiplier, out=x)
     return x
+
+
+def source_key(sha256: str, purpose: str, seed: int = 0) -> np.uint64:
+    """The 64-bit key of one input file (its content hash) for one use of its row keys (a split, a sample)."""
+    digest = hashlib.blake2b(f"{sha256}:{seed}".encode(), digest_size=8, person=purpose.encode()[:16])
+    return np.uint64(int.from_bytes(digest.digest(), "little"))
+
+
+def row_keys(source: np.uint64, lines: np.ndarray) -> np.ndarray:
+    """uint64 key of each row, ``fmix64(line * G ^ source)``: a function of the file and the line number only,
+    so it does not depend on how the file is cut into blocks or pieces nor on which process reads them."""
+    keys = np.asarray(lines, np.int64).view(np.uint64) * _G
+    keys ^= source
+    return fmix64(keys, np.empty_like(keys))
 
 
 def hash_values(array: pa.Array | pa.ChunkedArray, seed: np.uint64 | np.ndarray) -> np.ndarray:

@@ -111,8 +111,13 @@ class Preprocessor:
     def fit(self, frames: Any) -> Preprocessor:
         """Build frequency-threshold vocabularies from one frame or an iterable of frames: the values seen at
         least ``min_frequency`` times, most frequent first (ties by value)."""
+        return self.fit_counts([self.count(frames)])
+
+    def count(self, frames: Any) -> dict[str, pa.Table]:
+        """Value counts (``value``, ``count``) of every sparse feature in one frame or an iterable of frames:
+        what ``fit_counts`` merges, whichever process counted which frames."""
         if self.config.min_frequency <= 0:
-            return self
+            return {}
         frames = [frames] if isinstance(frames, pd.DataFrame) else frames
         counts: dict[str, pa.Table] = {}
         for frame in frames:
@@ -120,10 +125,17 @@ class Preprocessor:
                 values = _categorical(frame[name]).cast(pa.large_binary())
                 new = pc.value_counts(values.filter(pa.array(present(values))))
                 table = pa.table({"value": new.field("values"), "count": new.field("counts")})
-                if name in counts:
-                    table = pa.concat_tables([counts[name], table]).group_by("value").aggregate([("count", "sum")])
-                    table = table.rename_columns(["value", "count"])
-                counts[name] = table
+                counts[name] = _merged(counts[name], table) if name in counts else table
+        return counts
+
+    def fit_counts(self, parts: Any) -> Preprocessor:
+        """The vocabularies of the merged counts ``parts`` (an iterable of ``count`` results)."""
+        if self.config.min_frequency <= 0:
+            return self
+        counts: dict[str, pa.Table] = {}
+        for part in parts:
+            for name, table in part.items():
+                counts[name] = _merged(counts[name], table) if name in counts else table
         vocab = {}
         for name, table in counts.items():
             kept = table.filter(pc.greater_equal(table["count"], self.config.min_frequency))
@@ -202,6 +214,12 @@ def _concat(arrays: list[pa.Array | pa.ChunkedArray]) -> pa.Array:
     arrays = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
     kind = arrays[0].type if all(a.type == arrays[0].type for a in arrays) else pa.large_binary()
     return pa.concat_arrays([a if a.type == kind else a.cast(kind) for a in arrays])
+
+
+def _merged(a: pa.Table, b: pa.Table) -> pa.Table:
+    """Two value-count tables as one."""
+    table = pa.concat_tables([a, b]).group_by("value").aggregate([("count", "sum")])
+    return table.rename_columns(["value", "count"])
 
 
 def _categorical(values: pd.Series | pa.Array) -> pa.Array:

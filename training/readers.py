@@ -6,6 +6,10 @@ rules are ``recops.training.columns``' (non-finite dense values are missing, as 
 Whole-file problems stop with one :class:`RecopsError` naming the file and the fix: no such file, empty,
 binary, not UTF-8, no data rows, missing columns, no label where one is required, and a first block
 without a single valid row (a schema or format mismatch, not bad rows).
+
+A :class:`Span` reads one line-aligned byte range of a plain text file (one task's share of a big file): the
+layout still comes from the file's start, line numbers are the file's, and the two checks of the whole file's
+rows (the first block, no rows at all) belong to the first span and the whole file.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pyarrow.parquet as pq
 from recops.errors import RecopsError
 from recops.training.columns import STRING_DTYPE, string_series, to_float
 from recops.training.spec import ColumnSpec
-from recops.training.textfile import Block, TextFile, preview
+from recops.training.textfile import Block, Span, TextFile, preview
 
 REASONS = (
     "field_count",
@@ -85,6 +89,7 @@ def read_chunks(
     *,
     require_label: bool = True,
     passthrough: Iterable[str] = (),
+    span: Span | None = None,
 ) -> Iterator[Chunk]:
     """Stream ``path`` as validated chunks.
 
@@ -92,17 +97,18 @@ def read_chunks(
     spec's columns without the label, a CSV without it) and is not read. ``passthrough`` names extra columns
     (e.g. row ids) carried into ``chunk.frame`` as strings, unvalidated (spec columns are there anyway).
     Text is read in blocks of ``block_bytes``; a longer line is rejected as ``line_too_long``. A background
-    thread reads and parses the next block while the caller works on this one.
+    thread reads and parses the next block while the caller works on this one. ``span``: only that byte range
+    of a plain text file (see the module docstring).
     """
     path = Path(path)
     if not path.is_file():
         raise RecopsError(f"input {path}: no such file; pass an existing Criteo TSV, CSV or Parquet file")
     extra = tuple(c for c in dict.fromkeys(passthrough) if c not in spec.columns)
-    yield from _prefetched(_chunks(path, spec, block_bytes, require_label, extra))
+    yield from _prefetched(_chunks(path, spec, block_bytes, require_label, extra, span))
 
 
 def _chunks(
-    path: Path, spec: ColumnSpec, block_bytes: int, require_label: bool, extra: tuple[str, ...]
+    path: Path, spec: ColumnSpec, block_bytes: int, require_label: bool, extra: tuple[str, ...], span: Span | None
 ) -> Iterator[Chunk]:
     if spec.format == "parquet":
         pfile, layout = _parquet_open(path, spec, require_label, extra)
@@ -110,7 +116,10 @@ def _chunks(
         return
     with TextFile(path, block_bytes) as text:
         layout = (_csv_layout if spec.format == "csv" else _criteo_layout)(path, spec, text, require_label, extra)
-        yield from _checked(path, layout, (_block_chunk(block, layout) for block in text.blocks()))
+        if span is not None:
+            text.restrict(span)
+        chunks = (_block_chunk(block, layout) for block in text.blocks())
+        yield from _checked(path, layout, chunks, first=span is None or span.start == 0, whole=span is None)
 
 
 def _prefetched(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
@@ -169,15 +178,18 @@ def read_frame(
     return pd.concat([c.frame for c in chunks if len(c.frame)], ignore_index=True)
 
 
-def _checked(path: Path, layout: _Layout, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    """Stop on a file with no data rows, or whose first rows are all rejected (a mismatch, not bad rows)."""
+def _checked(
+    path: Path, layout: _Layout, chunks: Iterator[Chunk], first: bool = True, whole: bool = True
+) -> Iterator[Chunk]:
+    """Stop on a file with no data rows (``whole``: these are all its rows), or whose first rows are all rejected
+    (``first``: these rows start the file; a mismatch, not bad rows)."""
     rows = 0
     for chunk in chunks:
-        if rows == 0 and chunk.rejects and not len(chunk.frame):
+        if first and rows == 0 and chunk.rejects and not len(chunk.frame):
             raise _nothing_valid(path, layout, chunk.rejects)
         rows += len(chunk.frame) + len(chunk.rejects)
         yield chunk
-    if rows == 0:
+    if whole and rows == 0:
         raise RecopsError(
             f"input {path}: no data rows{' after the header' if layout.spec.format == 'csv' else ''}; "
             "pass a file with rows"

@@ -1,8 +1,10 @@
 """Raw text files (plain or gzip, told apart by their magic bytes) as clean, line-aligned blocks.
 
 ``TextFile`` streams a file in blocks of about ``block_bytes`` that end at a line end, each with the line
-number of every line in it, so memory stays bounded whatever the file size. Lines that are not clean
-UTF-8 text leave the block as rejects with their line number, before any parser sees them:
+number of every line in it, so memory stays bounded whatever the file size. ``restrict`` limits it to a
+:class:`Span`, a byte range of a plain file cut at line ends, so several processes can read one big file.
+Lines that are not clean UTF-8 text leave the block as rejects with their line number, before any parser sees
+them:
 
 - ``bad_encoding``: invalid UTF-8, a NUL byte, or a carriage return that does not end the line;
 - ``line_too_long``: a line of more than ``block_bytes`` bytes (skipped without holding it in memory);
@@ -35,6 +37,15 @@ _UTF16_32 = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _CONTROL = bytes(b for b in range(32) if b not in b"\t\n\r\f") + b"\x7f"
 _BINARY_FRACTION = 0.1  # more non-text bytes than this in the first 64 KiB: not a text file
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes ``[start, stop)`` of a plain text file, ``start`` at the beginning of line ``first_line``."""
+
+    start: int
+    stop: int
+    first_line: int
 
 
 @dataclass
@@ -92,6 +103,7 @@ class TextFile:
         self.block_bytes = block_bytes
         self._stream, self._gzip = _open(self.path)
         self._line = 1
+        self._pos, self._stop = 0, None  # bytes read from the stream; where to stop reading
         try:
             self._pending = self._sniff()
         except BaseException:
@@ -129,6 +141,17 @@ class TextFile:
             raise RecopsError(
                 f"input {self.path}: the header line is not UTF-8 ({exc}); re-encode the file as UTF-8"
             ) from exc
+
+    def restrict(self, span: Span) -> None:
+        """Read only ``span`` from here on. A span after the first starts afresh at its own line (the file's
+        start, where the layout is read, was sniffed already); the first keeps what ``header()`` took."""
+        if self._gzip:
+            raise ValueError(f"{self.path}: a gzip stream cannot be read from an offset")
+        if span.start:
+            self._stream.seek(span.start)
+            self._pos, self._pending, self._line = span.start, b"", span.first_line
+        self._pending = self._pending[: max(span.stop - (self._pos - len(self._pending)), 0)]
+        self._stop = span.stop
 
     def blocks(self) -> Iterator[Block]:
         """The rest of the file as clean blocks (a block may hold no line, only rejects)."""
@@ -170,11 +193,15 @@ class TextFile:
         return block if _is_text(data) else block.checked_lines()
 
     def _read(self, size: int) -> bytes:
+        if self._stop is not None:
+            size = max(min(size, self._stop - self._pos), 0)
         try:
-            return self._stream.read(size)
+            data = self._stream.read(size)
         except (OSError, pa.ArrowException) as exc:
             problem = "the gzip stream is corrupt or truncated" if self._gzip else "cannot read it"
             raise RecopsError(f"input {self.path}: {problem} ({exc}); re-download or re-create the file") from exc
+        self._pos += len(data)
+        return data
 
     def _sniff(self) -> bytes:
         """The first bytes, checked: not empty, not binary, not UTF-16/32 (a UTF-8 BOM is dropped)."""

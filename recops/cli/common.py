@@ -55,13 +55,49 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", type=Path, default=None, metavar="DIR", help=REGISTRY_HELP)
 
 
-def open_model(args: argparse.Namespace):
-    """The scorer the model options name (local models are exported once under <runs>/scoring)."""
-    from recops.ops.evaluate import ModelSource, open_scorer
+def model_factory(args: argparse.Namespace):
+    """The factory of the scorer the model options name (local models are exported once under <runs>/scoring)."""
+    from recops.ops.evaluate import ModelSource, scorer_factory
     from recops.ops.registry import LocalRegistry
     from recops.serving.repository import ModelRepository
 
     source = ModelSource(args.checkpoint, args.model_version, args.url, args.name, args.version, args.protocol)
-    return open_scorer(
+    return scorer_factory(
         source, LocalRegistry(args.registry), ModelRepository(model_repository(args)), settings().runs / "scoring"
     )
+
+
+def open_model(args: argparse.Namespace):
+    """The scorer the model options name."""
+    return model_factory(args).open()
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """``--engine``, ``--address``, ``--workers``, ``--range-mb``: where the heavy data work runs."""
+    from recops.training.engine import ENGINES, RANGE_BYTES
+
+    group = parser.add_argument_group("engine (the same result either way)")
+    group.add_argument(
+        "--engine", choices=ENGINES, default="local", help="local: this process (default); ray: Ray tasks in parallel"
+    )
+    group.add_argument(
+        "--address",
+        help="with --engine ray: the Ray cluster (auto, HOST:PORT or ray://HOST:10001); default: a local Ray",
+    )
+    group.add_argument(
+        "--workers", type=int, help="with --engine ray: parallel tasks (default: the machine's or cluster's CPUs)"
+    )
+    group.add_argument(
+        "--range-mb",
+        type=float,
+        help=f"cut plain text files larger than this many MiB into line-aligned ranges of about that size, one "
+        f"task each (default with --engine ray: {RANGE_BYTES >> 20}; locally: whole files)",
+    )
+
+
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig of the engine flags."""
+    from recops.training.engine import EngineConfig
+
+    ranges = None if args.range_mb is None else int(args.range_mb * (1 << 20))
+    return EngineConfig(args.engine, args.address, args.workers, ranges)

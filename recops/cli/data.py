@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import add_json_flag
+from recops.cli.common import add_engine_flags, add_json_flag, engine_config
 from recops.errors import RecopsError
 from recops.settings import settings
 from recops.training.dataset import SplitConfig
@@ -75,7 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     how = ingest.add_argument_group("split (default: random by --val-fraction/--test-fraction)")
     how.add_argument("--val-fraction", type=float, default=split.val_fraction, help="default %(default)s")
     how.add_argument("--test-fraction", type=float, default=split.test_fraction, help="default %(default)s")
-    how.add_argument("--seed", type=int, default=split.seed, help="seed of the random split (default %(default)s)")
+    how.add_argument(
+        "--seed",
+        type=int,
+        default=split.seed,
+        help="seed of the random split and the reference sample (default %(default)s)",
+    )
     how.add_argument("--val-input", nargs="+", default=[], metavar="FILE", help="validation rows: split by file")
     how.add_argument(
         "--test-input",
@@ -92,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     how.add_argument("--val-from", metavar="T", help="with --time-column: first time of the validation rows")
     how.add_argument("--test-from", metavar="T", help="with --time-column: first time of the test rows")
+    add_engine_flags(ingest)
     add_json_flag(ingest)
     ingest.set_defaults(func=ingest_command)
 
@@ -150,7 +156,7 @@ def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = ColumnSpec.load(args.spec) if args.spec else ColumnSpec.criteo()
     config = PreprocessConfig(table_size=args.table_size, min_frequency=args.min_frequency)
-    split = split_config(args)
+    split, engine = split_config(args), engine_config(args)
     files = {
         k: expand_inputs(v) if v else []
         for k, v in (("train", args.input), ("val", args.val_input), ("test", args.test_input))
@@ -166,5 +172,6 @@ def ingest_command(args: argparse.Namespace) -> dict[str, Any]:
             progress=lambda n: bar.update(n - bar.n),
             val_inputs=files["val"],
             test_inputs=files["test"],
+            engine=engine,
         )
     return dataset.summary()
