@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
+from torchrec.datasets.utils import Batch
 
 from recops.errors import RecopsError
 from recops.training.config import ModelConfig
@@ -149,12 +151,27 @@ class DLRM(nn.Module):
         self.head = DLRMHead(config).to(device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(sparse)
-        flat = pooled.values()  # [B, sum(dims)] in key order: no per-key copies
-        if pooled.keys() != self.keys:  # a sharded collection may return features in plan order
-            by_key = pooled.to_dict()
-            flat = torch.cat([by_key[k] for k in self.keys], dim=1)
-        return self.head(dense, flat)
+        return self.head(dense, in_key_order(self.ebc(sparse), self.keys))
+
+
+class DLRMTrain(DLRM):
+    """The DLRM as TorchRec's training pipeline runs it: ``forward(batch) -> (loss, (loss, logits))``, the outputs
+    detached. Same parameters and state-dict keys as :class:`DLRM`."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        logits = super().forward(batch.dense_features, batch.sparse_features)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach())
+
+
+@torch.fx.wrap  # one opaque call when TorchRec's pipeline traces the model: its keys are only known at run time
+def in_key_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """Pooled embeddings [B, sum(dims)] in ``keys`` order: a view when the collection returns them so, else per-key
+    copies (a sharded collection may return features in plan order)."""
+    if pooled.keys() == keys:
+        return pooled.values()
+    by_key = pooled.to_dict()
+    return torch.cat([by_key[k] for k in keys], dim=1)
 
 
 def to_kjt(
