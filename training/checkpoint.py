@@ -66,9 +66,11 @@ class _Writer(FileSystemWriter):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """DCP without a process group warns that it assumes one process: what is meant here."""
+    """DCP's warnings that are no news here: without a process group it assumes one process (as meant), and it
+    deprecates the ShardedTensors TorchRec 1.8's sharded modules give (its DTensor output is experimental)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
         yield
 
 
@@ -290,8 +292,9 @@ class Checkpoint:
         for problem in filter(None, problems):
             raise RecopsError(problem)
         try:
-            dcp.load(model_state, storage_reader=FileSystemReader(self.path / MODEL))
-            dcp.load(optim_state, storage_reader=FileSystemReader(self.path / OPTIM))
+            with _quiet():
+                dcp.load(model_state, storage_reader=FileSystemReader(self.path / MODEL))
+                dcp.load(optim_state, storage_reader=FileSystemReader(self.path / OPTIM))
         except dcp.CheckpointException as exc:
             raise RecopsError(
                 f"checkpoint {self.path} does not fit this model ({str(exc).strip().splitlines()[-1][:300]}); "
