@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import KeyedTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.runtime_forwards import PipelinedForward
 
@@ -21,6 +22,7 @@ from recops.training.checkpoint import Checkpoint
 from recops.training.config import ModelConfig, TrainConfig
 from recops.training.dataset import Dataset, ingest
 from recops.training.loader import BatchLoader
+from recops.training.model import in_key_order
 from recops.training.spec import ColumnSpec, PreprocessConfig
 from recops.training.synth import SynthConfig, write
 from recops.training.train import build_model, fit, train_all
@@ -266,6 +268,14 @@ def test_the_training_pipeline_trains_like_plain_steps(tiny_dataset):
     assert losses[-1] < losses[0]
     for (key, a), b in zip(plain.state_dict().items(), piped.state_dict().values()):
         torch.testing.assert_close(local(a), local(b), rtol=0, atol=1e-6, msg=key)
+
+
+def test_pooled_embeddings_of_a_sharded_collection_are_put_back_in_model_order():
+    values = torch.arange(2 * 9, dtype=torch.float32).view(2, 9)
+    pooled = KeyedTensor(keys=["c", "a", "b"], length_per_key=[2, 3, 4], values=values)  # plan order, mixed dims
+    by_key = pooled.to_dict()
+    assert torch.equal(in_key_order(pooled, ["a", "b", "c"]), torch.cat([by_key[k] for k in "abc"], dim=1))
+    assert in_key_order(pooled, ["c", "a", "b"]).data_ptr() == values.data_ptr()  # already in order: a view
 
 
 def test_unsupported_sharding_type_on_cpu_is_a_clear_error(tiny_dataset, tmp_path):

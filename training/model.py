@@ -7,6 +7,8 @@ gathers in place of the embedding bags.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,7 @@ class DotInteraction(nn.Module):
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         combined = torch.cat([dense.unsqueeze(1), pooled], dim=1)
         products = torch.bmm(combined, combined.transpose(1, 2))
-        return torch.cat([dense, products.flatten(1)[:, self.pairs]], dim=1)
+        return torch.cat([dense, products.flatten(1).index_select(1, self.pairs)], dim=1)  # backward: index_add
 
 
 class LowRankCrossNet(nn.Module):
@@ -166,12 +168,21 @@ class DLRMTrain(DLRM):
 
 @torch.fx.wrap  # one opaque call when TorchRec's pipeline traces the model: its keys are only known at run time
 def in_key_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
-    """Pooled embeddings [B, sum(dims)] in ``keys`` order: a view when the collection returns them so, else per-key
-    copies (a sharded collection may return features in plan order)."""
+    """Pooled embeddings [B, sum(dims)] in ``keys`` order: a view when the collection returns them so, else one
+    column gather (a sharded collection may return features in plan order)."""
+    values = pooled.values()
     if pooled.keys() == keys:
-        return pooled.values()
-    by_key = pooled.to_dict()
-    return torch.cat([by_key[k] for k in keys], dim=1)
+        return values
+    columns = _columns(tuple(pooled.keys()), tuple(pooled.length_per_key()), tuple(keys), values.device)
+    return values.index_select(1, columns)
+
+
+@functools.lru_cache(maxsize=16)
+def _columns(have: tuple[str, ...], dims: tuple[int, ...], want: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """The columns of features ``have`` (of widths ``dims``) that put them in ``want`` order."""
+    start = dict(zip(have, itertools.accumulate(dims, initial=0)))
+    width = dict(zip(have, dims))
+    return torch.cat([torch.arange(start[k], start[k] + width[k]) for k in want]).to(device)
 
 
 def to_kjt(
