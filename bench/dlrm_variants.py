@@ -25,13 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from recops.bench.common import cores, measure, peak_rss_mib, pin_threads, run_main
+from recops.bench.common import cores, format_table, measure, peak_rss_mib, pin_threads, run_main
 from recops.bench.train_throughput import SHARDED, VARIANTS, ThroughputConfig
 from recops.errors import RecopsError
 from recops.files import write_json_atomic
 from recops.training.config import ModelConfig, TrainConfig
 from recops.training.model import DLRM, DLRMHead, to_kjt
-from recops.training.train import OPTIMIZER_CLASSES, build_model, free_port
+from recops.training.train import OPTIMIZER_CLASSES, build_model, free_port, train_all
 
 Tensors = tuple  # one batch: (dense [B, 13] f32, sparse ids [B, 26] i64, label [B] f32), host tensors
 Step = Callable[[], torch.Tensor]  # one training step; returns the (detached) loss
@@ -155,6 +155,7 @@ def _torchrec_pipeline(cfg: ThroughputConfig, device: torch.device) -> tuple[Bin
         loader = stack.enter_context(
             BatchLoader(Features(dense, ids, label=label), keys, indices, pin=device.type == "cuda")
         )
+        stack.callback(train_all, pipeline, iter(()))  # first (LIFO): finish the batches in flight, ids in transit
         batches_in = iter(loader)
         return lambda: pipeline.progress(batches_in)[0]
 
@@ -332,40 +333,63 @@ def run_variant(variant: str, cfg: ThroughputConfig, nproc: int = 1) -> dict[str
         return json.loads((Path(out) / "result.json").read_text())
 
 
-def profile(variant: str, cfg: ThroughputConfig, batch_size: int, steps: int = 10) -> str:
-    """torch.profiler's top operators (by self CPU time) for ``steps`` training steps of one variant."""
+def profile(variants: list[str], cfg: ThroughputConfig, batch_size: int, rounds: int = 6, steps: int = 4) -> str:
+    """torch.profiler's busiest operators (self CPU ms per step) of ``variants`` side by side, in one process:
+    ``rounds`` times ``steps`` steps of each in turn, so a busy host slows them alike; and their step times."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     pin_threads(cfg.threads)
-    bind, path = build_variant(variant, cfg)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
+    busy: dict[str, dict[str, float]] = {v: {} for v in variants}
+    seconds = dict.fromkeys(variants, 0.0)
     with ExitStack() as stack:
-        step = bind(synthetic_batches(cfg, batch_size, count=4, pin=False), stack)
-        for _ in range(cfg.warmup_steps):
-            step()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
-        with torch_profile(activities=activities) as prof:
-            for _ in range(steps):
-                step()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    return f"{variant}: {path}\nbatch {batch_size}, {steps} steps, {torch.get_num_threads()} threads\n{table}"
+        built = {v: build_variant(v, cfg) for v in variants}
+        batches = synthetic_batches(cfg, batch_size, count=4, pin=False)
+        runs = {v: bind(batches, stack) for v, (bind, _) in built.items()}
+        for v, _ in itertools.product(variants, range(cfg.warmup_steps)):
+            runs[v]()
+        for _, v in itertools.product(range(rounds), variants):
+            start = time.perf_counter()
+            with torch_profile(activities=activities) as prof:
+                for _ in range(steps):
+                    runs[v]()
+            seconds[v] += time.perf_counter() - start
+            for event in prof.key_averages():
+                busy[v][event.key] = busy[v].get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / (rounds * steps)
+    ops = sorted({op for v in variants for op in busy[v]}, key=lambda op: -max(busy[v].get(op, 0) for v in variants))
+    rows = [{"op (self CPU ms/step)": op, **{v: busy[v].get(op, 0.0) for v in variants}} for op in ops[:20]]
+    per_step = {v: seconds[v] * 1e3 / (rounds * steps) for v in variants}
+    rows.append({"op (self CPU ms/step)": "step (wall ms)", **per_step})
+    paths = "\n".join(f"{v}: {path}" for v, (_, path) in built.items())
+    header = f"batch {batch_size}, {torch.get_num_threads()} threads, {rounds} rounds x {steps} steps each, in turn"
+    return f"{paths}\n{header}\n{format_table(rows)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="measure one DLRM training variant (worker of bench/train_throughput.py)")
-    p.add_argument("--variant", required=True, choices=VARIANTS)
+    p.add_argument("--variant", choices=VARIANTS)
     p.add_argument("--config-json", required=True, help="ThroughputConfig as JSON")
     p.add_argument("--nproc", type=int, default=1, help="ranks (TorchRec variants)")
-    p.add_argument(
-        "--profile-batch", type=int, default=0, help="print profiler top operators at this batch size instead"
-    )
+    p.add_argument("--profile", help="comma-separated variants to profile side by side instead")
+    p.add_argument("--profile-batch", type=int, default=4096)
     args = p.parse_args(argv)
     cfg = ThroughputConfig.from_dict(json.loads(args.config_json))
-    if args.profile_batch:
-        print(profile(args.variant, cfg, args.profile_batch))
-    else:
+    if args.profile:
+        print(profile(_variants(args.profile), cfg, args.profile_batch))
+    elif args.variant:
         print(json.dumps(run_variant(args.variant, cfg, args.nproc)), flush=True)
+    else:
+        p.error("pass --variant or --profile")
     return 0
+
+
+def _variants(text: str) -> list[str]:
+    names = [v for v in text.split(",") if v]
+    unknown = set(names) - set(VARIANTS)
+    if unknown or not names:
+        raise RecopsError(f"train_throughput: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    return names
 
 
 if __name__ == "__main__":

@@ -316,7 +316,10 @@ def _parser():
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per variant process")
     p.add_argument(
-        "--profile", metavar="VARIANT", help="print torch.profiler's top operators for VARIANT instead of benchmarking"
+        "--profile",
+        metavar="VARIANTS",
+        help="print torch.profiler's busiest operators of these variants (comma-separated, run in turn in one "
+        "process) instead of benchmarking",
     )
     p.add_argument("--profile-batch", type=int, default=4096)
     return p
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = [
             "-m",
             "recops.bench.dlrm_variants",
-            "--variant",
+            "--profile",
             args.profile,
             "--config-json",
             json.dumps(cfg.to_dict()),
