@@ -334,15 +334,16 @@ def run_variant(variant: str, cfg: ThroughputConfig, nproc: int = 1) -> dict[str
 
 
 def profile(variants: list[str], cfg: ThroughputConfig, batch_size: int, rounds: int = 6, steps: int = 4) -> str:
-    """torch.profiler's busiest operators (self CPU ms per step) of ``variants`` side by side, in one process:
-    ``rounds`` times ``steps`` steps of each in turn, so a busy host slows them alike; and their step times."""
+    """torch.profiler's busiest operators (self CPU ms per step: wall time inside the op on the calling thread) of
+    ``variants`` side by side, in one process: ``rounds`` times ``steps`` steps of each in turn, so a busy host slows
+    them alike; and their step times and the cores they kept busy."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     pin_threads(cfg.threads)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
     busy: dict[str, dict[str, float]] = {v: {} for v in variants}
-    seconds = dict.fromkeys(variants, 0.0)
+    seconds, cpu_seconds = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0.0)
     with ExitStack() as stack:
         built = {v: build_variant(v, cfg) for v in variants}
         batches = synthetic_batches(cfg, batch_size, count=4, pin=False)
@@ -350,17 +351,21 @@ def profile(variants: list[str], cfg: ThroughputConfig, batch_size: int, rounds:
         for v, _ in itertools.product(variants, range(cfg.warmup_steps)):
             runs[v]()
         for _, v in itertools.product(range(rounds), variants):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             with torch_profile(activities=activities) as prof:
                 for _ in range(steps):
                     runs[v]()
             seconds[v] += time.perf_counter() - start
+            cpu_seconds[v] += time.process_time() - cpu_start
             for event in prof.key_averages():
                 busy[v][event.key] = busy[v].get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / (rounds * steps)
     ops = sorted({op for v in variants for op in busy[v]}, key=lambda op: -max(busy[v].get(op, 0) for v in variants))
     rows = [{"op (self CPU ms/step)": op, **{v: busy[v].get(op, 0.0) for v in variants}} for op in ops[:20]]
     per_step = {v: seconds[v] * 1e3 / (rounds * steps) for v in variants}
     rows.append({"op (self CPU ms/step)": "step (wall ms)", **per_step})
+    rows.append(
+        {"op (self CPU ms/step)": "cores used (CPU s / wall s)", **{v: cpu_seconds[v] / seconds[v] for v in variants}}
+    )
     paths = "\n".join(f"{v}: {path}" for v, (_, path) in built.items())
     header = f"batch {batch_size}, {torch.get_num_threads()} threads, {rounds} rounds x {steps} steps each, in turn"
     return f"{paths}\n{header}\n{format_table(rows)}"
