@@ -194,6 +194,10 @@ def test_checkpoint_files_are_all_hashed_and_corruption_is_reported(tiny_dataset
     with pytest.raises(RecopsError, match="not a complete checkpoint"):
         Checkpoint.open(broken)
 
+    copy = tmp_path / "copy"  # a swap cut short: the previous checkpoint moved aside, the new one not in place
+    copy.rename(tmp_path / ".copy.previous")
+    assert Checkpoint.exists(copy) and Checkpoint.open(copy).fingerprint == best.fingerprint
+
 
 def write_legacy(ckpt: Checkpoint, dst: Path) -> Checkpoint:
     """``ckpt`` in the old format: unsharded ``model.pt`` and ``optim.pt`` as the gathering save wrote them."""
