@@ -25,7 +25,7 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("train_throughput", timeout_s=1200),
+    Benchmark("train_throughput", full=("--preset", "reference", "--nproc", "1,2"), timeout_s=1800),
     Benchmark("serve_latency"),
     Benchmark("sweep_overhead"),
     Benchmark("multinode_sweep"),

@@ -1,24 +1,31 @@
 """DLRM training throughput: TorchRec (fused in-backward optimizer under DMP) vs plain-PyTorch EmbeddingBags.
 
-Variants, all with the same head (``recops.training.model.DLRMHead``), the same synthetic Criteo-shaped
-batches (26 tables, Zipf-distributed ids) and the same optimizers (embeddings: Adagrad by default;
-MLPs: Adam):
+Variants, all with the same head (``recops.training.model.DLRMHead``), the same synthetic batches (26 tables,
+Zipf-distributed or uniform ids) and the same optimizers (embeddings: Adagrad or SGD; MLPs: Adam):
 
-- ``torchrec``: ``recops.training.model.DLRM`` (an ``EmbeddingBagCollection`` fed a KJT), the embedding
-  optimizer fused into the backward (``apply_optimizer_in_backward``) and the model wrapped in
-  ``DistributedModelParallel`` on a world of one: what ``training/train.py`` runs. On CUDA without
-  fbgemm-gpu's CUDA kernels this becomes the unsharded EBC with a regular optimizer (``path`` in the
-  JSON says which ran).
+- ``torchrec``: ``recops.training.model.DLRMTrain`` (an ``EmbeddingBagCollection`` fed a KJT) built by
+  ``recops.training.train.build_model``: DMP, the embedding optimizer fused into the backward. One step after
+  the other, the KJT built inside the step: how ``training/train.py`` trained before the input pipeline. On CUDA
+  without fbgemm-gpu's CUDA kernels this becomes the unsharded EBC with a regular optimizer (``path`` in the JSON
+  says which ran).
+- ``torchrec_pipeline``: the same model as ``training/train.py`` trains it now: a ``BatchLoader`` thread gathers the
+  rows and builds each KJT ahead, TorchRec's ``TrainPipelineSparseDist`` distributes the next batches' ids while
+  the current one computes.
 - ``plain_sparse`` (the baseline): one ``nn.EmbeddingBag(mode="sum", sparse=True)`` per table and a
   sparse-gradient optimizer, as the reference DLRM implementation (facebookresearch/dlrm) does.
 - ``plain_dense``: the same bags with dense gradients and a dense optimizer.
 
-Each variant runs in its own process (its peak RSS is its own); rounds interleave the variants so
-a busy machine slows them alike; the median over rounds is reported.
+``--nproc 1,2`` also runs the TorchRec variants on 2 gloo ranks (``<variant>_2ranks``; the cores split between
+them, each rank taking its share of every batch); the plain variants always run in one process on every core.
+``--preset reference`` is the reference DLRM's shape (26 x 100k tables, dim 16, MLPs 13-512-256-64-16 and
+367-512-256-1, uniform random ids, SGD embeddings). Each variant runs in its own process(es) (its peak RSS is its
+own, summed over ranks); rounds interleave the variants so a busy machine slows them alike; the median over rounds
+is reported.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -61,8 +68,19 @@ CRITEO_KAGGLE_ROWS = (
     105,
     142572,
 )
-VARIANTS = ("torchrec", "plain_sparse", "plain_dense")
+VARIANTS = ("torchrec", "torchrec_pipeline", "plain_sparse", "plain_dense")
+SHARDED = ("torchrec", "torchrec_pipeline")  # the variants that run on several ranks with --nproc
 BASELINE = "plain_sparse"
+PRESETS = {  # the reference DLRM (facebookresearch/dlrm, its Criteo-shaped random-data benchmark)
+    "reference": {
+        "table_rows": 100_000,
+        "embedding_dim": 16,
+        "dense_arch": (512, 256, 64),
+        "over_arch": (512, 256),
+        "zipf_a": 0.0,
+        "embedding_optimizer": "sgd",
+    }
+}
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}  # PASSIVE: no spinning threads on a shared host
 
 
@@ -77,12 +95,13 @@ class ThroughputConfig:
     batch_sizes: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
     embedding_dim: int = 16  # dim and arches: recops' default architecture (recops.training.model.ModelConfig)
     max_rows: int = 1_000_000  # cap on each table's Criteo cardinality (0 = full size)
+    table_rows: int = 0  # > 0: every table has this many rows instead of the (capped) Criteo cardinalities
     dense_arch: tuple[int, ...] = (64, 32)
     over_arch: tuple[int, ...] = (128, 64)
     embedding_optimizer: str = "adagrad"
     embedding_lr: float = 0.05
     dense_lr: float = 1e-3
-    zipf_a: float = 1.2
+    zipf_a: float = 1.2  # 0 = uniform random ids
     warmup_steps: int = 2
     min_seconds: float = 1.0  # each timed repeat runs at least this long
     repeats: int = 1  # timed repeats per batch size inside one process
@@ -91,6 +110,7 @@ class ThroughputConfig:
     threads: int = 0
     tf32: bool = True  # CUDA only: TF32 matmuls
     torchrec_path: str = "auto"  # dmp | unsharded | auto (unsharded on CUDA without fbgemm-gpu's CUDA kernels)
+    nprocs: tuple[int, ...] = (1,)  # rank counts the TorchRec variants run with
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,8 +118,12 @@ class ThroughputConfig:
             raise RecopsError(f"train_throughput: torchrec_path {self.torchrec_path!r} is not auto, dmp or unsharded")
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.rounds < 1 or self.repeats < 1:
             raise RecopsError("train_throughput: batch sizes, rounds and repeats must be >= 1")
+        if not self.nprocs or min(self.nprocs) < 1 or any(b % n for b in self.batch_sizes for n in self.nprocs):
+            raise RecopsError("train_throughput: --nproc counts must be >= 1 and divide every batch size")
 
     def tables(self) -> dict[str, int]:
+        if self.table_rows:
+            return {f"C{i + 1}": self.table_rows for i in range(len(CRITEO_KAGGLE_ROWS))}
         return {
             f"C{i + 1}": min(rows, self.max_rows) if self.max_rows else rows
             for i, rows in enumerate(CRITEO_KAGGLE_ROWS)
@@ -162,46 +186,52 @@ def summarize(runs: dict[str, list[dict[str, Any]]], cfg: ThroughputConfig) -> l
 
 
 def pivot_table(rows: list[dict[str, Any]]) -> str:
-    """samples/s per batch size and variant, with TorchRec's ratios against (b) and (c)."""
+    """samples/s per batch size and variant, with the TorchRec variants' ratios against (b)."""
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
     table = []
     for bs in sorted({r["batch_size"] for r in rows}):
         at = {r["variant"]: r for r in rows if r["batch_size"] == bs}
         line: dict[str, Any] = {"batch": bs}
-        for v in VARIANTS:
-            line[f"{v} /s"] = at[v]["samples_per_s"] if v in at else None
-        tr = at.get("torchrec", {})
-        line["torchrec/(b)"] = tr.get("ratio_vs_plain_sparse")
-        line["torchrec/(c)"] = tr.get("ratio_vs_plain_dense")
+        line.update({f"{v} /s": at[v]["samples_per_s"] if v in at else None for v in labels})
+        line.update({f"{v}/(b)": at.get(v, {}).get("ratio_vs_plain_sparse") for v in labels if v.startswith("torch")})
         table.append(line)
     rss = {"batch": "peak RSS MiB"}
-    for v in VARIANTS:
-        rss[f"{v} /s"] = next((r["peak_rss_mib"] for r in rows if r["variant"] == v), None)
+    rss.update({f"{v} /s": next(r["peak_rss_mib"] for r in rows if r["variant"] == v) for v in labels})
     return format_table([*table, rss])
 
 
-def _measure_variant(cfg: ThroughputConfig, variant: str, timeout_s: float) -> dict[str, Any]:
-    args = ["-m", "recops.bench.dlrm_variants", "--variant", variant, "--config-json", json.dumps(cfg.to_dict())]
+def label(variant: str, nproc: int) -> str:
+    """How a variant run on ``nproc`` ranks is named in the results."""
+    return variant if nproc == 1 else f"{variant}_{nproc}ranks"
+
+
+def _measure_variant(cfg: ThroughputConfig, variant: str, nproc: int, timeout_s: float) -> dict[str, Any]:
+    config = json.dumps(cfg.to_dict())
+    args = ["-m", "recops.bench.dlrm_variants", "--variant", variant, "--config-json", config, "--nproc", str(nproc)]
     return run_json_subprocess(args, timeout_s, env=WORKER_ENV)
 
 
 def run_all(
     cfg: ThroughputConfig, variants: tuple[str, ...], timeout_s: float, concurrent: bool = False
 ) -> tuple[dict[str, list], dict[str, str]]:
-    """Every variant ``cfg.rounds`` times, each run in a fresh process, rotating the order per round.
-    ``concurrent`` runs a round's processes side by side: faster, but only good for smoke tests."""
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    """Every variant (the TorchRec ones at each of ``cfg.nprocs``) ``cfg.rounds`` times, each run in fresh
+    processes, rotating the order per round. ``concurrent`` runs a round's processes side by side: faster, but only
+    good for smoke tests. Results and errors are keyed by :func:`label`."""
+    runs_of = [(v, n) for v in variants for n in (cfg.nprocs if v in SHARDED else (1,))]
+    runs: dict[str, list[dict[str, Any]]] = {label(*r): [] for r in runs_of}
     errors: dict[str, str] = {}
     for r in range(cfg.rounds):
-        order = [v for v in variants[r % len(variants) :] + variants[: r % len(variants)] if v not in errors]
+        turn = r % len(runs_of)
+        order = [run for run in runs_of[turn:] + runs_of[:turn] if label(*run) not in errors]
         with ThreadPoolExecutor(max_workers=len(order) if concurrent else 1) as pool:
-            futures = {v: pool.submit(_measure_variant, cfg, v, timeout_s) for v in order}
-        for variant, future in futures.items():
+            futures = {label(v, n): pool.submit(_measure_variant, cfg, v, n, timeout_s) for v, n in order}
+        for name, future in futures.items():
             try:
-                runs[variant].append(future.result())
+                runs[name].append(future.result())
             except RecopsError as exc:
-                errors[variant] = str(exc)
+                errors[name] = str(exc)
             print(
-                f"round {r + 1}/{cfg.rounds} {variant}: {'failed' if variant in errors else 'done'}",
+                f"round {r + 1}/{cfg.rounds} {name}: {'failed' if name in errors else 'done'}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -222,6 +252,7 @@ def _config_from_args(args) -> ThroughputConfig:
             device=args.device,
             threads=args.threads,
             torchrec_path=args.torchrec_path,
+            nprocs=args.nproc,
         )
     default = ThroughputConfig()
     return ThroughputConfig(
@@ -229,15 +260,18 @@ def _config_from_args(args) -> ThroughputConfig:
         or ((4096, 8192, 16384, 32768, 65536) if args.device.startswith("cuda") else default.batch_sizes),
         embedding_dim=args.embedding_dim,
         max_rows=args.max_rows,
+        table_rows=args.table_rows,
         dense_arch=args.dense_arch,
         over_arch=args.over_arch,
         embedding_optimizer=args.embedding_optimizer,
+        zipf_a=args.zipf_a,
         min_seconds=args.min_seconds,
         rounds=args.rounds,
         device=args.device,
         threads=args.threads,
         tf32=not args.no_tf32,
         torchrec_path=args.torchrec_path,
+        nprocs=args.nproc,
     )
 
 
@@ -255,12 +289,23 @@ def _parser():
         default=d.max_rows,
         help="cap on each table's Criteo Kaggle cardinality; 0 = full (33.8M rows)",
     )
+    p.add_argument("--table-rows", type=int, default=d.table_rows, help="> 0: 26 tables of this many rows each")
+    p.add_argument("--zipf-a", type=float, default=d.zipf_a, help="id skew; 0 = uniform random ids")
     p.add_argument("--dense-arch", type=_ints, default=d.dense_arch)
     p.add_argument("--over-arch", type=_ints, default=d.over_arch)
     p.add_argument("--embedding-optimizer", choices=("adagrad", "sgd"), default=d.embedding_optimizer)
     p.add_argument("--min-seconds", type=float, default=d.min_seconds, help="length of each timed repeat")
     p.add_argument("--rounds", type=int, default=d.rounds, help="processes per variant (interleaved); median over them")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument(
+        "--nproc", type=_ints, default=d.nprocs, help=f"rank counts for {' and '.join(SHARDED)}, e.g. 1,2 (gloo/nccl)"
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a model and data shape (the options above it sets stay overridable): "
+        + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()),
+    )
     p.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls")
     p.add_argument(
         "--torchrec-path",
@@ -271,14 +316,26 @@ def _parser():
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per variant process")
     p.add_argument(
-        "--profile", metavar="VARIANT", help="print torch.profiler's top operators for VARIANT instead of benchmarking"
+        "--profile",
+        metavar="VARIANTS",
+        help="print torch.profiler's busiest operators of these variants (comma-separated, run in turn in one "
+        "process) instead of benchmarking",
     )
     p.add_argument("--profile-batch", type=int, default=4096)
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, a ``--preset``'s values as defaults that explicit options override."""
+    parser = _parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     cfg = _config_from_args(args)
     if args.profile:
         import subprocess
@@ -286,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = [
             "-m",
             "recops.bench.dlrm_variants",
-            "--variant",
+            "--profile",
             args.profile,
             "--config-json",
             json.dumps(cfg.to_dict()),

@@ -147,7 +147,7 @@ class PublishResult:
 
 def inference_module(ckpt: Checkpoint, fp16: bool = False) -> tuple[InferenceDLRM, FeatureLayout]:
     layout = FeatureLayout.of(ckpt.meta.model, ckpt.meta.features.spec)
-    return InferenceDLRM(ckpt.meta.model, layout, ckpt.load().model, fp16=fp16), layout
+    return InferenceDLRM(ckpt.meta.model, layout, ckpt.load(optim=False).model, fp16=fp16), layout
 
 
 def _onnx_export(

@@ -109,7 +109,7 @@ class InferenceDLRM(nn.Module):
 def load_torchrec(checkpoint: Checkpoint) -> DLRM:
     """The real TorchRec model (EmbeddingBagCollection + KJT) with the checkpoint's weights, for reference."""
     model = DLRM(checkpoint.meta.model)
-    model.load_state_dict(checkpoint.load().model)
+    model.load_state_dict(checkpoint.load(optim=False).model)
     return model.eval()
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,13 @@ import pytest
 import torch
 
 from recops.bench.common import format_table, hardware, measure, portable, read_result, write_result
-from recops.bench.dlrm_variants import EmbeddingBagDLRM, build_step, synthetic_batches
+from recops.bench.dlrm_variants import EmbeddingBagDLRM, build_variant, run_variant, synthetic_batches
 from recops.bench.quality_real import GENRES, SPEC, ratings_table, read_published, read_wheel
 from recops.bench.report import render
 from recops.bench.serve_latency import add_ratios, aims
 from recops.bench.suite import Benchmark, run_one, run_suite
-from recops.bench.train_throughput import VARIANTS, ThroughputConfig
+from recops.bench.train_throughput import PRESETS, VARIANTS, ThroughputConfig
+from recops.errors import RecopsError
 from recops.training.config import ModelConfig
 from recops.training.model import DLRM, to_kjt
 from tests.conftest import ROOT, recops
@@ -50,18 +52,43 @@ def test_plain_embedding_bag_dlrm_equals_torchrec_dlrm():
 
 @pytest.mark.parametrize("variant,path", [("torchrec", "unsharded"), ("plain_sparse", "auto"), ("plain_dense", "auto")])
 def test_variant_steps_fit_a_batch(variant, path):
-    # (the DMP path trains in test_quick_suite_run_writes_results_and_report, in its own process)
+    # (the DMP paths train in test_quick_suite_run_writes_results_and_report, in their own processes)
     cfg = ThroughputConfig(max_rows=500, embedding_dim=4, dense_arch=(8,), over_arch=(8,), torchrec_path=path)
-    step, description = build_step(variant, cfg)
-    (batch,) = synthetic_batches(cfg, 256, count=1, pin=False)
+    bind, description = build_variant(variant, cfg)
+    batches = synthetic_batches(cfg, 256, count=1, pin=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: extra threads only spin on a busy host
     try:
-        losses = [float(step(batch)) for _ in range(20)]
+        with ExitStack() as stack:
+            step = bind(batches, stack)
+            losses = [float(step()) for _ in range(20)]
     finally:
         torch.set_num_threads(threads)
     assert losses[-1] < 0.9 * losses[0], losses
     assert ("EmbeddingBagCollection" in description) == (variant == "torchrec")
+
+
+def test_two_rank_variants_measure_whole_batches_over_both_ranks():
+    cfg = ThroughputConfig(
+        batch_sizes=(64,), max_rows=500, embedding_dim=4, dense_arch=(8,), over_arch=(8,), min_seconds=0.05, threads=2
+    )
+    result = run_variant("torchrec_pipeline", cfg, nproc=2)
+    assert result["nproc"] == 2 and result["threads"] == 1 and "world=2" in result["path"]
+    assert "TrainPipelineSparseDist" in result["path"]
+    (point,) = result["points"]
+    assert point["batch_size"] == 64 and point["steps"] >= 1 and min(point["samples_per_s"]) > 0
+    with pytest.raises(RecopsError, match="plain_sparse runs in one process"):
+        run_variant("plain_sparse", cfg, nproc=2)
+
+
+def test_uniform_ids_fill_the_reference_tables():
+    cfg = ThroughputConfig(**PRESETS["reference"])
+    assert cfg.tables() == {f"C{i}": 100_000 for i in range(1, 27)}
+    ((dense, ids, label),) = synthetic_batches(cfg, 4096, count=1, pin=False)
+    assert ids.shape == (4096, 26) and ids.min() >= 0 and ids.max() < 100_000
+    assert np.bincount(ids[:, 0].numpy()).max() <= 4  # no hot ids: uniform over 100k rows
+    model = cfg.model_config()
+    assert (model.embedding_dim, model.dense_arch, model.over_arch) == (16, (512, 256, 64), (512, 256))
 
 
 def test_synthetic_batches_are_skewed_ids_inside_each_table():
@@ -153,6 +180,7 @@ def test_quick_suite_run_writes_results_and_report(tmp_path):
     assert all(r["samples_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in result["rows"])
     assert all(r["ratio_vs_plain_sparse"] > 0 for r in result["rows"] if r["variant"] == "torchrec")
     assert "DistributedModelParallel" in result["variants"]["torchrec"] and result["errors"] == {}
+    assert "TrainPipelineSparseDist" in result["variants"]["torchrec_pipeline"]
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert [r["status"] for r in suite["runs"]] == ["ok"] and "available" in suite["runs"][0]["gpu"]
     report = (tmp_path / "REPORT.md").read_text()

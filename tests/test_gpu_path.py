@@ -3,10 +3,12 @@ on the GPU as on the CPU, and every benchmark variant trains there. Skipped with
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 
-from recops.bench.dlrm_variants import build_step, synthetic_batches
+from recops.bench.dlrm_variants import build_variant, synthetic_batches
 from recops.bench.train_throughput import VARIANTS, ThroughputConfig
 from recops.training.config import ModelConfig
 from recops.training.model import DLRM, to_kjt
@@ -35,8 +37,9 @@ def test_dlrm_forward_backward_on_cuda_matches_cpu():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_benchmark_variants_train_on_cuda(variant):
     cfg = ThroughputConfig(max_rows=10_000, device="cuda")
-    step, path = build_step(variant, cfg)
-    for batch in synthetic_batches(cfg, 1024, count=3, pin=True):
-        step(batch)
+    bind, path = build_variant(variant, cfg)
+    with ExitStack() as stack:
+        step = bind(synthetic_batches(cfg, 1024, count=3, pin=True), stack)
+        losses = [float(step()) for _ in range(3)]
     torch.cuda.synchronize()
-    assert path
+    assert path and all(0 < loss < 10 for loss in losses)

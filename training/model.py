@@ -7,12 +7,16 @@ gathers in place of the embedding bags.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
+from torchrec.datasets.utils import Batch
 
 from recops.errors import RecopsError
 from recops.training.config import ModelConfig
@@ -42,7 +46,7 @@ class DotInteraction(nn.Module):
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         combined = torch.cat([dense.unsqueeze(1), pooled], dim=1)
         products = torch.bmm(combined, combined.transpose(1, 2))
-        return torch.cat([dense, products.flatten(1)[:, self.pairs]], dim=1)
+        return torch.cat([dense, products.flatten(1).index_select(1, self.pairs)], dim=1)  # backward: index_add
 
 
 class LowRankCrossNet(nn.Module):
@@ -149,12 +153,36 @@ class DLRM(nn.Module):
         self.head = DLRMHead(config).to(device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(sparse)
-        flat = pooled.values()  # [B, sum(dims)] in key order: no per-key copies
-        if pooled.keys() != self.keys:  # a sharded collection may return features in plan order
-            by_key = pooled.to_dict()
-            flat = torch.cat([by_key[k] for k in self.keys], dim=1)
-        return self.head(dense, flat)
+        return self.head(dense, in_key_order(self.ebc(sparse), self.keys))
+
+
+class DLRMTrain(DLRM):
+    """The DLRM as TorchRec's training pipeline runs it: ``forward(batch) -> (loss, (loss, logits))``, the outputs
+    detached. Same parameters and state-dict keys as :class:`DLRM`."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        logits = super().forward(batch.dense_features, batch.sparse_features)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach())
+
+
+@torch.fx.wrap  # one opaque call when TorchRec's pipeline traces the model: its keys are only known at run time
+def in_key_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """Pooled embeddings [B, sum(dims)] in ``keys`` order: a view when the collection returns them so, else one
+    column gather (a sharded collection may return features in plan order)."""
+    values = pooled.values()
+    if pooled.keys() == keys:
+        return values
+    columns = _columns(tuple(pooled.keys()), tuple(pooled.length_per_key()), tuple(keys), values.device)
+    return values.index_select(1, columns)
+
+
+@functools.lru_cache(maxsize=16)
+def _columns(have: tuple[str, ...], dims: tuple[int, ...], want: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """The columns of features ``have`` (of widths ``dims``) that put them in ``want`` order."""
+    start = dict(zip(have, itertools.accumulate(dims, initial=0)))
+    width = dict(zip(have, dims))
+    return torch.cat([torch.arange(start[k], start[k] + width[k]) for k in want]).to(device)
 
 
 def to_kjt(

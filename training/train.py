@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torchrec.datasets.utils import Batch
 
 from recops.errors import RecopsError
 from recops.files import write_json_atomic
@@ -31,8 +31,9 @@ from recops.training import checkpoint
 from recops.training.checkpoint import Checkpoint, CheckpointMeta
 from recops.training.config import CPU_SHARDING_TYPES, ModelConfig, TrainConfig
 from recops.training.dataset import Dataset
+from recops.training.loader import BatchLoader
 from recops.training.metrics import auc, logloss
-from recops.training.model import DLRM, to_kjt
+from recops.training.model import DLRMTrain
 from recops.training.preprocess import Features
 
 OPTIMIZER_CLASSES = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
@@ -89,73 +90,84 @@ def _world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def build_model(config: ModelConfig, cfg: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+    """A :class:`DLRMTrain` in ``DistributedModelParallel``, sharded over the process group by TorchRec's planner
+    (``cfg.sharding_type``), its embeddings updated by the fused in-backward ``cfg.embedding_optimizer``; returns it
+    and the Adam optimizer (a ``KeyedOptimizer``) of its dense parameters."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    model = DLRMTrain(config, device="cpu")
+    apply_optimizer_in_backward(
+        OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr}
+    )
+    sharders = [EmbeddingBagCollectionSharder()]
+    constraints = {f"t_{k}": ParameterConstraints(sharding_types=[cfg.sharding_type]) for k in config.tables}
+    topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
+    try:
+        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+            model, sharders, dist.GroupMember.WORLD
+        )
+    except RuntimeError as exc:
+        raise RecopsError(
+            f"sharding plan: {cfg.sharding_type} is not available on {device.type} "
+            f"({str(exc).splitlines()[0][:160]}); "
+            f"on CPU use one of {CPU_SHARDING_TYPES}"
+        ) from exc
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    return dmp, KeyedOptimizerWrapper(dense_params, lambda p: torch.optim.Adam(p, lr=cfg.dense_lr))
+
+
+def train_all(pipeline: Any, batches: Iterator[Batch]) -> tuple[list[torch.Tensor], int]:
+    """Run TorchRec's training ``pipeline`` over every batch (it distributes the next batches' ids while this one
+    computes); each step's loss and the samples this rank trained on."""
+    losses, samples = [], 0
+    while True:
+        try:
+            loss, logits = pipeline.progress(batches)
+        except StopIteration:
+            return losses, samples
+        losses.append(loss)
+        samples += len(logits)
+
+
 class _Trainer:
-    """State of one worker: the sharded model, its optimizers, and the data."""
+    """State of one worker: the sharded model, its optimizers and training pipeline, and the data."""
 
     def __init__(self, dataset: Dataset, config: ModelConfig, cfg: TrainConfig, device: torch.device):
-        from torchrec.distributed import DistributedModelParallel
-        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-        from torchrec.optim.keyed import KeyedOptimizerWrapper
-        from torchrec.optim.optimizers import in_backward_optimizer_filter
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         self.cfg, self.device = cfg, device
         self.rank, self.world = _world()
         self.config = config
         torch.manual_seed(cfg.seed)
-        model = DLRM(self.config, device="cpu")
-        apply_optimizer_in_backward(
-            OPTIMIZER_CLASSES[cfg.embedding_optimizer], model.ebc.parameters(), {"lr": cfg.embedding_lr}
-        )
-        sharders = [EmbeddingBagCollectionSharder()]
-        constraints = {f"t_{k}": ParameterConstraints(sharding_types=[cfg.sharding_type]) for k in self.config.tables}
-        topology = Topology(world_size=self.world, compute_device=device.type)
-        try:
-            plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
-                model, sharders, dist.GroupMember.WORLD
-            )
-        except RuntimeError as exc:
-            raise RecopsError(
-                f"sharding plan: {cfg.sharding_type} is not available on {device.type} "
-                f"({str(exc).splitlines()[0][:160]}); "
-                f"on CPU use one of {CPU_SHARDING_TYPES}"
-            ) from exc
-        self.model = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
-        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
-        self.dense_opt = KeyedOptimizerWrapper(dense_params, lambda p: torch.optim.Adam(p, lr=cfg.dense_lr))
+        self.model, self.dense_opt = build_model(config, cfg, device)
+        self.pipeline = TrainPipelineSparseDist(self.model, self.dense_opt, device)
         self.keys = list(self.config.tables)
         self.train = dataset.split("train")
         self.val = dataset.split("val")
         self.test = dataset.split("test")
 
-    def _tensors(self, feats: Features, index: np.ndarray):
-        pin = self.device.type == "cuda"
-        dense = torch.from_numpy(np.ascontiguousarray(feats.dense[index]))
-        label = torch.from_numpy(np.ascontiguousarray(feats.label[index]))
-        kjt = to_kjt(self.keys, feats.sparse[index], {k: v[index] for k, v in feats.multi.items()})
-        if pin:
-            dense, label = dense.pin_memory(), label.pin_memory()
-        nb = pin
-        return (
-            dense.to(self.device, non_blocking=nb),
-            kjt.to(self.device, non_blocking=nb),
-            label.to(self.device, non_blocking=nb),
-        )
+    def _loader(self, feats: Features, indices: Iterable[np.ndarray]) -> BatchLoader:
+        return BatchLoader(feats, self.keys, indices, pin=self.device.type == "cuda")
 
     def optim_state(self) -> dict[str, Any]:
         return {"dense": self.dense_opt.state_dict(), "fused": self.model.fused_optimizer.state_dict()}
 
-    def restore(self, ckpt: checkpoint.CheckpointState) -> None:
-        """The checkpoint's optimizer state, then its weights: ``init_state`` (which KeyedOptimizer needs before it
-        loads a state) takes a zero-gradient step that would move weights loaded before it."""
+    def restore(self, ckpt: Checkpoint) -> None:
+        """The checkpoint's optimizer state, then its weights, each rank reading its own shards: ``init_state``
+        (which KeyedOptimizer needs before it loads a state) takes a zero-gradient step that would move weights
+        loaded before it."""
         self.dense_opt.init_state()
-        for name, opt in (("fused", self.model.fused_optimizer), ("dense", self.dense_opt)):
-            state = opt.state_dict()
-            checkpoint.scatter_full(state["state"], ckpt.optim[name]["state"], f"{name}.")
-            opt.load_state_dict(state)
-        model_sd = self.model.state_dict()
-        checkpoint.scatter_full(model_sd, ckpt.model)
+        optim_sd, model_sd = self.optim_state(), self.model.state_dict()
+        ckpt.load_sharded(model_sd, optim_sd)
+        self.dense_opt.load_state_dict(optim_sd["dense"])
+        self.model.fused_optimizer.load_state_dict(optim_sd["fused"])
         self.model.load_state_dict(model_sd)
 
     def set_lr_factor(self, factor: float) -> None:
@@ -166,52 +178,49 @@ class _Trainer:
             group["lr"] = self.cfg.embedding_lr * factor
         self.model.fused_optimizer.step()  # the fused kernels take the new rate on step
 
+    def _shares(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        """This rank's equal share of each batch of ``order``, sorted (memory-map friendly); the last batch is smaller
+        when the rows run out, and dropped when it has fewer rows than ranks."""
+        for first in range(0, len(order), self.cfg.batch_size):
+            batch = order[first : first + self.cfg.batch_size]
+            local = len(batch) // self.world
+            if local == 0:
+                return
+            yield np.sort(batch[self.rank * local : (self.rank + 1) * local])
+
     def train_epoch(self, epoch: int) -> tuple[float, int, float]:
-        """One pass over the train split, the last batch smaller when the rows run out (every rank takes an equal
-        share of each batch); returns (mean loss, samples, seconds)."""
+        """One pass over the train split; returns (mean loss, samples, seconds)."""
         self.model.train()
         self.set_lr_factor(self.cfg.lr_factor(epoch))
         n = min(self.cfg.max_train_rows or len(self.train.label), len(self.train.label))
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-        losses, samples, start = [], 0, time.perf_counter()
-        for first in range(0, n, self.cfg.batch_size):
-            batch = order[first : first + self.cfg.batch_size]
-            local = len(batch) // self.world
-            if local == 0:  # fewer rows left than ranks
-                break
-            dense, kjt, label = self._tensors(self.train, np.sort(batch[self.rank * local : (self.rank + 1) * local]))
-            loss = F.binary_cross_entropy_with_logits(self.model(dense, kjt), label)
-            self.dense_opt.zero_grad()
-            loss.backward()
-            self.dense_opt.step()
-            losses.append(loss.detach())
-            samples += local * self.world
+        start = time.perf_counter()
+        with self._loader(self.train, self._shares(order)) as batches:
+            losses, samples = train_all(self.pipeline, iter(batches))
         seconds = time.perf_counter() - start
         mean = float(torch.stack(losses).mean()) if losses else float("nan")
-        return mean, samples, seconds
+        return mean, samples * self.world, seconds
 
     @torch.no_grad()
     def predict(self, feats: Features) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities for a whole split, computed across ranks; returns (labels, probs) on every rank."""
+        self.pipeline.detach()  # plain forwards; the pipeline attaches again on its next step
         self.model.eval()
         n = len(feats.label)
         if n == 0:
             return np.zeros(0, np.float32), np.zeros(0)
         bs = self.cfg.eval_batch_size
         steps = max(1, -(-n // (bs * self.world)))
-        mine_idx, mine_p = [], []
-        for step in range(steps):
-            lo = (step * self.world + self.rank) * bs
-            index = np.arange(lo, min(lo + bs, n))
-            real = len(index)
-            if real == 0:
-                index = np.zeros(1, dtype=np.int64)  # every rank must join each sharded forward
-            dense, kjt, _ = self._tensors(feats, index)
-            probs = torch.sigmoid(self.model(dense, kjt)).float().cpu().numpy()
-            mine_idx.append(index[:real])
-            mine_p.append(probs[:real])
+        starts = [(step * self.world + self.rank) * bs for step in range(steps)]
+        mine = [np.arange(lo, min(lo + bs, n)) for lo in starts]
+        padded = (index if len(index) else np.zeros(1, dtype=np.int64) for index in mine)  # every rank joins each step
+        mine_p = []
+        with self._loader(feats, padded) as batches:
+            for index, batch in zip(mine, batches):
+                _, (_, logits) = self.model(batch.to(self.device))
+                mine_p.append(torch.sigmoid(logits).float().cpu().numpy()[: len(index)])
         parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, (np.concatenate(mine_idx), np.concatenate(mine_p)))
+        dist.all_gather_object(parts, (np.concatenate(mine), np.concatenate(mine_p)))
         idx = np.concatenate([p[0] for p in parts])
         probs = np.empty(n, dtype=np.float64)
         probs[idx] = np.concatenate([p[1] for p in parts])
@@ -270,6 +279,13 @@ def _seed(latest: Path, warm_start: Path, dataset: Dataset, cfg: TrainConfig) ->
     parent.copy_to(latest, parent.meta.fresh(dataset.ref, cfg, warm_start_from=str(parent.path)))
 
 
+def _upgrade(*paths: Path) -> None:
+    """Rewrite a run's old-format checkpoints in the sharded format, which resuming loads."""
+    for path in paths:
+        if Checkpoint.exists(path) and Checkpoint.open(path).legacy:
+            Checkpoint.open(path).copy_to(path)
+
+
 def run_worker(
     dataset_path: str | Path,
     arch: ModelConfig,
@@ -290,10 +306,14 @@ def run_worker(
     device = pick_device(cfg.device)
     rank, world = _world()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.set_flush_denormal(True)  # tiny gradients near convergence otherwise slow every step several-fold
     config = model_for(arch, dataset)
     latest, best_dir = out / "checkpoints" / "latest", out / "checkpoints" / "best"
-    if rank == 0 and warm_start is not None and not (resume and Checkpoint.exists(latest)):
-        _seed(latest, Path(warm_start), dataset, cfg)
+    if rank == 0:
+        if warm_start is not None and not (resume and Checkpoint.exists(latest)):
+            _seed(latest, Path(warm_start), dataset, cfg)
+        if resume:
+            _upgrade(latest, best_dir)
     dist.barrier()
     previous = _resumable(latest, dataset, config, out) if resume or warm_start is not None else None
     trainer = _Trainer(dataset, config, cfg, device)
@@ -301,7 +321,7 @@ def run_worker(
         model=config, train=cfg, dataset=dataset.ref, preprocessor=dataset.preprocessor_dict, world_size=world
     )
     if previous is not None:
-        trainer.restore(previous.load())
+        trainer.restore(previous)
         meta = dataclasses.replace(previous.meta, train=cfg, world_size=world)
     for epoch in range(meta.epoch + 1, cfg.epochs):
         if meta.stale >= cfg.patience:
@@ -315,7 +335,7 @@ def run_worker(
             report(meta.metrics, saved.path if saved else None)
     dist.barrier()  # rank 0 has finished writing the best checkpoint
     best = Checkpoint.open(best_dir)
-    trainer.restore(best.load())
+    trainer.restore(best)
     test = trainer.evaluate(trainer.test)
     rates = [h["samples_per_s"] for h in meta.history]
     return TrainResult(
