@@ -274,10 +274,10 @@ class ModelRepository:
         return self.root / validate_model_name(name)
 
     def models(self) -> list[str]:
-        """Names of the models with a config.pbtxt."""
+        """Names of the models with a config.pbtxt (not hidden ones, e.g. a deployment's staging model)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file() and p.name[0] != ".")
 
     def versions(self, name: str) -> list[int]:
         """The model's complete version numbers, ascending."""

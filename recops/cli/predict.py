@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import REPO_HELP, add_json_flag, model_repository
+from recops.cli.common import REPO_HELP, add_json_flag, model_repository, recover_deployment_of
 from recops.errors import RecopsError
 
 
@@ -71,13 +71,17 @@ def _url(args: argparse.Namespace, repo: Path) -> str:
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
     from recops.serving.client import Predictor
+    from recops.serving.repository import validate_model_name
     from recops.training.readers import read_frame
 
     repo = model_repository(args)
+    validate_model_name(args.name)
+    url = _url(args, repo)
+    recover_deployment_of(repo, args.name, url if args.protocol == "http" else None)
     preprocessor = _preprocessor(args, repo)
     frame = read_frame(args.input, preprocessor.spec, require_label=False)
     with Predictor(
-        _url(args, repo),
+        url,
         args.name,
         protocol=args.protocol,
         timeout_s=args.timeout,
