@@ -341,3 +341,23 @@ def test_rollback_is_idempotent(deployer, server, repo):
     state = deployer.state()
     assert (state.production, state.canary) == (old, None)
     assert_production_answers(server, repo)
+
+
+def test_out_of_range_ids_and_non_finite_dense_values_are_guarded_alike(deployer, server, repo):
+    """Negative and too-large ids score as the reserved id 0 and NaN/inf dense values as 0 (what preprocessing makes
+    of a missing value), identically on Triton's python-backend model (HTTP and gRPC clients) and in-process ONNX
+    Runtime: the guard is inside the exported graph."""
+    version = deployer.state().production
+    clean = probe(repo, version, 48, seed=5)
+    dirty = {name: array.copy() for name, array in clean.items()}
+    dirty["sparse"][0::3, 0], dirty["sparse"][1::3, 1] = -7, 10**12
+    dirty["dense"][0::4, 0], dirty["dense"][1::4, 3], dirty["dense"][2::4, 5] = np.nan, np.inf, -np.inf
+    missing = {name: array.copy() for name, array in clean.items()}
+    missing["sparse"][0::3, 0], missing["sparse"][1::3, 1] = 0, 0
+    missing["dense"][0::4, 0], missing["dense"][1::4, 3], missing["dense"][2::4, 5] = 0.0, 0.0, 0.0
+    expected = local_scores(repo, version, missing)
+    assert np.abs(local_scores(repo, version, dirty) - expected).max() <= 1e-6
+    for url, protocol in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+        with Predictor(url, NAME, protocol=protocol) as predictor:
+            served = predictor.predict_arrays(dirty, model_version=version)
+        assert np.isfinite(served).all() and np.abs(served - expected).max() <= 1e-5

@@ -248,3 +248,45 @@ def test_a_server_dies_with_the_process_that_started_it(tmp_path, tiny_onnx):
     while triton_processes(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert triton_processes(pid) == [] and processes_mentioning(str(repo.root)) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("deploy", "--name", "{bad}", "--version", "1", "--url", "{url}"),
+        ("deploy", "--name", "{bad}", "--status"),
+        ("serve", "load", "{bad}", "--url", "{url}"),
+        ("serve", "start", "--load", "{bad}"),
+        ("predict", "--name", "{bad}", "--input", "{rows}", "--preprocess", "{rows}", "--url", "{url}"),
+    ],
+)
+def test_bad_model_names_are_refused_before_any_work(command, triton_server, tmp_path):
+    (tmp_path / "rows.tsv").write_text("")
+    values = {"bad": "../escape", "url": triton_server.http_url, "rows": str(tmp_path / "rows.tsv")}
+    args = [part.format(**values) for part in command]
+    done = subprocess.run(
+        [sys.executable, "-m", "recops.cli", *args, "--repo", str(tmp_path / "repo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "model name '../escape' is invalid" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "repo").exists()
+
+
+def test_predict_a_version_the_repository_lacks_is_a_clear_error(triton_server, triton_repo, tmp_path):
+    _criteo_rows(tmp_path / "rows.tsv", 3)
+    common = ["--name", TINY, "--input", str(tmp_path / "rows.tsv"), "--url", triton_server.http_url]
+    preprocessor = Preprocessor(ColumnSpec.criteo(), PreprocessConfig(table_size=TABLE_SIZE))
+    (tmp_path / "preprocess.json").write_text(json.dumps(preprocessor.to_dict()))
+    for source in (["--repo", str(triton_repo.root)], ["--preprocess", str(tmp_path / "preprocess.json")]):
+        done = subprocess.run(
+            [sys.executable, "-m", "recops.cli", "predict", *common, "--version", "99", *source],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"model '{TINY}' has no version 99" in done.stderr, done.stderr

@@ -88,6 +88,11 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         preprocess=preprocessor.transform,
     ) as predictor:
+        if args.version is not None and not predictor.is_ready(args.version):
+            raise RecopsError(
+                f"model {args.name!r} has no version {args.version} ready on {url}; "
+                "`recops serve status` lists the versions it serves"
+            )
         result = predictor.predict(predictor.frame_inputs(frame), model_version=args.version or "")
     if len(result.outputs) != 1:
         raise RecopsError(f"model {args.name!r} has outputs {sorted(result.outputs)}; predict expects one score")
