@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from recops.errors import RecopsError
-from recops.files import write_json_atomic
+from recops.files import remove_stale, temp_dir, write_json_atomic
+from recops.processes import reaped
 from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
 from recops.training.environment import Environment, capture
@@ -303,7 +304,8 @@ def ranking_table(result: SweepResult) -> str:
 
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[None]:
-    """Start a local Ray sized to this machine (or attach to ``address``) and always shut it down."""
+    """Start a local Ray sized to this machine (or attach to ``address``) and always shut it down; a local Ray's
+    processes are reaped when this process ends, even killed (``recops.processes.reaped``)."""
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
@@ -311,11 +313,27 @@ def _ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         raise RecopsError("a Ray session is already running in this process; run the sweep in a fresh process")
     made_tmp = None
-    if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        if "RAY_TMPDIR" not in os.environ:  # short (socket paths are limited) and ours to remove
-            made_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="recops-ray-")
+    with contextlib.ExitStack() as local:
+        if not address:
+            for key, value in LOCAL_RAY_ENV.items():
+                os.environ.setdefault(key, value)
+            if not os.environ.get("RAY_TMPDIR"):  # unset or empty: ours to make (short: socket paths are limited)
+                remove_stale(tempfile.gettempdir(), "ray")  # those of killed sweeps
+                made_tmp = os.environ["RAY_TMPDIR"] = str(temp_dir(tempfile.gettempdir(), "ray"))
+            local.enter_context(reaped())  # GCS, raylet, agents and workers die with this process, even SIGKILLed
+        _ray_init(address)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    if made_tmp:  # kept (with Ray's logs) when the sweep failed, until the next sweep
+        del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(made_tmp, ignore_errors=True)
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level="WARNING")
@@ -330,13 +348,6 @@ def _ray_session(address: str | None) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         ray.shutdown()
         raise RecopsError(f"cannot {'attach to Ray at ' + address if address else 'start a local Ray'}: {exc}") from exc
-    try:
-        yield
-    finally:
-        ray.shutdown()
-    if made_tmp:  # kept (with Ray's logs) when the sweep failed
-        del os.environ["RAY_TMPDIR"]
-        shutil.rmtree(made_tmp, ignore_errors=True)
 
 
 def _capacity(config: SweepConfig, address: str | None) -> int:
