@@ -52,9 +52,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def marked(token: str) -> list[int]:
-    """Live processes (other than this one) whose environment carries ``RECOPS_REAP=token``."""
-    entry = f"{REAP_ENV}={token}".encode()
+def marked(token: str, variable: str = REAP_ENV) -> list[int]:
+    """Live processes (other than this one) whose environment carries ``<variable>=<token>``."""
+    entry = f"{variable}={token}".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():

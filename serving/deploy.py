@@ -356,33 +356,47 @@ class Deployer:
         load_exactly(self.server, self.name, versions)
 
     def _check(self, version: int) -> None:
-        """Load ``version`` alone under the staging name, verify it there, unload it; journal it as checked."""
-        config = model_config(self.name, self._onnx(version), self.target, self._options((version,)))
-        staged = self.journal.stage(version, config)
+        """Score a probe batch with local ONNX Runtime (an unreadable or non-finite version is refused before the
+        server sees it), then load ``version`` alone under the staging name (no warm-up: a failing load whose client
+        died can crash Triton 2.51), compare its served scores, unload it; journal it as checked."""
+        inputs, expected = self._local_probe(version)
+        options = replace(self._options((version,)), warmup=())
+        staged = self.journal.stage(version, model_config(self.name, self._onnx(version), self.target, options))
         try:
             self.server.load(staged)
             if not self.server.model_ready(staged, version):
                 raise DeployError(f"version {version} of {self.name!r} is not ready after loading")
-            self._verify(version, staged)
+            self._verify(version, staged, inputs, expected)
         finally:
             self.journal.unstage(self.server)
         self.journal.checked(version)
 
-    def _verify(self, version: int, model: str) -> None:
-        """Warm ``version`` up and compare its served outputs with local ONNX Runtime on a probe batch."""
+    def _local_probe(self, version: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The probe batch and its scores from local ONNX Runtime; DeployError if it cannot run it or they are not
+        all finite."""
         record = ExportRecord.read(self._onnx(version).parent)
         rng = np.random.default_rng(self.config.seed)
         inputs = record.layout.random_inputs(self.config.probe_rows, rng) if record else self._zero_inputs(version)
-        expected = onnx_probabilities(onnx_session(self._onnx(version), threads=1), inputs)
+        try:
+            expected = onnx_probabilities(onnx_session(self._onnx(version), threads=1), inputs)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types for bad models
+            raise DeployError(f"version {version}: ONNX Runtime cannot run {self._onnx(version)} ({exc})") from exc
+        bad = int((~np.isfinite(expected)).sum())
+        if bad:
+            raise DeployError(
+                f"version {version} returns {bad} non-finite (NaN/inf) scores of {expected.size} on the probe batch "
+                "in ONNX Runtime"
+            )
+        return inputs, expected
+
+    def _verify(self, version: int, model: str, inputs: dict[str, np.ndarray], expected: np.ndarray) -> None:
+        """Warm ``model`` version ``version`` up and compare its served scores with ``expected`` (the client refuses
+        non-finite ones)."""
+        record = ExportRecord.read(self._onnx(version).parent)
         with Predictor(self.server.http_url, model, timeout_s=self.config.timeout_s) as predictor:
             for _ in range(self.config.warmup_requests):
                 predictor.predict_arrays(inputs, model_version=version)
             served = predictor.predict_arrays(inputs, model_version=version)
-        bad = int((~np.isfinite(served)).sum())
-        if bad:
-            raise DeployError(
-                f"version {version} returned {bad} non-finite (NaN/inf) scores of {served.size} on the probe batch"
-            )
         tolerance = self.config.fp16_tolerance if record and record.fp16 else self.config.tolerance
         diff = float(np.abs(served.astype(np.float64) - expected).max())
         if not diff <= tolerance:

@@ -215,7 +215,8 @@ def test_unreadable_onnx_is_refused_and_production_keeps_serving(deployer, serve
 
 
 def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tmp_path):
-    """External weights truncated: the graph reads fine, onnxruntime in the server cannot load it."""
+    """External weights truncated: the graph reads fine, onnxruntime cannot load it; refused before the server ever
+    loads it (a failed load whose client died can crash Triton 2.51)."""
     before = deployer.state().production
     source = repo.model_dir(NAME) / "1"
     exported = export_onnx_like(source, tmp_path / "export")
@@ -226,9 +227,10 @@ def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tmp_p
     assert f"specific: {{ versions: [{before}] }}" in config  # adding a version did not change what is served
     data = repo.model_dir(NAME) / str(version) / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(DeployError, match=rf"version {version} refused and rolled back: load '\.check-{NAME}'"):
+    with pytest.raises(DeployError, match=f"version {version} refused and rolled back: .*ONNX Runtime cannot run"):
         deployer.deploy(version, canary=0.5)
     assert deployer.state().production == before and deployer.state().canary is None
+    assert not [m for m in server.models() if m.get("version") == str(version)], "the server never saw it"
     assert_production_answers(server, repo)
 
 
@@ -273,11 +275,12 @@ def served_versions_of(server: TritonServer, version: int) -> list[dict]:
 
 
 def test_a_killed_deploy_never_leaves_an_unchecked_version_reachable(deployer, server, repo, synth_dir, tmp_path):
-    """`recops deploy` of a NaN version is SIGKILLed the moment the server holds that version; meanwhile a client
-    asks the model name (no version) all the time. No answer may come from the unchecked version, and the next
-    command (`deploy --status`) recovers the deployment: production serving alone, finite scores."""
+    """`recops deploy` of a new version is SIGKILLed the moment the server holds that version (in any form: it is
+    unchecked then); meanwhile a client asks the model name (no version) all the time. No answer may come from the
+    unchecked version, and the next command (`recops predict`) recovers the deployment: production serving alone,
+    finite scores."""
     before = deployer.state().production
-    version = nan_version(repo)
+    version, _ = _hand_written_version(repo, before)
     rows = tmp_path / "rows.tsv"
     rows.write_text("".join((synth_dir / "data.tsv").read_text().splitlines(keepends=True)[:20]))
     common = ["--name", NAME, "--repo", str(repo.root), "--url", server.http_url, "--json"]
