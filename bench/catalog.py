@@ -31,4 +31,5 @@ BENCHMARKS = (
     Benchmark("drift_speed", full=("--rows", "200000")),
     Benchmark("ingest_speed"),
     Benchmark("onnx_gpu", gpu_only=True),
+    Benchmark("faults", quick=("--scenarios", "ingest,deploy"), timeout_s=3600),
 )

@@ -57,8 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.ops.publish import record_deployment
-    from recops.ops.registry import LocalRegistry
     from recops.serving.deploy import Deployer, committed_state
     from recops.serving.journal import Journal
     from recops.serving.repository import ModelRepository, validate_model_name
@@ -76,6 +74,9 @@ def deploy(args: argparse.Namespace) -> dict[str, Any]:
             **committed_state(repo, args.name).summary(),
             "in_flight": in_flight.describe() if in_flight else None,
         }
+    from recops.ops.publish import record_deployment  # imports torch: not for --status
+    from recops.ops.registry import LocalRegistry
+
     server = TritonServer.attach(args.url) if args.url else TritonServer.from_state(repo.root)
     deployer = Deployer(server, repo, args.name, DeployConfig(target=args.target, drain_s=args.drain))
     before = deployer.state()
