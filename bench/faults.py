@@ -190,6 +190,11 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def largest_file(path: Path) -> int:
+    """Bytes in the largest file under ``path`` (a scale for file-size limits)."""
+    return max((p.stat().st_size for p in Path(path).rglob("*") if p.is_file()), default=0)
+
+
 def temp_leftovers(*folders: Path) -> list[str]:
     """Temporary entries (any writer's) in ``folders`` and their sub-directories one level down."""
     found = []
@@ -321,11 +326,12 @@ class Shared:
 
     def checkpoint(self) -> Path:
         if "checkpoint" not in self._cache:
+            from recops.training.checkpoint import Checkpoint
             from recops.training.config import ModelConfig, TrainConfig
             from recops.training.train import fit
 
             out = self.work / "trained"
-            if not (out / "checkpoints" / "best" / "files.json").is_file():
+            if not Checkpoint.exists(out / "checkpoints" / "best"):
                 fit(self.dataset(), ModelConfig(), TrainConfig(epochs=1, batch_size=1024, threads=1), out)
             self._cache["checkpoint"] = out / "checkpoints" / "best"
         return self._cache["checkpoint"]
@@ -347,6 +353,9 @@ class IngestScenario(Scenario):
         self.input = self.shared.raw(2)
         self.version: str | None = None
         super().setup()
+
+    def file_limit(self) -> int:
+        return self.rng.randint(0, 2 * largest_file(self.shared.dataset()))
 
     def argv(self, completing: bool) -> list[str]:
         root = str(self.shared.datasets)
@@ -390,7 +399,7 @@ class TrainScenario(Scenario):
         ]
 
     def file_limit(self) -> int:
-        return self.rng.randint(0, (self.out / "checkpoints" / "best" / "model.pt").stat().st_size * 2)
+        return self.rng.randint(0, 2 * largest_file(self.out / "checkpoints" / "best"))
 
     def after_fault(self, attempt: Attempt) -> None:
         from recops.training.checkpoint import Checkpoint
@@ -482,21 +491,22 @@ class ExportScenario(Scenario):
         ]
 
     def file_limit(self) -> int:
-        return self.rng.randint(0, (self.shared.checkpoint() / "model.pt").stat().st_size * 2)
+        return self.rng.randint(0, 2 * largest_file(self.shared.checkpoint()))
 
     def versions_complete(self) -> None:
-        from recops.serving.repository import ModelRepository, read_signature
+        from recops.serving.onnx_model import EXPORT_FILE, PREPROCESS_FILE
+        from recops.serving.repository import CONFIG_FILE, ONNX_FILE, PYTHON_MODEL_FILE, ModelRepository, read_signature
 
         repo = ModelRepository(self.repo)
         for version in repo.versions(MODEL):
             folder = repo.model_dir(MODEL) / str(version)
             missing = [
-                f for f in ("model.onnx", "model.py", "export.json", "preprocess.json") if not (folder / f).is_file()
+                f for f in (ONNX_FILE, PYTHON_MODEL_FILE, EXPORT_FILE, PREPROCESS_FILE) if not (folder / f).is_file()
             ]
             if missing:
                 raise RecopsError(f"version {version} lacks {missing}")
-            read_signature(folder / "model.onnx")
-        if not (repo.model_dir(MODEL) / "config.pbtxt").is_file():
+            read_signature(folder / ONNX_FILE)
+        if not (repo.model_dir(MODEL) / CONFIG_FILE).is_file():
             raise RecopsError("config.pbtxt is missing")
 
     def after_fault(self, attempt: Attempt) -> None:
@@ -517,13 +527,12 @@ class DeployScenario(Scenario):
 
     def setup(self) -> None:
         from recops.serving.deploy import DeployConfig, Deployer
-        from recops.serving.repository import ModelRepository
+        from recops.serving.repository import ONNX_FILE, ModelRepository
         from recops.serving.server import ServerConfig, TritonServer
 
         self.repo = ModelRepository(self.work / "repo")
         for source in self.shared.deploy_sources():
-            extra = [p for p in source.glob("*.json")]
-            self.repo.add_version(MODEL, source / "model.onnx", extra_files=extra)
+            self.repo.add_version(MODEL, source / ONNX_FILE, extra_files=list(source.glob("*.json")))
         self.good = set(self.repo.versions(MODEL))
         self.bad = {self.nan_version()}
         self.server = TritonServer(ServerConfig(repo=self.repo.root)).start()
@@ -535,16 +544,18 @@ class DeployScenario(Scenario):
         """A hand-made version (no export, no gate) whose float weights are all NaN: it must never serve."""
         import onnx
 
+        from recops.serving.repository import ONNX_FILE
+
         source = self.repo.model_dir(MODEL) / str(min(self.repo.versions(MODEL)))
         version = self.repo.next_version(MODEL)
         target = self.repo.model_dir(MODEL) / str(version)
         shutil.copytree(source, target)
-        model = onnx.load(str(target / "model.onnx"))
+        model = onnx.load(str(target / ONNX_FILE))
         for tensor in model.graph.initializer:
             if tensor.data_type == onnx.TensorProto.FLOAT:
                 nan = np.full(tuple(tensor.dims), np.nan, np.float32)
                 tensor.CopyFrom(onnx.numpy_helper.from_array(nan, tensor.name))
-        onnx.save(model, str(target / "model.onnx"))
+        onnx.save(model, str(target / ONNX_FILE))
         return version
 
     def close(self) -> None:
@@ -578,7 +589,9 @@ class DeployScenario(Scenario):
         return ["deploy", *self.action, *self.target, "--drain", "0.2"]
 
     def file_limit(self) -> int:
-        return self.rng.randint(0, 4096)
+        from recops.serving.deploy import state_path
+
+        return self.rng.randint(0, 2 * state_path(self.repo, MODEL).stat().st_size)
 
     def run(self, fault: str, delay_s: float = 0.0) -> Attempt:
         """The command, while a client asks the model name (no version) all the time."""
@@ -613,9 +626,9 @@ class DeployScenario(Scenario):
                 stop.wait(0.02)
 
     def _zero_inputs(self) -> dict[str, np.ndarray]:
-        from recops.serving.repository import read_signature
+        from recops.serving.repository import ONNX_FILE, read_signature
 
-        inputs, _, _ = read_signature(self.repo.model_dir(MODEL) / str(min(self.good)) / "model.onnx")
+        inputs, _, _ = read_signature(self.repo.model_dir(MODEL) / str(min(self.good)) / ONNX_FILE)
         return {s.name: np.zeros((4, *s.dims[1:]), np.float32 if s.dtype == "FP32" else np.int64) for s in inputs}
 
     def loaded_under_the_name(self) -> set[int]:
