@@ -688,9 +688,9 @@ SCENARIOS = {
     s.name: s
     for s in (IngestScenario, TrainScenario, TrainNproc2Scenario, SweepScenario, ExportScenario, DeployScenario)
 }
-DEFAULT_KILLS = {"ingest": 50, "train": 30, "train_nproc2": 20, "sweep": 10, "export": 35, "deploy": 60}
-QUICK_KILLS = {"ingest": 3, "train": 2, "train_nproc2": 1, "sweep": 1, "export": 2, "deploy": 4}
-RERUN_EVERY = {"ingest": 2, "train": 2, "train_nproc2": 2, "sweep": 2, "export": 2, "deploy": 1}
+DEFAULT_KILLS = {"ingest": 90, "train": 24, "train_nproc2": 10, "sweep": 5, "export": 30, "deploy": 42}  # 201
+QUICK_KILLS = {"ingest": 3, "train": 2, "train_nproc2": 1, "sweep": 1, "export": 2, "deploy": 3}
+RERUN_EVERY = {"ingest": 2, "train": 3, "train_nproc2": 3, "sweep": 2, "export": 3, "deploy": 3}
 
 
 def run_scenarios(
