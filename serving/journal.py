@@ -34,6 +34,7 @@ from typing import Any
 from recops.errors import RecopsError
 from recops.files import write_json_atomic
 from recops.serving.repository import (
+    CONFIG_FILE,
     ONNX_FILE,
     ModelConfig,
     ModelRepository,
@@ -133,10 +134,8 @@ class Journal:
         """Allow config.pbtxt to list ``versions``: each one committed, or checked in this transaction with
         unchanged files; recorded before the policy is written."""
         tx = self.read()
-        for version in versions:
+        for version in set(versions) - set(tx.committed_versions):
             digest = tx.checked.get(str(version))
-            if version in tx.committed_versions:
-                continue
             if digest is None or digest != version_digest(self.repo.model_dir(self.name) / str(version)):
                 raise RecopsError(
                     f"version {version} of {self.name!r} has not passed its checks with its current files; "
@@ -159,7 +158,7 @@ class Journal:
         folder = self.staging_dir
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        (folder / "config.pbtxt").write_text(replace(config, name=folder.name).to_pbtxt())
+        (folder / CONFIG_FILE).write_text(replace(config, name=folder.name).to_pbtxt())
         os.symlink(Path("..") / self.name / str(version), folder / str(version))
         return folder.name
 
