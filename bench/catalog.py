@@ -33,4 +33,5 @@ BENCHMARKS = (
     Benchmark("ingest_speed"),
     Benchmark("quality_real", quick=("--models", "recops_dcn,lightgbm"), timeout_s=2400),
     Benchmark("onnx_gpu", gpu_only=True),
+    Benchmark("faults", quick=("--scenarios", "ingest,deploy"), timeout_s=3600),
 )

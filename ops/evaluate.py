@@ -18,7 +18,7 @@ import pandas as pd
 
 from recops.errors import RecopsError
 from recops.ops.registry import ModelRegistry
-from recops.serving.deploy import read_deploy_state
+from recops.serving.deploy import committed_state, recover_deployment
 from recops.serving.onnx_model import read_preprocessor
 from recops.serving.repository import ModelRepository
 from recops.serving.scorers import OnnxScorer, TritonScorer, exported_checkpoint
@@ -76,7 +76,9 @@ def scorer_factory(source: ModelSource, registry: ModelRegistry, repo: ModelRepo
         export = exported_checkpoint(Checkpoint.open(path), cache)
         return ScorerFactory(read_preprocessor(export), model_dir=export)
     versions = repo.versions(source.name)
-    version = source.version or read_deploy_state(repo, source.name).production or (versions[-1] if versions else None)
+    if source.protocol == "http":  # a deployment a crash cut short is recovered on the server first
+        recover_deployment(repo, source.name, source.url, wait=False)
+    version = source.version or committed_state(repo, source.name).production or (versions[-1] if versions else None)
     if version not in versions:
         raise RecopsError(
             f"model {source.name!r} version {version} is not in {repo.root} (versions: {versions}); its "

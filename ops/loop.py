@@ -37,7 +37,7 @@ from recops.ops.publish import lineage_of, production_model
 from recops.ops.registry import LocalRegistry
 from recops.ops.retrain import Retrainer, incident_windows
 from recops.ops.stream import read_window, window_path
-from recops.serving.deploy import DeployConfig, Deployer
+from recops.serving.deploy import DeployConfig, Deployer, recover_deployment
 from recops.serving.export import ExportedModel, export_onnx, publish
 from recops.serving.repository import ModelRepository
 from recops.serving.server import TritonServer
@@ -68,6 +68,7 @@ class Loop:
         self.journal.save_config(config.to_dict())
         self.repo = ModelRepository(config.repo)
         self.registry = LocalRegistry(config.registry)
+        recover_deployment(self.repo, config.model_name, config.server_url, wait=False)  # one a crash cut short
         state = self.journal.load()
         start = math.floor(time.time() / config.window_s) * config.window_s
         self.state = state or LoopState(

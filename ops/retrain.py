@@ -4,12 +4,14 @@
 with its lineage (dataset root + version, code, libraries, hardware, metrics named by split); ``sweep_and_register``
 is the one way a sweep becomes a registered candidate (``recops sweep``, the demo and the loop). ``Retrainer`` is
 the loop's retrain stage: the incident's windows become a new dataset version (the production dataset's
-preprocessing), trained warm-started from production when the tables and preprocessing allow.
+preprocessing), trained warm-started from production when the tables and preprocessing allow. A retraining a killed
+loop left behind is continued, not started again: a run resumes from its checkpoint, a sweep with ``--resume``.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +27,7 @@ from recops.ops.publish import environment_lineage, register_checkpoint
 from recops.ops.registry import ModelRegistry, ModelVersion
 from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset, ingest
-from recops.training.sweep import SweepResult, run_sweep
+from recops.training.sweep import SweepResult, resume_sweep, run_sweep
 from recops.training.sweep_config import SweepConfig
 from recops.training.train import TrainResult, fit
 
@@ -238,10 +240,26 @@ class Retrainer:
             "storage_path": str(run_dir / "sweeps"),
             "warm_start": production.registry_version if problem is None else None,
         }
-        result, version = sweep_and_register(SweepConfig.from_dict(data), self.registry)
+        resumed = self._resume(run_dir / "sweeps", data["warm_start"])
+        result, version = resumed or sweep_and_register(SweepConfig.from_dict(data), self.registry)
         if version is None or result.best is None:
             raise RecopsError(
                 f"retraining sweep {result.experiment_dir} ended {result.status} with "
                 f"{result.num_errors} failed trials and no usable checkpoint"
             )
         return version, f"sweep of {len(result.trials)} trials", result.sweep_id
+
+    def _resume(self, storage: Path, parent: int | None) -> tuple[SweepResult, ModelVersion | None] | None:
+        """The retraining sweep a killed loop left in this run dir, resumed instead of started again (None: there is
+        none); an experiment killed before Tune saved anything is removed."""
+        from ray.tune import Tuner
+
+        for saved in sorted(storage.glob("*/sweep_config.json"), reverse=True):
+            if not Tuner.can_restore(str(saved.parent / "tune")):  # killed before Tune saved anything
+                shutil.rmtree(saved.parent)
+                continue
+            result = resume_sweep(saved.parent)
+            if result.status == "interrupted":
+                return result, None
+            return result, register_best(result, self.registry, "candidate", parent)
+        return None

@@ -86,13 +86,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(directory: str | Path) -> list[Path]:
-    """Delete the temporary files and directories in ``directory`` whose writer process is gone; returns them."""
+def temp_dir(directory: str | Path, name: str) -> Path:
+    """A new directory in ``directory`` named like this process's temporary files for ``name`` (so that once this
+    process is gone, :func:`remove_stale` removes it)."""
+    return Path(tempfile.mkdtemp(dir=directory, prefix=_temp_prefix(Path(directory) / name)))
+
+
+def remove_stale(directory: str | Path, name: str = "") -> list[Path]:
+    """Delete the temporary files and directories in ``directory`` (only those for ``name``, if given) whose writer
+    process is gone; returns them."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = []
     for entry in directory.iterdir():
+        if name and not entry.name.startswith(f".{name}.tmp-"):
+            continue
         match = _TEMP_NAME.fullmatch(entry.name)
         if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

@@ -1,13 +1,26 @@
-"""Child processes that never outlive the command that started them."""
+"""Child processes that never outlive the command that started them.
+
+Direct children ask the kernel for a parent-death signal (:func:`die_with_parent`). Process trees this process does
+not start itself (a local Ray cluster: GCS, raylet, agents, workers) are tagged instead: :func:`reaped` marks every
+process started inside it through an inherited environment variable, and a watchdog process SIGKILLs every marked
+process once this one ends, normally or killed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import secrets
 import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+REAP_ENV = "RECOPS_REAP"
 
 
 def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) -> None:
@@ -21,3 +34,71 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != expected:  # reparented: the parent died before the request was in place
         os._exit(1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live (not zombie) descendants of ``pid``: its children, their children, and so on."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def marked(token: str, variable: str = REAP_ENV) -> list[int]:
+    """Live processes (other than this one) whose environment carries ``<variable>=<token>``."""
+    entry = f"{variable}={token}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if entry in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+    return found
+
+
+def reap(token: str, timeout_s: float = 10.0) -> None:
+    """SIGKILL every process marked with ``token`` until none is left (or ``timeout_s`` passed)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := marked(token)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def reaped(timeout_s: float = 30.0) -> Iterator[str]:
+    """Mark every process started inside the block (and all their descendants, through the inherited environment);
+    when the block ends, or this process dies in it, a watchdog SIGKILLs whichever of them is still alive. Yields the
+    token. ``timeout_s``: how long the block's end waits for the watchdog."""
+    token = f"{os.getpid()}-{secrets.token_hex(6)}"
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "recops.processes", token],
+        stdin=subprocess.PIPE,
+        start_new_session=True,  # a Ctrl-C to the terminal's group reaches the command, not its watchdog
+    )
+    os.environ[REAP_ENV] = token
+    try:
+        yield token
+    finally:
+        os.environ.pop(REAP_ENV, None)
+        watchdog.stdin.close()  # the watchdog's signal; a killed process closes it too
+        watchdog.wait(timeout=timeout_s)
+
+
+def _watch(token: str) -> None:
+    """The watchdog: wait until the marking process closes the pipe (it ended or died), then reap its marks."""
+    sys.stdin.buffer.read()
+    reap(token)
+
+
+if __name__ == "__main__":
+    _watch(sys.argv[1])

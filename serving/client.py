@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from recops.serving.errors import ServingError
+from recops.serving.errors import ServingError, require_finite
 from recops.serving.onnx_model import TensorSpec
 from recops.serving.raw_features import KEY_PARAMETER, MODEL_VERSION, VERSION_PARAMETER, raw_inputs, raw_model_of
 from recops.serving.repository import ModelRepository
@@ -265,7 +265,8 @@ class Predictor:
                 )
             else:
                 names, version, rid = [o.name for o in response.outputs], response.model_version, response.id
-            return {n: result.as_numpy(n) for n in names}, version, rid
+            where = f"model {self.model_name!r} version {version} at {self.url}"
+            return {n: require_finite(result.as_numpy(n), f"{where}, output {n!r},") for n in names}, version, rid
 
         return self._call("inference", run)
 

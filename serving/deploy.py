@@ -8,12 +8,15 @@ which is the canary and its traffic share. ``route`` is the one split rule: insi
 preprocessing step (``recops.serving.raw_model``) applies it to every request, so every client gets the same split;
 ``Router`` applies it in a Python client of the tensor-level model.
 
-A new version is loaded beside production, warmed up, and its server outputs are compared with local
-ONNX Runtime on a probe batch (and, when the model has a raw-feature model, raw probe rows through it with its
-own preprocessing); a version that fails to load, differs, or returns NaN is unloaded again and production keeps
-serving. The raw-feature model is loaded once, with the first deployment: it follows the record by itself. A
-production switch first points the split (both routers) at the new version, waits ``drain_s``, and only then
-unloads the old one, so no request is sent to an unloaded version.
+A new version is first loaded under a hidden staging name, warmed up, and its server outputs are compared with
+local ONNX Runtime on a probe batch; a version that fails to load, differs, or returns NaN is refused there and
+never listed under the model's name. When the model has a raw-feature model, raw probe rows then go through it to
+the new version (now listed, not yet routed to) and are compared with its own preprocessing + ONNX Runtime; the
+raw-feature model is loaded once, with the first deployment: it follows the record by itself. Every change is a
+journaled transaction (``recops.serving.journal``): a deployment cut short by a crash is brought back to its last
+committed state by the next command touching it (``recover_deployment``). A production switch first points the
+split (both routers) at the new version, waits ``drain_s``, and only then unloads the old one, so no request is
+sent to an unloaded version.
 
 Run the server with ``--strict-readiness=false``: under strict readiness Triton answers /v2/health/ready
 with 400 for good once any version failed to load (it keeps the failure record), and briefly during
@@ -22,22 +25,25 @@ every unload, so one refused deployment would take a healthy server out of a loa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from recops.errors import RecopsError
 from recops.files import write_json_atomic
 from recops.serving.client import Predictor
 from recops.serving.errors import ServingError
+from recops.serving.journal import JOURNAL_FILE, Journal, load_exactly, write_policy
 from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
 from recops.serving.raw_features import random_raw_frame, raw_model_of
 from recops.serving.repository import (
@@ -126,11 +132,11 @@ def state_path(repo: ModelRepository, name: str) -> Path:
     return repo.model_dir(name) / STATE_FILE
 
 
-def deploy_lock(repo: ModelRepository, name: str) -> FileLock:
-    """The lock serialising deployments (and repository writes) for one model."""
+def deploy_lock(repo: ModelRepository, name: str, timeout: float = -1) -> FileLock:
+    """The lock serialising deployments (and repository writes) for one model (``timeout`` -1: wait)."""
     folder = repo.model_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / LOCK_FILE))
+    return FileLock(str(folder / LOCK_FILE), timeout=timeout)
 
 
 def read_deploy_state(repo: ModelRepository, name: str) -> DeployState:
@@ -143,9 +149,57 @@ def read_deploy_state(repo: ModelRepository, name: str) -> DeployState:
         raise RecopsError(f"{path} is corrupt ({exc}); fix or delete it, then deploy a version again") from exc
 
 
+def committed_state(repo: ModelRepository, name: str) -> DeployState:
+    """The last committed deployment record: the record a deployment in flight (or cut short) started from."""
+    tx = Journal(repo, name).read()
+    return DeployState.from_dict(tx.before) if tx is not None else read_deploy_state(repo, name)
+
+
+def recover_deployment(
+    repo: ModelRepository, name: str, server: TritonServer | str | None, wait: bool = True
+) -> DeployState | None:
+    """Bring a deployment cut short by a crash back to its last committed state: on ``server`` (a handle or an HTTP
+    URL: reload, verify) and in the repository, or in the repository only when no server runs. Returns the restored
+    record, or None if nothing was in flight; with ``wait`` False, also None while a live deployment holds the lock
+    (it keeps the invariants itself)."""
+    if not Journal(repo, name).path.is_file():
+        return None
+    if isinstance(server, str):
+        server = TritonServer.attach(server)
+    try:
+        with deploy_lock(repo, name, timeout=-1 if wait else 0):
+            return _recover(repo, name, server)
+    except Timeout:
+        return None
+
+
+def recover_repository(repo: ModelRepository, server: TritonServer | str | None = None) -> list[str]:
+    """Recover every model of ``repo`` with a deployment cut short; returns their names."""
+    names = [p.parent.name for p in sorted(repo.root.glob(f"*/{JOURNAL_FILE}"))]
+    return [name for name in names if recover_deployment(repo, name, server, wait=False) is not None]
+
+
+def _recover(
+    repo: ModelRepository, name: str, server: TritonServer | None, action: str = "recovered", **changes: Any
+) -> DeployState | None:
+    """Under the lock: restore the committed state of the transaction in flight, record ``action`` and commit (None:
+    nothing in flight)."""
+    journal = Journal(repo, name)
+    tx = journal.read()
+    if tx is None:
+        return None
+    journal.restore(tx, server)
+    before = DeployState.from_dict(tx.before)
+    changes.setdefault("message", f"{tx.describe()}; restored: {before.message or before.status}")
+    state = before.event(action, tx.version, **changes)
+    write_json_atomic(state_path(repo, name), state.to_dict())
+    journal.commit()
+    return state
+
+
 def served_policy(repo: ModelRepository, name: str) -> VersionPolicy | None:
     """The policy serving exactly the deployed versions, or None if nothing is deployed."""
-    loaded = read_deploy_state(repo, name).loaded
+    loaded = committed_state(repo, name).loaded
     return VersionPolicy("specific", versions=tuple(sorted(loaded))) if loaded else None
 
 
@@ -204,72 +258,93 @@ class Deployer:
             raise RecopsError(f"model {name!r} has no version in {self.repo.root}; export one with `recops export`")
         stored_target, stored_options = self.repo.settings(name)
         self.target, self.options = config.target or stored_target, config.options or stored_options
+        self.journal = Journal(self.repo, name)
 
     # ---- public actions -------------------------------------------------------------------
     def state(self) -> DeployState:
-        return read_deploy_state(self.repo, self.name)
+        """The last committed deployment record."""
+        return committed_state(self.repo, self.name)
+
+    def recover(self) -> DeployState | None:
+        """Bring a deployment cut short by a crash back to its last committed state (None: nothing to recover)."""
+        return recover_deployment(self.repo, self.name, self.server)
 
     def deploy(self, version: int, canary: float | None = None) -> DeployState:
-        """Load ``version`` beside production, check it, then make it production or a canary with ``canary`` share."""
-        with deploy_lock(self.repo, self.name):
-            return self._deploy(version, canary)
+        """Check ``version`` under the staging name, then serve it beside production and make it production or a
+        canary with ``canary`` share."""
+        with self._locked() as state, self._transaction("canary" if canary is not None else "deploy", version, state):
+            return self._deploy(state, version, canary)
 
     def promote(self) -> DeployState:
         """Make the canary production (and unload the old production)."""
-        with deploy_lock(self.repo, self.name):
-            state = self.state()
+        with self._locked() as state:
             if state.canary is None:
                 raise DeployError(
                     f"model {self.name!r} has no canary to promote (production {state.production}); "
                     "deploy one with --canary first"
                 )
-            return self._switch(replace(state, canary=None, canary_share=0.0), state.canary, "promote")
+            with self._transaction("promote", state.canary, state):
+                return self._switch(replace(state, canary=None, canary_share=0.0), state.canary, "promote")
 
     def rollback(self) -> DeployState:
-        """Drop the canary; without one, bring the previous production version back (checked like a deploy)."""
+        """Drop the canary; without one, bring the previous production version back (checked like a deploy). A
+        rollback right after a rollback has nothing to roll back."""
+        with self._locked() as state:
+            if state.canary is not None:
+                with self._transaction("rollback", state.canary, state):
+                    return self._drop_canary(state)
+            problem = self._nothing_to_roll_back(state)
+            if problem:
+                raise DeployError(f"model {self.name!r}: nothing to roll back ({problem}); deploy a version explicitly")
+            with self._transaction("rollback", state.previous, state):
+                return self._deploy(state, state.previous, None, action="rollback")
+
+    def _nothing_to_roll_back(self, state: DeployState) -> str | None:
+        """Why a rollback without a canary cannot bring a previous version back (None: it can)."""
+        if state.history and state.history[-1]["action"] == "rollback":
+            return f"version {state.history[-1]['version']} was just rolled back; production {state.production}"
+        if state.previous is None or state.previous not in self.repo.versions(self.name):
+            return f"no canary and no previous production version in the repository (previous {state.previous})"
+        return None
+
+    # ---- transactions ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[DeployState]:
+        """Hold the deployment lock; a deployment cut short before is recovered first. Yields the committed record."""
         with deploy_lock(self.repo, self.name):
-            state = self.state()
-            if state.canary is None:
-                if state.previous is None or state.previous not in self.repo.versions(self.name):
-                    raise DeployError(
-                        f"model {self.name!r}: nothing to roll back to (no canary, previous production "
-                        f"{state.previous}); deploy a version explicitly"
-                    )
-                return self._deploy(state.previous, None)
-            dropped = self._write(
-                state.event(
-                    "rollback",
-                    state.canary,
-                    canary=None,
-                    canary_share=0.0,
-                    status="serving",
-                    message=f"canary {state.canary} rolled back; production {state.production}",
-                )
-            )
-            time.sleep(self.config.drain_s)
-            self._serve(dropped.loaded, source=dropped.production)
-            return dropped
+            yield _recover(self.repo, self.name, self.server) or read_deploy_state(self.repo, self.name)
+
+    @contextlib.contextmanager
+    def _transaction(self, action: str, version: int | None, state: DeployState) -> Iterator[None]:
+        """Journal the change: intent before the block, commit after it; a block that fails without restoring
+        (an unexpected error, Ctrl-C) is recovered at once, or by the next command if that fails too."""
+        self.journal.begin(action, version, state.to_dict())
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(RecopsError):
+                _recover(self.repo, self.name, self.server)
+            raise
+        self.journal.commit()
 
     # ---- steps ----------------------------------------------------------------------------
-    def _deploy(self, version: int, canary: float | None) -> DeployState:
-        state = self._validate_deploy(self.state(), version, canary)
+    def _deploy(self, state: DeployState, version: int, canary: float | None, action: str = "deploy") -> DeployState:
+        self._validate_deploy(state, version, canary)
         try:
             self._check_signature(version, state.production)
-        except RecopsError as exc:
-            return self._reject(state, version, exc, restore=False)
-        try:
+            self._check(version)
             self._serve((*state.loaded, version), source=version)
-            self._verify(version)
+            self._verify_raw(version)
         except RecopsError as exc:
-            return self._reject(state, version, exc)
+            self._reject(state, version, exc)
         if canary is not None:
             message = f"version {version} takes {canary:.0%} of traffic beside production {state.production}"
             return self._write(
                 state.event("canary", version, canary=version, canary_share=canary, status="canary", message=message)
             )
-        return self._switch(state, version, "deploy")
+        return self._switch(state, version, action)
 
-    def _validate_deploy(self, state: DeployState, version: int, canary: float | None) -> DeployState:
+    def _validate_deploy(self, state: DeployState, version: int, canary: float | None) -> None:
         if version not in self.repo.versions(self.name):
             raise DeployError(
                 f"model {self.name!r} has no version {version} in {self.repo.root} "
@@ -291,7 +366,6 @@ class Deployer:
                 f"model {self.name!r} has no production version to run a canary beside; "
                 "deploy one without --canary first"
             )
-        return state
 
     def _onnx(self, version: int) -> Path:
         return self.repo.model_dir(self.name) / str(version) / ONNX_FILE
@@ -313,57 +387,90 @@ class Deployer:
             )
 
     def _serve(self, versions: tuple[int, ...], source: int) -> None:
-        """Write config.pbtxt for exactly ``versions`` (signature of ``source``) and (re)load the model."""
-        options = self._options(versions)
-        self.repo.write_config(model_config(self.name, self._onnx(source), self.target, options))
-        self.server.load(self.name)
-        for version in versions:
-            if not self.server.model_ready(self.name, version):
-                raise DeployError(f"version {version} of {self.name!r} is not ready after loading")
+        """Write config.pbtxt for exactly ``versions`` (signature of ``source``; each one committed or checked) and
+        (re)load the model until exactly they are ready; the raw-feature model is loaded with the first deployment."""
+        versions = tuple(sorted(set(versions)))
+        self.journal.admit(versions)
+        policy = VersionPolicy("specific", versions=versions)
+        write_policy(self.repo, self.name, policy, source, self.target, self.options)
+        load_exactly(self.server, self.name, versions)
         raw = raw_model_of(self.repo, self.name)
         if raw is not None and not self.server.model_ready(raw):  # loaded once: it follows the record by itself
             self.server.load(raw)
 
-    def _verify(self, version: int) -> None:
-        """Warm ``version`` up and compare its served outputs with local ONNX Runtime on a probe batch; likewise its
-        raw-feature path (raw probe rows through the ensemble vs its preprocessing + ONNX Runtime) when the model has
-        one."""
+    def _check(self, version: int) -> None:
+        """Score a probe batch with local ONNX Runtime (an unreadable or non-finite version is refused before the
+        server sees it), then load ``version`` alone under the staging name (no warm-up: a failing load whose client
+        died can crash Triton 2.51), compare its served scores, unload it; journal it as checked."""
+        inputs, expected = self._local_probe(version)
+        options = replace(self._options((version,)), warmup=())
+        staged = self.journal.stage(version, model_config(self.name, self._onnx(version), self.target, options))
+        try:
+            self.server.load(staged)
+            if not self.server.model_ready(staged, version):
+                raise DeployError(f"version {version} of {self.name!r} is not ready after loading")
+            self._verify(version, staged, inputs, expected)
+        finally:
+            self.journal.unstage(self.server)
+        self.journal.checked(version)
+
+    def _local_probe(self, version: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The probe batch and its scores from local ONNX Runtime; DeployError if it cannot run it or they are not
+        all finite."""
         record = ExportRecord.read(self._onnx(version).parent)
         rng = np.random.default_rng(self.config.seed)
         inputs = record.layout.random_inputs(self.config.probe_rows, rng) if record else self._zero_inputs(version)
-        session = onnx_session(self._onnx(version), threads=1)
-        with Predictor(self.server.http_url, self.name, timeout_s=self.config.timeout_s) as predictor:
+        try:
+            expected = onnx_probabilities(onnx_session(self._onnx(version), threads=1), inputs)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types for bad models
+            raise DeployError(f"version {version}: ONNX Runtime cannot run {self._onnx(version)} ({exc})") from exc
+        bad = int((~np.isfinite(expected)).sum())
+        if bad:
+            raise DeployError(
+                f"version {version} returns {bad} non-finite (NaN/inf) scores of {expected.size} on the probe batch "
+                "in ONNX Runtime"
+            )
+        return inputs, expected
+
+    def _verify(self, version: int, model: str, inputs: dict[str, np.ndarray], expected: np.ndarray) -> None:
+        """Warm ``model`` version ``version`` up and compare its served scores with ``expected``."""
+        record = ExportRecord.read(self._onnx(version).parent)
+        with Predictor(self.server.http_url, model, timeout_s=self.config.timeout_s) as predictor:
             for _ in range(self.config.warmup_requests):
                 predictor.predict_arrays(inputs, model_version=version)
             served = predictor.predict_arrays(inputs, model_version=version)
-        tolerance = self.config.fp16_tolerance if self._fp16(record) else self.config.tolerance
-        _compare(version, served, onnx_probabilities(session, inputs), tolerance, "served scores")
-        raw = raw_model_of(self.repo, self.name)
-        if raw is not None:
-            self._verify_raw(raw, version, record, session, rng, tolerance)
+        _compare(version, served, expected, self._tolerance(record), "served scores")
 
-    def _verify_raw(self, raw: str, version: int, record, session, rng: np.random.Generator, tolerance: float) -> None:
+    def _verify_raw(self, version: int) -> None:
+        """When the model has a raw-feature model: raw probe rows through it to ``version`` (listed under the model's
+        name, not yet routed to) vs the version's own preprocessing + local ONNX Runtime."""
+        raw = raw_model_of(self.repo, self.name)
+        if raw is None:
+            return
+        record = ExportRecord.read(self._onnx(version).parent)
         if record is None:
             raise DeployError(
                 f"version {version} has no export.json, so the raw-feature model {raw!r} cannot serve it; "
                 "export it with `recops export`"
             )
         preprocessor = read_preprocessor(self._onnx(version).parent)
-        frame = random_raw_frame(preprocessor.spec, self.config.probe_rows, rng)
+        frame = random_raw_frame(preprocessor.spec, self.config.probe_rows, np.random.default_rng(self.config.seed))
         features = preprocessor.transform(frame)
         expected = onnx_probabilities(
-            session, record.layout.features_inputs(features.dense, features.sparse, features.multi)
+            onnx_session(self._onnx(version), threads=1),
+            record.layout.features_inputs(features.dense, features.sparse, features.multi),
         )
         with Predictor(self.server.http_url, raw, timeout_s=self.config.timeout_s) as predictor:
             result = predictor.predict_rows(frame, version=version, separator=preprocessor.spec.separator)
         answered = set(result.row_versions.tolist())
         if answered != {version}:
             raise DeployError(f"raw-feature model {raw!r} answered with versions {sorted(answered)}, not {version}")
-        _compare(version, result.scores, expected, tolerance, f"raw rows through {raw!r}")
+        _compare(version, result.scores, expected, self._tolerance(record), f"raw rows through {raw!r}")
 
-    def _fp16(self, record: ExportRecord | None) -> bool:
-        """Half precision: an FP16 export, or TensorRT in FP16 on the gpu target."""
-        return bool(record and record.fp16) or (self.target == "gpu" and self.options.gpu.tensorrt == "FP16")
+    def _tolerance(self, record: ExportRecord | None) -> float:
+        """The half-precision tolerance for an FP16 export or TensorRT in FP16 on the gpu target, else the default."""
+        fp16 = bool(record and record.fp16) or (self.target == "gpu" and self.options.gpu.tensorrt == "FP16")
+        return self.config.fp16_tolerance if fp16 else self.config.tolerance
 
     def _zero_inputs(self, version: int) -> dict[str, np.ndarray]:
         """Probe inputs for a version without export.json: random floats, id 0 (always a valid row)."""
@@ -377,35 +484,29 @@ class Deployer:
             for s in inputs
         }
 
-    def _reject(self, state: DeployState, version: int, exc: RecopsError, restore: bool = True) -> DeployState:
-        """Serve exactly what ``state`` served again (if the server was touched), record the failure, raise."""
-        restore_error = ""
+    def _reject(self, state: DeployState, version: int, exc: RecopsError) -> None:
+        """Restore what ``state`` served (the journal's committed state), record the refusal, raise."""
+        production = state.production if state.production is not None else "(none)"
+        message = f"version {version} refused and rolled back: {exc}; production {production} keeps serving"
+        status = "rolled_back" if state.production is not None else "empty"
         try:
-            if restore and state.loaded:
-                self._serve(state.loaded, source=state.production)
-            elif restore:
-                self.server.unload(self.name)
+            _recover(self.repo, self.name, self.server, "rejected", status=status, message=message)
         except RecopsError as again:
-            restore_error = f"; restoring the previous versions ALSO failed: {again}"
-        message = (
-            f"version {version} refused and rolled back: {exc}; production "
-            f"{state.production if state.production is not None else '(none)'} keeps serving{restore_error}"
-        )
-        self._write(
-            state.event(
-                "rejected", version, status="rolled_back" if state.production is not None else "empty", message=message
-            )
-        )
+            raise DeployError(
+                f"{message}; restoring the previous versions ALSO failed: {again} (the next command touching "
+                f"{self.name!r} retries)"
+            ) from exc
         raise DeployError(message) from exc
 
     def _switch(self, state: DeployState, version: int, action: str) -> DeployState:
-        """Point routers at ``version``, let requests to the old production drain, then unload it."""
+        """Point routers at ``version``, let requests to the old production drain, then unload it. After a rollback
+        there is no previous version to go back to."""
         switched = self._write(
             state.event(
                 action,
                 version,
                 production=version,
-                previous=state.production,
+                previous=state.production if action != "rollback" else None,
                 status="serving",
                 message=f"version {version} is production",
             )
@@ -415,7 +516,24 @@ class Deployer:
             self._serve(switched.loaded, source=version)
         return switched
 
+    def _drop_canary(self, state: DeployState) -> DeployState:
+        """Point routers back at production alone, let canary requests drain, then unload the canary."""
+        dropped = self._write(
+            state.event(
+                "rollback",
+                state.canary,
+                canary=None,
+                canary_share=0.0,
+                status="serving",
+                message=f"canary {state.canary} rolled back; production {state.production}",
+            )
+        )
+        time.sleep(self.config.drain_s)
+        self._serve(dropped.loaded, source=dropped.production)
+        return dropped
+
     def _write(self, state: DeployState) -> DeployState:
+        self.journal.step(f"record {state.history[-1]['action']}")
         write_json_atomic(state_path(self.repo, self.name), state.to_dict())
         return state
 

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import onnx
 
 from recops.errors import RecopsError
-from recops.files import write_text_atomic
+from recops.files import remove_stale, staging_dir, write_text_atomic
 from recops.serving.onnx_model import TensorSpec
 
 TARGETS = ("cpu", "cpu-ort", "gpu")
@@ -395,10 +394,10 @@ class ModelRepository:
         return self.root / validate_model_name(name)
 
     def models(self) -> list[str]:
-        """Names of the models with a config.pbtxt."""
+        """Names of the models with a config.pbtxt (not hidden ones, e.g. a deployment's staging model)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file() and p.name[0] != ".")
 
     def versions(self, name: str) -> list[int]:
         """The model's complete version numbers, ascending."""
@@ -456,7 +455,12 @@ class ModelRepository:
     def _install_version(self, config: ModelConfig, onnx_path: Path, version: int, extra: list[Path]) -> None:
         folder = self.model_dir(config.name)
         folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".staging-{version}-"))
+        remove_stale(folder)  # what killed writers left
+        with staging_dir(folder / str(version)) as staging:
+            self._assemble(config, onnx_path, version, extra, staging)
+
+    def _assemble(self, config: ModelConfig, onnx_path: Path, version: int, extra: list[Path], staging: Path) -> None:
+        """Copy the version's files into ``staging`` and rename it into place."""
         try:
             shutil.copyfile(onnx_path, staging / ONNX_FILE)
             for location in external_data_files(onnx_path):
@@ -469,15 +473,13 @@ class ModelRepository:
             if config.target == "cpu":
                 shutil.copyfile(_PYTHON_MODEL_TEMPLATE, staging / PYTHON_MODEL_FILE)
             os.chmod(staging, 0o755)
-            os.rename(staging, folder / str(version))
+            os.rename(staging, self.model_dir(config.name) / str(version))
         except FileNotFoundError as exc:
             raise RecopsError(
                 f"{onnx_path}: {exc.filename} is missing; the ONNX file's external data must lie next to it"
             ) from exc
         except OSError as exc:
             raise RecopsError(f"could not install {config.name!r} version {version}: {exc}") from exc
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def write_config(self, config: ModelConfig) -> Path:
         """Atomically (re)write the model's config.pbtxt and settings file."""
@@ -517,7 +519,7 @@ class ModelRepository:
         folder = self.model_dir(name)
         if version not in self.versions(name):
             raise RecopsError(f"model {name!r} has no version {version} (have {self.versions(name)})")
-        doomed = folder / f".removing-{version}-{os.getpid()}"
+        doomed = folder / f".{version}.tmp-{os.getpid()}-removing"  # a killed removal is collected by remove_stale
         os.rename(folder / str(version), doomed)
         shutil.rmtree(doomed)
 

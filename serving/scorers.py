@@ -16,6 +16,7 @@ import pandas as pd
 from recops.errors import RecopsError
 from recops.files import remove_stale, staging_dir
 from recops.serving.client import Prediction, Predictor, raw_predictor
+from recops.serving.errors import require_finite
 from recops.serving.export import check_parity, export_onnx
 from recops.serving.onnx_model import ExportRecord, onnx_probabilities, onnx_session, read_preprocessor
 from recops.serving.repository import ONNX_FILE, ModelRepository
@@ -37,7 +38,7 @@ class OnnxScorer:
 
     def score(self, features: Features) -> np.ndarray:
         inputs = self.layout.features_inputs(features.dense, features.sparse, features.multi)
-        return onnx_probabilities(self.session, inputs).ravel().astype(np.float64)
+        return require_finite(onnx_probabilities(self.session, inputs), self.description).ravel().astype(np.float64)
 
     def score_frame(self, frame: pd.DataFrame) -> tuple[np.ndarray, None]:
         """Scores of raw rows (no served version)."""

@@ -6,11 +6,19 @@ libraries on ``LD_LIBRARY_PATH``, and this interpreter's ``bin`` first on ``PATH
 imports numpy/onnxruntime from this environment). The server binds 127.0.0.1 with explicit model
 control, runs in its own session (so stopping it also reaches its stub processes), and records
 itself in ``<repo>/.recops-server.json`` so another process can find and stop it.
+
+A start succeeds only when the process it started is ready and itself holds every port it reports (its listening
+sockets, read from ``/proc``), so a port taken by another server is an error, never that server's URL. A server
+dies with the process that started it (the kernel's parent-death signal; its python-backend stubs notice their
+server is gone and exit) unless ``ServerConfig.detach`` is set, as ``recops serve start`` does: that one is a
+daemon, stopped with ``recops serve stop``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
+import functools
 import importlib.util
 import json
 import os
@@ -27,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recops.errors import RecopsError
-from recops.files import write_json_atomic
+from recops.files import remove_stale, write_json_atomic
+from recops.processes import die_with_parent
 from recops.serving.errors import ServingError
 from recops.settings import settings
 
@@ -35,9 +44,14 @@ STATE_FILE = ".recops-server.json"
 LOG_FILE = ".recops-server.log"
 
 
+PROTOCOLS = ("http", "grpc", "metrics")
+
+
 @dataclass
 class ServerConfig:
-    """How to run one server; a port of 0 means 'pick a free one'."""
+    """How to run one server; a port of 0 means 'pick a free one'. ``detach`` False: the server is killed when the
+    thread that started it ends (Linux parent-death signal; start it from the main thread of a long-lived process);
+    True: it runs on as a daemon until stopped."""
 
     repo: Path = field(default_factory=lambda: settings().model_repository)
     host: str = "127.0.0.1"
@@ -49,6 +63,7 @@ class ServerConfig:
     exit_timeout_s: int = 5
     load_models: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    detach: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,9 +113,10 @@ class TritonInstall:
                 "use a Python version the nvidia-pytriton wheel supports (3.8-3.13)"
             )
         target = self.backends / "python" / stub.name
+        remove_stale(target.parent)  # the copies of launchers killed mid-copy
         if target.is_file() and filecmp.cmp(stub, target, shallow=False):
             return
-        tmp = target.with_name(f".{stub.name}.{os.getpid()}")
+        tmp = target.with_name(f".{stub.name}.tmp-{os.getpid()}-copy")  # a name remove_stale knows
         try:
             shutil.copyfile(stub, tmp)
             os.chmod(tmp, 0o755)
@@ -129,6 +145,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 def http_address(url: str) -> str:
     """'host:port' from 'http://host:port', 'grpc://host:port' or 'host:port' (tritonclient's form)."""
     return url.split("://", 1)[-1].rstrip("/")
+
+
+def listening_ports(pid: int | None = None) -> set[int]:
+    """TCP ports in LISTEN state on this host's network namespace; with ``pid``, only the sockets that process holds."""
+    inodes = None
+    if pid is not None:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and (inodes is None or fields[9] in inodes):  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def _process_alive(pid: int) -> bool:
@@ -264,6 +300,7 @@ class TritonServer:
         install.prepare()
         cfg, host = self.config, self.config.host
         ports = tuple(p or free_port(host) for p in (cfg.http_port, cfg.grpc_port, cfg.metrics_port))
+        self._check_free(ports)
         self.http_url, self.grpc_url = f"http://{host}:{ports[0]}", f"grpc://{host}:{ports[1]}"
         self.metrics_url = f"http://{host}:{ports[2]}/metrics"
         with open(self.log_file, "wb") as log:
@@ -274,24 +311,45 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 env=install.env(),
                 start_new_session=True,
+                preexec_fn=None if cfg.detach else functools.partial(die_with_parent, os.getpid()),
             )
         self.pid = self._proc.pid
-        self._wait_ready()
+        self._wait_ready(ports)
         write_json_atomic(self.repo / STATE_FILE, asdict(self.state()))
         return self
 
-    def _wait_ready(self) -> None:
+    @staticmethod
+    def _check_free(ports: tuple[int, ...]) -> None:
+        """RecopsError naming the first of ``ports`` (http, grpc, metrics) some process listens on."""
+        taken = listening_ports()
+        for protocol, port in zip(PROTOCOLS, ports):
+            if port in taken:
+                raise RecopsError(
+                    f"port {port} ({protocol}) is already in use by another process; pass a free --{protocol}-port "
+                    "or 0 (the default: a free one)"
+                )
+
+    def _wait_ready(self, ports: tuple[int, ...]) -> None:
+        """Until the started process answers ready and holds every port itself; stop it and raise otherwise."""
+
         def exited() -> bool:
             return self._proc.poll() is not None
 
-        if _wait(lambda: exited() or self.is_ready(), self.config.startup_timeout_s, 0.1) and not exited():
+        def serving() -> bool:
+            return set(ports) <= listening_ports(self.pid) and self.is_ready()
+
+        if _wait(lambda: exited() or serving(), self.config.startup_timeout_s, 0.1) and not exited():
             return
         reason = (
             f"exited with code {self._proc.returncode}"
             if exited()
-            else f"not ready after {self.config.startup_timeout_s:.0f} s"
+            else f"not ready on its own ports {list(ports)} after {self.config.startup_timeout_s:.0f} s"
         )
         self.stop()
+        try:
+            self._check_free(ports)
+        except RecopsError as taken:
+            reason = f"{reason}: {taken}"
         raise RecopsError(f"Triton server for {self.repo} {reason}; log {self.log_file} ends with:\n{self.log_tail()}")
 
     def stop(self) -> None:

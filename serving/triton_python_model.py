@@ -3,7 +3,8 @@
 The repository writer copies this file as ``<model>/<version>/model.py`` for the cpu target. It is
 generic: input and output names come from the ONNX graph and config.pbtxt. Requests that Triton's
 dynamic batcher hands over together are concatenated into one onnxruntime run; if that run fails,
-each request is run alone so an error is reported on the request that caused it.
+each request is run alone so an error is reported on the request that caused it. A request whose floating-point
+outputs are not all finite gets an error, never scores with a 200 (a NaN score is a broken model, not an answer).
 The parameter ``intra_op_threads`` in config.pbtxt sets onnxruntime's thread count.
 """
 
@@ -53,6 +54,11 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {exc}"))
 
     def _response(self, outputs):
+        for name, value in zip(self.output_names, outputs):
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                bad = int((~np.isfinite(value)).sum())
+                message = f"model returned {bad} non-finite (NaN/inf) values of {value.size} in output {name!r}"
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.output_names, outputs)]
         )

@@ -3,11 +3,15 @@ every failure a ServingError with the server's message, and the python model's b
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import tritonclient.http as httpclient
@@ -161,3 +165,64 @@ def test_features_map_to_the_export_input_names():
     np.testing.assert_array_equal(inputs["mask_tags"], [[True, True, False], [False, False, False]])
     with pytest.raises(ServingError, match="protocol 'rest' is unknown"):
         Predictor("127.0.0.1:1", TINY, protocol="rest")
+
+
+def _nan_bias_copy(tiny_onnx, path) -> str:
+    """The tiny model with a NaN output bias: every score it makes is NaN."""
+    model = onnx.load(str(tiny_onnx))
+    bias = next(t for t in model.graph.initializer if t.name == "top.bias")
+    bias.CopyFrom(onnx.numpy_helper.from_array(np.full(tuple(bias.dims), np.nan, np.float32), bias.name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_non_finite_scores_never_come_back_with_http_200(server, triton_repo, tiny_onnx, tmp_path):
+    """The served python model answers a request whose scores are not finite with an error: a raw HTTP request
+    gets no 200, the client raises, and in a dynamic batch only the offending request fails."""
+    nan_model = _nan_bias_copy(tiny_onnx, tmp_path / "nan" / "model.onnx")
+    triton_repo.add_version("tiny_nan", nan_model, options=ServingOptions(warmup=()))  # warm-up would fail the load
+    server.load("tiny_nan")
+    inputs = tiny_inputs(2)
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": name, "shape": list(a.shape), "datatype": dtype, "data": a.ravel().tolist()}
+                for (name, a), dtype in zip(inputs.items(), ("FP32", "INT64"))
+            ]
+        }
+    ).encode()
+    request = urllib.request.Request(f"{server.http_url}/v2/models/tiny_nan/infer", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code != 200 and "non-finite" in answer.value.read().decode()
+    for protocol in ("http", "grpc"):
+        with pytest.raises(ServingError, match="non-finite"):
+            Predictor(url_for(server, protocol), "tiny_nan", protocol=protocol).predict(inputs)
+
+    rows = [{k: v[i : i + 1] for k, v in tiny_inputs(4).items()} for i in range(4)]
+    rows[1] = {"dense": np.full((1, 13), np.nan, np.float32), "sparse": rows[1]["sparse"]}  # tiny has no input guard
+    results = _one_row_each(server.http_url, rows)
+    assert isinstance(results[1], ServingError) and "non-finite" in str(results[1])
+    assert all(np.isfinite(results[i]).all() for i in (0, 2, 3))
+
+
+def test_the_client_refuses_non_finite_scores_a_server_sends(server, triton_repo, tmp_path):
+    """A hand-written python model that answers NaN with a 200 (as a GPU target's onnxruntime backend would): the
+    client raises instead of passing the NaN on."""
+    folder = triton_repo.model_dir("raw_nan")
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(
+        'name: "raw_nan"\nbackend: "python"\nmax_batch_size: 8\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    (folder / "1" / "model.py").write_text(
+        "import numpy as np\nimport triton_python_backend_utils as pb\n\n\nclass TritonPythonModel:\n"
+        "    def execute(self, requests):\n"
+        "        return [pb.InferenceResponse([pb.Tensor('y', np.full((len(pb.get_input_tensor_by_name(r, 'x')"
+        ".as_numpy()), 1), np.nan, np.float32))]) for r in requests]\n"
+    )
+    server.load("raw_nan")
+    with pytest.raises(ServingError, match=r"model 'raw_nan' version 1 .*output 'y'.* 2 non-finite"):
+        Predictor(server.http_url, "raw_nan").predict({"x": np.ones((2, 1), np.float32)})

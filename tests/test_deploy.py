@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +25,7 @@ from recops.serving.repository import ModelRepository
 from recops.serving.server import TritonServer
 from recops.training.preprocess import Preprocessor
 from recops.training.readers import read_frame
-from tests.conftest import recops
+from tests.conftest import ROOT, recops
 from tests.model_fixtures import trained_checkpoint
 from tests.triton_fixtures import running_server
 
@@ -180,7 +182,7 @@ def test_rollback_drops_a_canary_then_restores_the_previous_production(deployer,
 
     assert deployer.deploy(candidate).production == candidate
     restored = deployer.rollback()
-    assert (restored.production, restored.previous) == (old, candidate)
+    assert (restored.production, restored.previous) == (old, None)  # nothing left to roll back to
     assert_production_answers(server, repo)
 
 
@@ -213,7 +215,8 @@ def test_unreadable_onnx_is_refused_and_production_keeps_serving(deployer, serve
 
 
 def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tmp_path):
-    """External weights truncated: the graph reads fine, onnxruntime in the server cannot load it."""
+    """External weights truncated: the graph reads fine, onnxruntime cannot load it; refused before the server ever
+    loads it (a failed load whose client died can crash Triton 2.51)."""
     before = deployer.state().production
     source = repo.model_dir(NAME) / "1"
     exported = export_onnx_like(source, tmp_path / "export")
@@ -224,15 +227,15 @@ def test_version_that_fails_to_load_is_rolled_back(deployer, server, repo, tmp_p
     assert f"specific: {{ versions: [{before}] }}" in config  # adding a version did not change what is served
     data = repo.model_dir(NAME) / str(version) / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(DeployError, match=f"version {version} refused and rolled back: load '{NAME}'"):
+    with pytest.raises(DeployError, match=f"version {version} refused and rolled back: .*ONNX Runtime cannot run"):
         deployer.deploy(version, canary=0.5)
     assert deployer.state().production == before and deployer.state().canary is None
+    assert not [m for m in server.models() if m.get("version") == str(version)], "the server never saw it"
     assert_production_answers(server, repo)
 
 
-def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, repo):
-    """A version directory written by hand (no export, no gate) whose final bias is NaN."""
-    before = deployer.state().production
+def nan_version(repo: ModelRepository) -> int:
+    """A version directory written by hand (no export, no gate): a copy of version 1 whose final bias is NaN."""
     version, folder = _hand_written_version(repo, 1)
     model = onnx.load(str(folder / "model.onnx"))
     bias = max(
@@ -241,6 +244,12 @@ def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, r
     )
     bias.CopyFrom(onnx.numpy_helper.from_array(np.full(tuple(bias.dims), np.nan, np.float32), bias.name))
     onnx.save(model, str(folder / "model.onnx"))
+    return version
+
+
+def test_nan_scores_are_refused_and_production_keeps_serving(deployer, server, repo):
+    before = deployer.state().production
+    version = nan_version(repo)
     with pytest.raises(DeployError, match=f"version {version} refused and rolled back: .*non-finite"):
         deployer.deploy(version)
     assert deployer.state().production == before
@@ -258,3 +267,100 @@ def test_deploy_command(deployer, server, repo):
     assert_production_answers(server, repo)
     missing = recops("deploy", "--version", "99", *common, check=False)
     assert missing.returncode == 2 and "has no version 99" in missing.stderr
+
+
+def served_versions_of(server: TritonServer, version: int) -> list[dict]:
+    """Every model entry (any name: the deployed one or a staging one) of ``version`` the server loads or holds."""
+    return [m for m in server.models() if m.get("version") == str(version) and m.get("state") in ("LOADING", "READY")]
+
+
+def test_a_killed_deploy_never_leaves_an_unchecked_version_reachable(deployer, server, repo, synth_dir, tmp_path):
+    """`recops deploy` of a new version is SIGKILLed the moment the server holds that version (in any form: it is
+    unchecked then); meanwhile a client asks the model name (no version) all the time. No answer may come from the
+    unchecked version, and the next command (`recops predict`) recovers the deployment: production serving alone,
+    finite scores."""
+    before = deployer.state().production
+    version, _ = _hand_written_version(repo, before)
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("".join((synth_dir / "data.tsv").read_text().splitlines(keepends=True)[:20]))
+    common = ["--name", NAME, "--repo", str(repo.root), "--url", server.http_url, "--json"]
+    answered, stop = Counter(), threading.Event()
+
+    def client() -> None:
+        inputs = probe(repo, before, 4)
+        with Predictor(server.http_url, NAME, timeout_s=30) as predictor:
+            while not stop.is_set():
+                try:
+                    result = predictor.predict(inputs)
+                    answered[(result.model_versions[0], bool(np.isfinite(result.outputs["probability"]).all()))] += 1
+                except Exception:  # noqa: BLE001 - an error is not an answer; only answers are counted
+                    answered["error"] += 1
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "recops.cli", "deploy", "--version", str(version), *common],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while deploy.poll() is None and time.monotonic() < deadline and not served_versions_of(server, version):
+            time.sleep(0.02)
+        killed = deploy.poll() is None
+        deploy.kill()
+        deploy.wait(timeout=30)
+        time.sleep(1.0)  # requests keep coming after the kill
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert killed, "the deploy ended before the server ever held the new version"
+    assert not [k for k in answered if k != "error" and (k[0] == str(version) or not k[1])], answered
+
+    scored = json.loads(recops("predict", "--input", str(rows), *common).stdout.splitlines()[-1])
+    assert scored["versions"] == [str(before)] and np.isfinite(scored["predictions"]).all()
+    status = json.loads(recops("deploy", "--status", *common).stdout.splitlines()[-1])
+    assert (status["production_version"], status["canary_version"]) == (before, None)
+    assert read_deploy_state(repo, NAME).history[-1]["action"] == "recovered"
+    assert ready_versions(server) == [before] and not served_versions_of(server, version)
+    assert not list(repo.root.glob(".check-*")), "staging model left behind"
+    assert_production_answers(server, repo)
+
+
+def test_rollback_is_idempotent(deployer, server, repo):
+    """A second rollback does not bring back the version the first one rolled back (canary or production)."""
+    old = deployer.state().production
+    candidate = next(v for v in (1, 2, 3) if v != old)
+    assert deployer.deploy(candidate).production == candidate
+    assert deployer.rollback().production == old
+    with pytest.raises(DeployError, match="nothing to roll back"):
+        deployer.rollback()
+    assert deployer.deploy(candidate, canary=0.3).canary == candidate
+    assert deployer.rollback().canary is None
+    with pytest.raises(DeployError, match="nothing to roll back"):
+        deployer.rollback()
+    state = deployer.state()
+    assert (state.production, state.canary) == (old, None)
+    assert_production_answers(server, repo)
+
+
+def test_out_of_range_ids_and_non_finite_dense_values_are_guarded_alike(deployer, server, repo):
+    """Negative and too-large ids score as the reserved id 0 and NaN/inf dense values as 0 (what preprocessing makes
+    of a missing value), identically on Triton's python-backend model (HTTP and gRPC clients) and in-process ONNX
+    Runtime: the guard is inside the exported graph."""
+    version = deployer.state().production
+    clean = probe(repo, version, 48, seed=5)
+    dirty = {name: array.copy() for name, array in clean.items()}
+    dirty["sparse"][0::3, 0], dirty["sparse"][1::3, 1] = -7, 10**12
+    dirty["dense"][0::4, 0], dirty["dense"][1::4, 3], dirty["dense"][2::4, 5] = np.nan, np.inf, -np.inf
+    missing = {name: array.copy() for name, array in clean.items()}
+    missing["sparse"][0::3, 0], missing["sparse"][1::3, 1] = 0, 0
+    missing["dense"][0::4, 0], missing["dense"][1::4, 3], missing["dense"][2::4, 5] = 0.0, 0.0, 0.0
+    expected = local_scores(repo, version, missing)
+    assert np.abs(local_scores(repo, version, dirty) - expected).max() <= 1e-6
+    for url, protocol in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+        with Predictor(url, NAME, protocol=protocol) as predictor:
+            served = predictor.predict_arrays(dirty, model_version=version)
+        assert np.isfinite(served).all() and np.abs(served - expected).max() <= 1e-5

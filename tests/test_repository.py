@@ -5,6 +5,9 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +28,8 @@ from recops.serving.repository import (
 )
 from tests.triton_fixtures import TINY_OPTIONS, onnx_outputs, parsed, tiny_inputs, tiny_onnx  # noqa: F401 (fixture)
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "serving" / "triton_python_model.py"
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "serving" / "triton_python_model.py"
 
 
 def fixed_shape_onnx(path: Path) -> Path:
@@ -221,3 +225,21 @@ def test_later_versions_keep_the_model_settings(tmp_path, tiny_onnx):
     assert (tmp_path / "m" / "config.pbtxt").read_text() == first
     assert repo.settings("m") == ("gpu", options)
     assert repo.settings("new_model") == ("cpu", ServingOptions())
+
+
+def test_a_version_cut_short_by_a_kill_is_collected_by_the_next_write(tmp_path, tiny_onnx):
+    """A writer SIGKILLed just before it renames its assembled version into place (an audit hook on os.rename
+    delivers the kill) leaves a staging directory; the next add_version removes it, and the half-made version was
+    never a version."""
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add_version("m", tiny_onnx)
+    script = (
+        "import os, signal, sys; from recops.serving.repository import ModelRepository; "
+        "sys.addaudithook(lambda event, args: event == 'os.rename' and os.kill(os.getpid(), signal.SIGKILL)); "
+        f"ModelRepository({str(repo.root)!r}).add_version('m', {str(tiny_onnx)!r})"
+    )
+    died = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert hidden_entries(repo.model_dir("m")) != [] and repo.versions("m") == [1]
+    assert repo.add_version("m", tiny_onnx) == 2
+    assert hidden_entries(repo.model_dir("m")) == [], "the dead writer's staging directory is collected"

@@ -27,7 +27,7 @@ from recops.training.dataset import ingest
 from recops.training.spec import PreprocessConfig
 from recops.training.sweep_config import SweepConfig, load_sweep_config
 from recops.training.synth import SynthConfig, write
-from tests.ray_fixtures import RAY_ENV, assert_no_ray_left, ray_env  # noqa: F401 (a fixture)
+from tests.ray_fixtures import RAY_ENV, assert_no_ray_left, ray_env, ray_processes  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"embedding_dim": 8, "dense_arch": [16], "over_arch": [16]}
@@ -316,3 +316,42 @@ def test_warm_start_adopts_the_parent_and_seeds_its_weights(tmp_path: Path, data
     assert seeded.warm_start_from == str(parent.resolve()) and seeded.dataset.version == Path(dataset).name
     scratch = fit(dataset, model, replace(train, epochs=1, threads=1), tmp_path / "scratch")
     assert result.val_auc > scratch.val_auc, "the warm start carried the parent's weights"
+
+
+def own_ray_tmp(driver: int) -> Path | None:
+    """The Ray temp directory a sweep driver made for its local Ray (``<tmp>/.ray.tmp-<pid>-*``), once it exists."""
+    found = list(Path(tempfile.gettempdir()).glob(f".ray.tmp-{driver}-*"))
+    return found[0] if found else None
+
+
+def test_a_killed_sweep_driver_takes_its_local_ray_with_it(tmp_path: Path, dataset: Path) -> None:
+    """SIGKILL `recops sweep` while its trial trains: no process of its local Ray (GCS, raylet, agents, workers) is
+    left 10 s later, and the next sweep removes the killed one's Ray temp directory before starting its own."""
+    env = {**RAY_ENV, "RAY_TMPDIR": ""}  # empty: the sweep makes (and owns) its Ray temp directory
+    config = sweep_yaml(tmp_path / "s.yaml", dataset, epochs=50)
+    sweep = cli("--config", str(config), "--no-register", "--json", env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "sweeps").glob("*/trials/*/work/events.jsonl")) and time.monotonic() < deadline:
+            assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+            time.sleep(0.2)
+        ray_tmp = own_ray_tmp(sweep.pid)
+        assert ray_tmp is not None and len(ray_processes(ray_tmp)) >= 4, "GCS, raylet and workers run"
+    finally:
+        sweep.kill()
+        sweep.communicate()
+    deadline = time.monotonic() + 10
+    while ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_processes(ray_tmp) == [], "Ray processes outlived the killed sweep"
+
+    second = cli("--config", str(config), "--no-register", "--json", env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while own_ray_tmp(second.pid) is None and time.monotonic() < deadline and second.poll() is None:
+            time.sleep(0.1)
+        assert not ray_tmp.exists(), "the killed sweep's Ray temp directory is collected by the next sweep"
+    finally:
+        second.kill()
+        second.communicate()
+    assert_no_ray_left(own_ray_tmp(second.pid))

@@ -6,6 +6,9 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.runtime_forwards import PipelinedForward
 
 from recops.errors import RecopsError
+from recops.processes import descendants
 from recops.training.checkpoint import Checkpoint
 from recops.training.config import ModelConfig, TrainConfig
 from recops.training.dataset import Dataset, ingest
@@ -26,7 +30,7 @@ from recops.training.model import in_key_order
 from recops.training.spec import ColumnSpec, PreprocessConfig
 from recops.training.synth import SynthConfig, write
 from recops.training.train import build_model, fit, train_all
-from tests.conftest import recops
+from tests.conftest import ROOT, recops
 
 FAST = TrainConfig(epochs=2, batch_size=1024, threads=1)
 SHARDED = TrainConfig(epochs=3, batch_size=1024, threads=1)
@@ -294,3 +298,49 @@ def test_cli_train_json_contract(tiny_dataset, tmp_path):
     assert 0.5 < result["auc"] <= 1 and result["samples_per_s"] > 0
     bad = recops("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--json", check=False)
     assert bad.returncode == 2 and "no manifest.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_killed_two_process_run_leaves_no_rank_and_writes_nothing_after(tiny_dataset, tmp_path):
+    """`recops train --nproc 2` SIGKILLed after its first checkpoint: no rank (or helper) survives, and nothing in
+    --out changes afterwards."""
+    out = tmp_path / "run"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "recops.cli", "train", "--data", str(tiny_dataset.path), "--out", str(out)]
+        + ["--epochs", "50", "--patience", "50", "--nproc", "2", "--batch-size", "512"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "latest").is_dir() and time.monotonic() < deadline:
+            assert train.poll() is None, "training ended before its first checkpoint"
+            time.sleep(0.2)
+        family = descendants(train.pid)
+        assert len(family) >= 2, "two ranks run"
+    finally:
+        train.kill()
+        train.wait()
+    deadline = time.monotonic() + 10
+    while _living(family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _living(family) == [], "a rank outlived its killed command"
+    before = _snapshot(out)
+    time.sleep(3)
+    assert _snapshot(out) == before, "a rank kept writing after its command was killed"
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def _living(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run (zombies do not)."""
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except OSError:
+            continue
+    return alive

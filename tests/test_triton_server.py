@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from recops.errors import RecopsError
 from recops.serving.client import Predictor
 from recops.serving.errors import ServingError
 from recops.serving.repository import ModelRepository, ServingOptions, VersionPolicy
-from recops.serving.server import STATE_FILE, ServerConfig, TritonServer, free_port, read_state
+from recops.serving.server import STATE_FILE, ServerConfig, TritonServer, free_port, read_state, triton_processes
 from recops.training.preprocess import Preprocessor
 from recops.training.spec import CRITEO_DENSE, CRITEO_SPARSE, ColumnSpec, PreprocessConfig
 from tests.triton_fixtures import (  # noqa: F401
@@ -180,3 +181,112 @@ def test_cli_start_status_predict_stop(tmp_path, tiny_onnx):
     assert stopped["pid"] == started["pid"]
     assert processes_mentioning(str(repo.root)) == []
     assert _recops("serve", "status", "--repo", str(repo.root))["running"] is False
+
+
+@pytest.mark.parametrize("taken", ["http", "grpc", "metrics"])
+def test_serve_start_fails_when_a_port_belongs_to_another_server(taken, triton_server, tmp_path):
+    """The port asked for is served by another Triton: start fails (exit 2, the server's message), reports no URL
+    of the other server, and leaves no process and no state file."""
+    url = {"http": triton_server.http_url, "grpc": triton_server.grpc_url, "metrics": triton_server.metrics_url}
+    port = url[taken].split("://", 1)[1].split("/")[0].rsplit(":", 1)[1]
+    repo = tmp_path / "repo"
+    done = subprocess.run(
+        [sys.executable, "-m", "recops.cli", "serve", "start", "--repo", str(repo), f"--{taken}-port", port, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout
+    assert f"port {port}" in done.stderr and "in use" in done.stderr, done.stderr
+    assert processes_mentioning(str(repo)) == [] and read_state(repo) is None
+    assert triton_server.is_ready()
+
+
+def test_serve_stop_without_a_server_is_a_clean_no_op(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / STATE_FILE).write_text(json.dumps(_dead_state(repo)))
+    stopped = _recops("serve", "stop", "--repo", str(repo))
+    assert stopped["stopped"] is False and "nothing was running" in stopped["message"]
+    assert not (repo / STATE_FILE).exists(), "the stale state file of a dead server is removed"
+    assert _recops("serve", "stop", "--repo", str(tmp_path / "never-used"))["stopped"] is False
+
+
+def _dead_state(repo: Path) -> dict:
+    """The state file of a server whose process is gone (a pid that no longer runs)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    url = f"http://127.0.0.1:{free_port()}"
+    return {"pid": pid, "http_url": url, "grpc_url": url, "metrics_url": url, "repo": str(repo), "log_file": ""}
+
+
+def test_a_server_dies_with_the_process_that_started_it(tmp_path, tiny_onnx):
+    """A server started by a process that is not a daemon (`TritonServer(...).start()`) and its python-backend stubs
+    do not outlive that process when it is SIGKILLed (no chance to stop them)."""
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add_version("m", tiny_onnx)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from recops.serving.server import ServerConfig, TritonServer; "
+            f"s = TritonServer(ServerConfig(repo={str(repo.root)!r}, load_models=('m',))).start(); "
+            "print(s.pid, flush=True); time.sleep(300)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(launcher.stdout.readline())
+        assert len(triton_processes(pid)) == 2, "the server and the model's stub run"
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 20
+    while triton_processes(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert triton_processes(pid) == [] and processes_mentioning(str(repo.root)) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("deploy", "--name", "{bad}", "--version", "1", "--url", "{url}"),
+        ("deploy", "--name", "{bad}", "--status"),
+        ("serve", "load", "{bad}", "--url", "{url}"),
+        ("serve", "start", "--load", "{bad}"),
+        ("predict", "--name", "{bad}", "--input", "{rows}", "--preprocess", "{rows}", "--url", "{url}"),
+    ],
+)
+def test_bad_model_names_are_refused_before_any_work(command, triton_server, tmp_path):
+    (tmp_path / "rows.tsv").write_text("")
+    values = {"bad": "../escape", "url": triton_server.http_url, "rows": str(tmp_path / "rows.tsv")}
+    args = [part.format(**values) for part in command]
+    done = subprocess.run(
+        [sys.executable, "-m", "recops.cli", *args, "--repo", str(tmp_path / "repo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "model name '../escape' is invalid" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "repo").exists()
+
+
+def test_predict_a_version_the_repository_lacks_is_a_clear_error(triton_server, triton_repo, tmp_path):
+    _criteo_rows(tmp_path / "rows.tsv", 3)
+    common = ["--name", TINY, "--input", str(tmp_path / "rows.tsv"), "--url", triton_server.http_url]
+    preprocessor = Preprocessor(ColumnSpec.criteo(), PreprocessConfig(table_size=TABLE_SIZE))
+    (tmp_path / "preprocess.json").write_text(json.dumps(preprocessor.to_dict()))
+    for source in (["--repo", str(triton_repo.root)], ["--preprocess", str(tmp_path / "preprocess.json")]):
+        done = subprocess.run(
+            [sys.executable, "-m", "recops.cli", "predict", *common, "--version", "99", *source],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"model '{TINY}' has no version 99" in done.stderr, done.stderr

@@ -18,8 +18,6 @@ import contextlib
 import math
 import os
 import resource
-import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from recops.errors import RecopsError
+from recops.training.ray_runtime import ray_session
 
 ENGINES = ("local", "ray")
 RANGE_BYTES = 256 << 20  # ray: plain text files are read in line-aligned ranges of about this size
 BLOCK_BYTES = 16 << 20  # the reader's block: what one output holds and what memory per worker scales with
-LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # setdefault'ed; users override them
 
 
 @dataclass(frozen=True)
@@ -195,39 +193,3 @@ def _capacity(config: EngineConfig) -> int:
     if cpus < (config.workers or 1):
         raise RecopsError(f"--workers {config.workers or 1}: {where} has {cpus} CPUs; pass --workers {max(cpus, 1)}")
     return config.workers or cpus
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None, cpus: int | None = None) -> Iterator[None]:
-    """Attach to the Ray cluster at ``address``, or start a local Ray of ``cpus`` CPUs (default: the machine's);
-    always shut it down (a local Ray's temp dir, unless the user set RAY_TMPDIR, is removed)."""
-    import ray
-
-    if ray.is_initialized():
-        raise RecopsError("a Ray session is already running in this process; run the command in a fresh process")
-    made_tmp = None
-    if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        if "RAY_TMPDIR" not in os.environ:  # short (socket paths are limited) and ours to remove
-            made_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="recops-ray-")
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        else:
-            ray.init(
-                num_cpus=cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level="WARNING",
-            )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        ray.shutdown()
-        raise RecopsError(f"cannot {'attach to Ray at ' + address if address else 'start a local Ray'}: {exc}") from exc
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if made_tmp:
-            del os.environ["RAY_TMPDIR"]
-            shutil.rmtree(made_tmp, ignore_errors=True)

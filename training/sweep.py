@@ -31,10 +31,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -44,17 +42,17 @@ from typing import Any
 
 from recops.errors import RecopsError
 from recops.files import write_json_atomic
+from recops.training import ray_runtime
 from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
 from recops.training.environment import Environment, capture
+from recops.training.ray_runtime import ray_session
 from recops.training.sweep_config import SweepConfig, model_fields
 from recops.training.sweep_records import fmt_value, format_table, read_events
 from recops.training.sweep_trial import TrialPlan, run_trial
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
-LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
+LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray beside ray_runtime's; users override by exporting them
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one process less per trial; a local machine is not preempted
@@ -205,40 +203,13 @@ def ranking_table(result: SweepResult) -> str:
 
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[None]:
-    """Start a local Ray sized to this machine (or attach to ``address``) and always shut it down."""
+    """``ray_session`` for a sweep: Tune's driver settings, and a local Ray with one CPU beyond the machine's for the
+    trial drivers (TRIAL_DRIVER_CPU each: N 1-CPU trials fit N cores)."""
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
-    import ray
-
-    if ray.is_initialized():
-        raise RecopsError("a Ray session is already running in this process; run the sweep in a fresh process")
-    made_tmp = None
-    if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        if "RAY_TMPDIR" not in os.environ:  # short (socket paths are limited) and ours to remove
-            made_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="recops-ray-")
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        else:  # one CPU beyond the machine's for the trial drivers (TRIAL_DRIVER_CPU each): N 1-CPU trials fit N cores
-            ray.init(
-                num_cpus=(os.cpu_count() or 1) + 1,
-                include_dashboard=False,
-                object_store_memory=100 * 1024**2,
-                log_to_driver=False,
-                logging_level="WARNING",
-            )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        ray.shutdown()
-        raise RecopsError(f"cannot {'attach to Ray at ' + address if address else 'start a local Ray'}: {exc}") from exc
-    try:
+    cpus = (os.cpu_count() or 1) + 1
+    with ray_session(address, cpus, {**ray_runtime.LOCAL_RAY_ENV, **LOCAL_RAY_ENV}, object_store_bytes=100 << 20):
         yield
-    finally:
-        ray.shutdown()
-    if made_tmp:  # kept (with Ray's logs) when the sweep failed
-        del os.environ["RAY_TMPDIR"]
-        shutil.rmtree(made_tmp, ignore_errors=True)
 
 
 def _trial_resources(plan: TrialPlan) -> dict[str, float]:

@@ -9,6 +9,7 @@ so ``recops --help`` is fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
@@ -16,6 +17,8 @@ import sys
 from recops import __version__
 from recops.cli.common import emit
 from recops.errors import RecopsError
+
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-size limit, a quota
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"recops {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in FULL_DISK:
+            raise
+        print(
+            f"recops {args.command}: error: no room to write {exc.filename or 'a file'} ({exc.strerror}); free disk "
+            "space (or raise the file-size limit) and rerun: nothing half-written was kept",
+            file=sys.stderr,
+        )
+        return 2
     if result is not None:
         emit(result, getattr(args, "json", False))
     return 0

@@ -34,6 +34,18 @@ def model_repository(args: argparse.Namespace) -> Path:
     return args.repo or settings().model_repository
 
 
+def recover_deployment_of(repo: Path, name: str, url: str | None = None) -> None:
+    """Before a command uses model ``name``: bring a deployment of it that a crash cut short back to its last committed
+    state, on the server at ``url`` (HTTP) or else ``repo``'s recorded server (in the repository only when none runs).
+    A deployment in progress in a live process is left alone."""
+    from recops.serving.deploy import recover_deployment
+    from recops.serving.repository import ModelRepository
+    from recops.serving.server import read_state
+
+    recorded = read_state(repo) if url is None else None
+    recover_deployment(ModelRepository(repo), name, url or (recorded.http_url if recorded else None), wait=False)
+
+
 def add_model_source(parser: argparse.ArgumentParser) -> None:
     """The options naming the model that scores (``recops evaluate``, ``recops score``)."""
     source = parser.add_argument_group("model (choose one)")

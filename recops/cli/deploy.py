@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_repository
+from recops.cli.common import REGISTRY_HELP, REPO_HELP, add_json_flag, model_repository, recover_deployment_of
 from recops.errors import RecopsError
 from recops.serving.deploy import DeployConfig
 from recops.serving.repository import TARGETS
@@ -58,17 +58,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.ops.publish import record_deployment
-    from recops.ops.registry import LocalRegistry
-    from recops.serving.deploy import Deployer, read_deploy_state
-    from recops.serving.repository import ModelRepository
+    from recops.serving.deploy import Deployer, committed_state
+    from recops.serving.journal import Journal
+    from recops.serving.repository import ModelRepository, validate_model_name
     from recops.serving.server import TritonServer
 
     repo = ModelRepository(model_repository(args))
+    validate_model_name(args.name)
     if args.canary is not None and args.version is None:
         raise RecopsError("--canary F needs --version V (the version to run as a canary)")
     if args.status:
-        return {"name": args.name, **read_deploy_state(repo, args.name).summary()}
+        recover_deployment_of(repo.root, args.name, args.url)
+        in_flight = Journal(repo, args.name).read()
+        return {
+            "name": args.name,
+            **committed_state(repo, args.name).summary(),
+            "in_flight": in_flight.describe() if in_flight else None,
+        }
+    from recops.ops.publish import record_deployment  # imports torch: not for --status
+    from recops.ops.registry import LocalRegistry
+
     server = TritonServer.attach(args.url) if args.url else TritonServer.from_state(repo.root)
     deployer = Deployer(server, repo, args.name, DeployConfig(target=args.target, drain_s=args.drain))
     before = deployer.state()

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recops.cli.common import REPO_HELP, add_json_flag, model_repository
+from recops.cli.common import REPO_HELP, add_json_flag, model_repository, recover_deployment_of
 from recops.errors import RecopsError
 
 
@@ -82,14 +82,23 @@ def _url(args: argparse.Namespace, repo: Path) -> str:
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
     from recops.serving.client import Predictor, raw_predictor
-    from recops.serving.repository import ModelRepository
+    from recops.serving.repository import ModelRepository, validate_model_name
     from recops.training.readers import read_frame
 
     repo = model_repository(args)
+    validate_model_name(args.name)
+    url = _url(args, repo)
+    recover_deployment_of(repo, args.name, url if args.protocol == "http" else None)
     preprocessor = _preprocessor(args, repo)
     frame = read_frame(args.input, preprocessor.spec, require_label=False)
     options = {"protocol": args.protocol, "timeout_s": args.timeout, "batch_size": args.batch_size}
-    url = _url(args, repo)
+    if args.version is not None:
+        with Predictor(url, args.name, **options) as tensor_model:
+            if not tensor_model.is_ready(args.version):
+                raise RecopsError(
+                    f"model {args.name!r} has no version {args.version} ready on {url}; "
+                    "`recops serve status` lists the versions it serves"
+                )
     raw = None if args.preprocess else raw_predictor(url, ModelRepository(repo), args.name, **options)
     if raw is not None:
         with raw:

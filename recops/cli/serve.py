@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run a local Triton server over a model repository")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    start = actions.add_parser("start", help="start a detached server (127.0.0.1) and print its URLs and pid")
+    start = actions.add_parser(
+        "start", help="start a daemon server (127.0.0.1; it runs on after this command), print its URLs and pid"
+    )
     for proto in ("http", "grpc", "metrics"):
         start.add_argument(f"--{proto}-port", type=int, default=0, help=f"{proto} port (default: a free one)")
     start.add_argument(
@@ -27,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
     _common(start, start_server)
 
-    stop = actions.add_parser("stop", help="stop the server started for --repo, leaving no process behind")
+    stop = actions.add_parser(
+        "stop", help="stop the server started for --repo, leaving no process behind (none running: a no-op)"
+    )
     _common(stop, stop_server)
 
     status = actions.add_parser("status", help="URLs, readiness and model states")
@@ -58,10 +62,18 @@ def _server(args: argparse.Namespace):
 
 
 def start_server(args: argparse.Namespace) -> dict[str, Any]:
+    """A daemon server (it outlives this command; `serve stop` ends it), after recovering any deployment of the
+    repository that a crash cut short."""
     from dataclasses import asdict
 
-    from recops.serving.server import ServerConfig, TritonServer
+    from recops.serving.deploy import recover_repository
+    from recops.serving.repository import ModelRepository, validate_model_name
+    from recops.serving.server import ServerConfig, TritonServer, read_state
 
+    for name in args.load:
+        validate_model_name(name)
+    running = read_state(_repo(args))
+    recover_repository(ModelRepository(_repo(args)), running.http_url if running else None)
     config = ServerConfig(
         repo=_repo(args),
         http_port=args.http_port,
@@ -69,14 +81,20 @@ def start_server(args: argparse.Namespace) -> dict[str, Any]:
         metrics_port=args.metrics_port,
         startup_timeout_s=args.timeout,
         load_models=tuple(args.load),
+        detach=True,
     )
     return asdict(TritonServer(config).start().state())
 
 
 def stop_server(args: argparse.Namespace) -> dict[str, Any]:
-    from recops.serving.server import TritonServer
+    """Stop --repo's server; without one (or only the state file of a dead one) a no-op that says so."""
+    from recops.serving.server import STATE_FILE, TritonServer, read_state
 
-    server = TritonServer.from_state(_repo(args))
+    repo = _repo(args).resolve()
+    if read_state(repo) is None:
+        (repo / STATE_FILE).unlink(missing_ok=True)
+        return {"stopped": False, "repo": str(repo), "message": f"nothing was running for {repo}"}
+    server = TritonServer.from_state(repo)
     pid = server.pid
     server.stop()
     return {"stopped": True, "pid": pid, "repo": str(server.repo)}
@@ -91,6 +109,9 @@ def server_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def control_model(args: argparse.Namespace) -> dict[str, Any]:
+    from recops.serving.repository import validate_model_name
+
+    validate_model_name(args.name)
     server = _server(args)
     getattr(server, args.action)(args.name)
     return {"model": args.name, "action": args.action, "models": server.models()}
