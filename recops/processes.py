@@ -2,8 +2,9 @@
 
 Direct children ask the kernel for a parent-death signal (:func:`die_with_parent`). Process trees this process does
 not start itself (a local Ray cluster: GCS, raylet, agents, workers) are tagged instead: :func:`reaped` marks every
-process started inside it through an inherited environment variable, and a watchdog process SIGKILLs every marked
-process once this one ends, normally or killed.
+process started inside it through an inherited environment variable, and a watchdog process, which also notes the
+process trees of the children started inside it, SIGKILLs every marked or noted process once this one ends, normally
+or killed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -36,20 +38,33 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
         os._exit(1)
 
 
-def descendants(pid: int) -> list[int]:
-    """Live (not zombie) descendants of ``pid``: its children, their children, and so on."""
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[int, str]]:
+    """Every live (not zombie) process: pid -> (parent pid, start time in clock ticks since boot)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                 if fields[0] != "Z":
-                    children.setdefault(int(fields[1]), []).append(int(proc.name))
-    found, todo = [], list(children.get(pid, []))
+                    found[int(proc.name)] = (int(fields[1]), fields[19])
+    return found
+
+
+def _tree(roots: list[int], table: dict[int, tuple[int, str]]) -> list[int]:
+    """``roots`` and all their descendants in ``table``."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], list(roots)
     while todo:
         found.append(todo.pop())
         todo += children.get(found[-1], [])
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Live (not zombie) descendants of ``pid``: its children, their children, and so on."""
+    return _tree([pid], _processes())[1:]
 
 
 def marked(token: str, variable: str = REAP_ENV) -> list[int]:
@@ -64,10 +79,16 @@ def marked(token: str, variable: str = REAP_ENV) -> list[int]:
     return found
 
 
-def reap(token: str, timeout_s: float = 10.0) -> None:
-    """SIGKILL every process marked with ``token`` until none is left (or ``timeout_s`` passed)."""
+def reap(token: str, known: dict[int, str] | None = None, timeout_s: float = 10.0) -> None:
+    """SIGKILL every process marked with ``token``, and every one of ``known`` (pid -> start time) still alive with
+    the same start time, until none is left (or ``timeout_s`` passed)."""
+    known = known or {}
     deadline = time.monotonic() + timeout_s
-    while (left := marked(token)) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        table = _processes()
+        left = set(marked(token)) | {pid for pid, start in known.items() if table.get(pid, (0, ""))[1] == start}
+        if not left:
+            return
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -80,8 +101,9 @@ def reaped(timeout_s: float = 30.0) -> Iterator[str]:
     when the block ends, or this process dies in it, a watchdog SIGKILLs whichever of them is still alive. Yields the
     token. ``timeout_s``: how long the block's end waits for the watchdog."""
     token = f"{os.getpid()}-{secrets.token_hex(6)}"
+    before = [pid for pid, (parent, _) in _processes().items() if parent == os.getpid()]  # e.g. a server
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", "recops.processes", token],
+        [sys.executable, "-m", "recops.processes", token, str(os.getpid()), *map(str, before)],
         stdin=subprocess.PIPE,
         start_new_session=True,  # a Ctrl-C to the terminal's group reaches the command, not its watchdog
     )
@@ -94,11 +116,17 @@ def reaped(timeout_s: float = 30.0) -> Iterator[str]:
         watchdog.wait(timeout=timeout_s)
 
 
-def _watch(token: str) -> None:
-    """The watchdog: wait until the marking process closes the pipe (it ended or died), then reap its marks."""
-    sys.stdin.buffer.read()
-    reap(token)
+def _watch(token: str, owner: int, before: set[int], every_s: float = 0.5) -> None:
+    """The watchdog: until ``owner`` closes the pipe (it ended or died), note the process trees of its children not
+    in ``before`` (a process that rewrites its environment, e.g. to set its title, may no longer show the mark); then
+    reap the marked and the noted processes."""
+    known: dict[int, str] = {}
+    while not select.select([sys.stdin], [], [], every_s)[0]:  # readable only at end of file: nothing is written
+        table = _processes()
+        roots = [pid for pid, (parent, _) in table.items() if parent == owner and pid not in before | {os.getpid()}]
+        known.update({pid: table[pid][1] for pid in _tree(roots, table) if pid in table})
+    reap(token, known)
 
 
 if __name__ == "__main__":
-    _watch(sys.argv[1])
+    _watch(sys.argv[1], int(sys.argv[2]), {int(pid) for pid in sys.argv[3:]})

@@ -97,6 +97,14 @@ def test_two_process_gloo_run_follows_the_single_process_trend_and_resumes_in_on
     assert more.auc >= 0.95 * summary["oracle_auc"]
 
 
+def test_a_failing_rank_is_one_clear_error_naming_the_rank_and_its_log(quality_data, tmp_path):
+    ds, _, _ = quality_data
+    expected = r"rank [01] of the run failed \(.*is not a complete checkpoint.*rank-[01]\.log"
+    with pytest.raises(RecopsError, match=expected) as err:
+        fit(ds.path, ModelConfig(), FAST, tmp_path / "run", nproc=2, warm_start=tmp_path / "missing")
+    assert "\n" not in str(err.value) and all((tmp_path / "run" / "logs" / f"rank-{r}.log").is_file() for r in (0, 1))
+
+
 def test_optimizer_state_and_weights_reshard_from_two_ranks_into_one(sharded_run):
     """The sharded load lands every rank-0 and rank-1 shard of a 2-rank checkpoint in a 1-rank model."""
     ckpt = Checkpoint.open(sharded_run[0].checkpoint)

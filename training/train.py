@@ -9,6 +9,7 @@ Train calls it too).
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -375,15 +376,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, world: int, port: int, parent: int, args: tuple) -> None:
+def _spawned(rank: int, world: int, port: int, parent: int, args: tuple, logs: str) -> None:
     die_with_parent(parent)  # a killed `recops train` takes its ranks with it
+    log = open(Path(logs) / f"rank-{rank}.log", "ab", buffering=0)  # noqa: SIM115 - fd 2 of this process from now on
+    os.dup2(log.fileno(), 2)  # the rank's warnings, errors and C++ aborts; faulthandler adds the Python stack
+    faulthandler.enable()
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     backend = "nccl" if pick_device(args[2].device).type == "cuda" else "gloo"
+    if backend == "gloo" and "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks of one host talk over loopback, whatever the hostname
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = run_worker(*args)
         if rank == 0:
             write_json_atomic(Path(args[3]) / "result.json", result.to_dict())
+    except RecopsError as exc:  # the cause; the other ranks then fail on a lost connection
+        (Path(logs) / f"rank-{rank}.error").write_text(str(exc))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -412,7 +421,31 @@ def fit(
     if cfg.batch_size % nproc:
         raise RecopsError(f"train: batch_size {cfg.batch_size} must be divisible by --nproc {nproc}")
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     args = (str(dataset_path), arch, cfg, str(out), None, resume, warm_start)
-    mp.start_processes(_spawned, args=(nproc, free_port(), os.getpid(), args), nprocs=nproc, start_method="spawn")
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for stale in logs.glob("rank-*.error"):
+        stale.unlink()
+    try:
+        mp.start_processes(
+            _spawned, args=(nproc, free_port(), os.getpid(), args, str(logs)), nprocs=nproc, start_method="spawn"
+        )
+    except ProcessException as exc:
+        raise RecopsError(_rank_failure(exc, logs)) from exc
     return TrainResult.from_dict(json.loads((out / "result.json").read_text()))
+
+
+def _rank_failure(exc: Exception, logs: Path, lines: int = 4) -> str:
+    """One line: which rank failed how (a rank's RecopsError first: the others then lose their connection), with the
+    last lines of its log."""
+    causes = sorted(logs.glob("rank-*.error"))
+    if causes:
+        rank, how = int(causes[0].stem.split("-")[1]), causes[0].read_text()
+    else:
+        rank = getattr(exc, "error_index", 0)
+        how = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    log = logs / f"rank-{rank}.log"
+    tail = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    return f"train: rank {rank} of the run failed ({how}); the end of {log}: {' | '.join(tail) or '(empty)'}"
