@@ -171,18 +171,25 @@ def test_hot_reload_under_load_fails_no_request(deployer, server, repo):
     assert ready_versions(server) == [3]
 
 
-def test_rollback_drops_a_canary_then_restores_the_previous_production(deployer, server, repo):
-    state = deployer.state()
-    old = state.production
+def test_rollback_drops_a_canary_then_restores_the_previous_production_and_is_idempotent(deployer, server, repo):
+    """A rollback drops a canary, or without one brings the previous production back; a second rollback right
+    after either has nothing to roll back (it never brings back the version the first one rolled back)."""
+    old = deployer.state().production
     candidate = next(v for v in repo.versions(NAME) if v != old and v in (1, 2, 3))
     assert deployer.deploy(candidate, canary=0.3).canary == candidate
     dropped = deployer.rollback()
     assert (dropped.production, dropped.canary, dropped.status) == (old, None, "serving")
+    with pytest.raises(DeployError, match="nothing to roll back"):
+        deployer.rollback()
     assert_production_answers(server, repo)
 
     assert deployer.deploy(candidate).production == candidate
     restored = deployer.rollback()
     assert (restored.production, restored.previous) == (old, None)  # nothing left to roll back to
+    with pytest.raises(DeployError, match="nothing to roll back"):
+        deployer.rollback()
+    state = deployer.state()
+    assert (state.production, state.canary) == (old, None)
     assert_production_answers(server, repo)
 
 
@@ -326,23 +333,6 @@ def test_a_killed_deploy_never_leaves_an_unchecked_version_reachable(deployer, s
     assert read_deploy_state(repo, NAME).history[-1]["action"] == "recovered"
     assert ready_versions(server) == [before] and not served_versions_of(server, version)
     assert not list(repo.root.glob(".check-*")), "staging model left behind"
-    assert_production_answers(server, repo)
-
-
-def test_rollback_is_idempotent(deployer, server, repo):
-    """A second rollback does not bring back the version the first one rolled back (canary or production)."""
-    old = deployer.state().production
-    candidate = next(v for v in (1, 2, 3) if v != old)
-    assert deployer.deploy(candidate).production == candidate
-    assert deployer.rollback().production == old
-    with pytest.raises(DeployError, match="nothing to roll back"):
-        deployer.rollback()
-    assert deployer.deploy(candidate, canary=0.3).canary == candidate
-    assert deployer.rollback().canary is None
-    with pytest.raises(DeployError, match="nothing to roll back"):
-        deployer.rollback()
-    state = deployer.state()
-    assert (state.production, state.canary) == (old, None)
     assert_production_answers(server, repo)
 
 
