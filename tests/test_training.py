@@ -29,7 +29,7 @@ from recops.training.loader import BatchLoader
 from recops.training.model import in_key_order
 from recops.training.spec import ColumnSpec, PreprocessConfig
 from recops.training.synth import SynthConfig, write
-from recops.training.train import build_model, fit, train_all
+from recops.training.train import build_model, describe_rank_failure, fit, train_all
 from tests.conftest import ROOT, recops
 
 FAST = TrainConfig(epochs=2, batch_size=1024, threads=1)
@@ -103,6 +103,27 @@ def test_a_failing_rank_is_one_clear_error_naming_the_rank_and_its_log(quality_d
     with pytest.raises(RecopsError, match=expected) as err:
         fit(ds.path, ModelConfig(), FAST, tmp_path / "run", nproc=2, warm_start=tmp_path / "missing")
     assert "\n" not in str(err.value) and all((tmp_path / "run" / "logs" / f"rank-{r}.log").is_file() for r in (0, 1))
+
+
+def test_a_rank_that_aborts_is_reported_with_the_abort_and_its_latest_frames(tmp_path):
+    """What a rank killed by SIGABRT left in its log (a C++ message, then faulthandler's stack, latest frame first)
+    ends up in the one-line error, not the outermost frames."""
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    dump = [
+        "FutureWarning: something",
+        "terminate called after throwing an instance of 'gloo::IoException'",
+        "  what():  Connection reset by peer",
+        "Fatal Python error: Aborted",
+        "Current thread 0x7f (most recent call first):",
+        '  File "training/train.py", line 131 in train_all',
+        *[f'  File "outer.py", line {n} in <module>' for n in range(30)],
+    ]
+    (tmp_path / "rank-1.log").write_text("\n".join(dump) + "\n")
+    exc = ProcessExitedException("process 1 terminated with signal SIGABRT", 1, 4242, -6, "SIGABRT")
+    message = describe_rank_failure(exc, tmp_path)
+    assert message.startswith("train: rank 1 of the run failed (process 1 terminated with signal SIGABRT)")
+    assert "gloo::IoException" in message and "train_all" in message and "\n" not in message
 
 
 def test_optimizer_state_and_weights_reshard_from_two_ranks_into_one(sharded_run):

@@ -433,11 +433,14 @@ def fit(
             _spawned, args=(nproc, free_port(), os.getpid(), args, str(logs)), nprocs=nproc, start_method="spawn"
         )
     except ProcessException as exc:
-        raise RecopsError(_rank_failure(exc, logs)) from exc
+        raise RecopsError(describe_rank_failure(exc, logs)) from exc
     return TrainResult.from_dict(json.loads((out / "result.json").read_text()))
 
 
-def _rank_failure(exc: Exception, logs: Path, lines: int = 4) -> str:
+CRASH_MARKERS = ("terminate called", "Fatal Python error", "Segmentation fault")  # C++ abort, faulthandler
+
+
+def describe_rank_failure(exc: Exception, logs: Path, lines: int = 4) -> str:
     """One line: which rank failed how (a rank's RecopsError first: the others then lose their connection), with the
     last lines of its log."""
     causes = sorted(logs.glob("rank-*.error"))
@@ -447,5 +450,7 @@ def _rank_failure(exc: Exception, logs: Path, lines: int = 4) -> str:
         rank = getattr(exc, "error_index", 0)
         how = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     log = logs / f"rank-{rank}.log"
-    tail = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()][-lines:]
-    return f"train: rank {rank} of the run failed ({how}); the end of {log}: {' | '.join(tail) or '(empty)'}"
+    text = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    crash = next((i for i, line in enumerate(text) if line.startswith(CRASH_MARKERS)), None)
+    tail = text[crash : crash + 2 * lines] if crash is not None else text[-lines:]  # the abort and its latest frames
+    return f"train: rank {rank} of the run failed ({how}); from {log}: {' | '.join(tail) or '(empty)'}"
