@@ -33,6 +33,7 @@ from recops.ops.registry import LocalRegistry, ModelVersion
 from recops.ops.report import write_report
 from recops.ops.retrain import RetrainConfig, register_run, sweep_and_register
 from recops.ops.stream import StreamConfig, read_truth, read_window, write_synthetic_stream
+from recops.processes import command_line, marked
 from recops.serving.client import Predictor
 from recops.serving.deploy import DeployConfig, Deployer
 from recops.serving.onnx_model import read_preprocessor
@@ -303,21 +304,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = partial(print, flu
 
 def leftover_processes(token: str) -> list[str]:
     """Live processes other than this one whose environment carries the demo's run token."""
-    needle = f"{RUN_TOKEN}={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if state != "Z":
-            found.append(f"{entry.name} {cmd[:120]}")
-    return found
+    return [f"{pid} {command_line(pid)}" for pid in marked(token, RUN_TOKEN)]
 
 
 def demo_config(

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -67,8 +67,22 @@ def descendants(pid: int) -> list[int]:
     return _tree([pid], _processes())[1:]
 
 
+def living(pids: Iterable[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie is not)."""
+    table = _processes()
+    return [pid for pid in pids if pid in table]
+
+
+def command_line(pid: int, limit: int = 120) -> str:
+    """``pid``'s command line, cut to ``limit`` characters (empty once it is gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:limit]
+    return ""
+
+
 def marked(token: str, variable: str = REAP_ENV) -> list[int]:
-    """Live processes (other than this one) whose environment carries ``<variable>=<token>``."""
+    """Live processes (other than this one) whose environment carries ``<variable>=<token>`` (a zombie's environment
+    reads empty)."""
     entry = f"{variable}={token}".encode()
     found = []
     for proc in Path("/proc").iterdir():

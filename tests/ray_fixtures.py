@@ -3,7 +3,6 @@ is left behind."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -12,21 +11,12 @@ from typing import Any
 
 import pytest
 
+from recops.processes import command_line, marked
+
 
 def ray_processes(ray_tmp: Path) -> list[str]:
     """Processes (other than this one) started under this test's RAY_TMPDIR: Ray passes its env to all of them."""
-    marker = f"RAY_TMPDIR={ray_tmp}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100].decode(errors="replace")
-                found.append(f"{proc.name}: {command}")
-        except OSError:
-            continue
-    return found
+    return [f"{pid}: {command_line(pid, 100)}" for pid in marked(str(ray_tmp), "RAY_TMPDIR")]
 
 
 RAY_ENV = {

@@ -21,7 +21,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.runtime_forwards import PipelinedForward
 
 from recops.errors import RecopsError
-from recops.processes import descendants
+from recops.processes import descendants, living
 from recops.training.checkpoint import Checkpoint
 from recops.training.config import ModelConfig, TrainConfig
 from recops.training.dataset import Dataset, ingest
@@ -351,9 +351,9 @@ def test_a_killed_two_process_run_leaves_no_rank_and_writes_nothing_after(tiny_d
         train.kill()
         train.wait()
     deadline = time.monotonic() + 10
-    while _living(family) and time.monotonic() < deadline:
+    while living(family) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _living(family) == [], "a rank outlived its killed command"
+    assert living(family) == [], "a rank outlived its killed command"
     before = _snapshot(out)
     time.sleep(3)
     assert _snapshot(out) == before, "a rank kept writing after its command was killed"
@@ -361,15 +361,3 @@ def test_a_killed_two_process_run_leaves_no_rank_and_writes_nothing_after(tiny_d
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
-
-
-def _living(pids: list[int]) -> list[int]:
-    """Those of ``pids`` that still run (zombies do not)."""
-    alive = []
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                alive.append(pid)
-        except OSError:
-            continue
-    return alive

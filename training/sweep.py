@@ -46,13 +46,13 @@ from recops.training import ray_runtime
 from recops.training.checkpoint import Checkpoint
 from recops.training.dataset import Dataset
 from recops.training.environment import Environment, capture
-from recops.training.ray_runtime import ray_session
 from recops.training.sweep_config import SweepConfig, model_fields
 from recops.training.sweep_records import fmt_value, format_table, read_events
 from recops.training.sweep_trial import TrialPlan, run_trial
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only waits on its TorchTrainer; its workers hold the real CPUs
-LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray beside ray_runtime's; users override by exporting them
+LOCAL_RAY_ENV = {  # setdefault'ed for a local Ray; users override by exporting them
+    **ray_runtime.LOCAL_RAY_ENV,
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one process less per trial; a local machine is not preempted
@@ -208,7 +208,7 @@ def _ray_session(address: str | None) -> Iterator[None]:
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     cpus = (os.cpu_count() or 1) + 1
-    with ray_session(address, cpus, {**ray_runtime.LOCAL_RAY_ENV, **LOCAL_RAY_ENV}, object_store_bytes=100 << 20):
+    with ray_runtime.ray_session(address, cpus, LOCAL_RAY_ENV, object_store_bytes=100 << 20):
         yield
 
 
